@@ -1,0 +1,64 @@
+//! PyO3 bindings: the private module `qlora_rs._lib`. Each function extracts its arguments,
+//! releases the GIL around the core call and maps `Error` to the `qlora_rs.errors` tree.
+//!
+//! Tensor data crosses as raw pointers from `tensor.data_ptr()`: the Python layer checks device,
+//! dtype, contiguity and sizes, keeps the tensors alive for the call, and allocates the outputs.
+//! That keeps the boundary zero-copy and makes bfloat16 (which numpy lacks) no special case.
+
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::error::Error;
+
+mod quant;
+
+/// Raises the `qlora_rs.errors` exception that corresponds to an `Error` variant.
+pub(crate) fn to_pyerr(err: Error) -> PyErr {
+    Python::attach(|py| {
+        let msg = err.to_string();
+        let class = match &err {
+            Error::Io { source, .. } => match source.kind() {
+                std::io::ErrorKind::NotFound => return pyo3::exceptions::PyFileNotFoundError::new_err(msg),
+                std::io::ErrorKind::PermissionDenied => return pyo3::exceptions::PyPermissionError::new_err(msg),
+                _ => return pyo3::exceptions::PyOSError::new_err(msg),
+            },
+            Error::Exists { .. } => return pyo3::exceptions::PyFileExistsError::new_err(msg),
+            Error::Unsupported(_) | Error::Shape(_) => "InvalidArgumentError",
+            Error::NonFinite { .. } => "NonFiniteError",
+            Error::Format { .. } => "FormatError",
+            Error::CudaUnavailable(_) => "CudaUnavailableError",
+            Error::Cuda { .. } => "CudaError",
+            Error::OutOfMemory(_) => "OutOfMemoryError",
+        };
+        match py.import("qlora_rs.errors").and_then(|m| m.getattr(class)) {
+            Ok(cls) => match cls.call1((msg.clone(),)) {
+                Ok(inst) => PyErr::from_value(inst),
+                Err(e) => e,
+            },
+            // The package is always importable when _lib is; this only guards odd embeddings.
+            Err(_) => pyo3::exceptions::PyRuntimeError::new_err(msg),
+        }
+    })
+}
+
+/// Build facts: version, whether CUDA kernels are compiled in, thread count.
+#[pyfunction]
+fn build_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("version", crate::VERSION)?;
+    d.set_item("cuda_kernels", crate::CUDA_KERNELS)?;
+    d.set_item("threads", crate::threads::current())?;
+    d.set_item("cuda_archs", option_env!("QLORA_RS_CUDA_ARCHS").unwrap_or(""))?;
+    d.set_item("nvcc", option_env!("QLORA_RS_NVCC_VERSION").unwrap_or(""))?;
+    d.set_item("debug", cfg!(debug_assertions))?;
+    Ok(d)
+}
+
+#[pymodule]
+fn _lib(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    crate::threads::init();
+    m.add("__version__", crate::VERSION)?;
+    m.add_function(wrap_pyfunction!(build_info, m)?)?;
+    quant::register(m)?;
+    Ok(())
+}
