@@ -175,6 +175,9 @@ fn quantize_typed<T: Element>(
     }
 }
 
+/// Elements scaled and encoded together: enough for the compiler to vectorise the comparisons.
+const LANE_CHUNK: usize = 64;
+
 /// Quantizes one block; returns the absmax to store, or the first non-finite (index, value).
 #[inline]
 fn quantize_block<T: Element>(
@@ -184,15 +187,15 @@ fn quantize_block<T: Element>(
     allow_nonfinite: bool,
     out: &mut [u8],
 ) -> std::result::Result<f32, (usize, f32)> {
+    // Pass 1: absmax and finiteness, written as branch-free max/and so it vectorises.
     let mut amax = 0f32;
     let mut finite = true;
     for v in xb {
-        let f = v.to_f32();
-        finite &= f.is_finite();
-        amax = amax.max(f.abs());
+        let a = v.to_f32().abs();
+        finite &= a <= f32::MAX;
+        amax = if a > amax { a } else { amax };
     }
-    let sanitize = !finite;
-    if sanitize {
+    if !finite {
         if !allow_nonfinite {
             let i = xb.iter().position(|v| !v.to_f32().is_finite()).unwrap_or(0);
             return Err((i, xb[i].to_f32()));
@@ -203,24 +206,35 @@ fn quantize_block<T: Element>(
     // bitsandbytes multiplies full blocks by a float32 reciprocal and divides the partial last
     // block; both are reproduced so the codes match bit for bit.
     let reciprocal = 1.0f32 / divisor;
-    let scale = |v: T| -> f32 {
-        let mut f = v.to_f32();
-        if sanitize {
-            if f.is_nan() {
-                f = 0.0;
-            } else if f.is_infinite() {
-                f = f.signum() * divisor;
+    let mut scaled = [0f32; LANE_CHUNK];
+    let mut rank = [0u8; LANE_CHUNK];
+    for (xc, oc) in xb.chunks(LANE_CHUNK).zip(out.chunks_mut(LANE_CHUNK / 2)) {
+        let len = xc.len();
+        for (s, v) in scaled.iter_mut().zip(xc) {
+            let mut f = v.to_f32();
+            if !finite {
+                // allow_nonfinite: NaN encodes as 0, +-inf saturates.
+                f = if f.is_nan() { 0.0 } else { f.clamp(-divisor, divisor) };
+            }
+            let x = if full { f * reciprocal } else { f / divisor };
+            *s = x.clamp(-1.0, 1.0);
+        }
+        // An odd tail pads with 0.0, which is what the last low nibble must encode.
+        scaled[len..].fill(0.0);
+        rank.fill(0);
+        for &m in &encoder.midpoints {
+            for (r, &x) in rank.iter_mut().zip(&scaled) {
+                *r += (x > m) as u8;
             }
         }
-        let s = if full { f * reciprocal } else { f / divisor };
-        s.clamp(-1.0, 1.0)
-    };
-    let mut pairs = xb.chunks_exact(2);
-    for (o, p) in out.iter_mut().zip(&mut pairs) {
-        *o = (encoder.encode(scale(p[0])) << 4) | encoder.encode(scale(p[1]));
-    }
-    if let [last] = pairs.remainder() {
-        out[xb.len() / 2] = (encoder.encode(scale(*last)) << 4) | encoder.encode(0.0);
+        if !encoder.is_sorted {
+            for r in rank.iter_mut() {
+                *r = encoder.nibble_of_rank[*r as usize];
+            }
+        }
+        for (o, pair) in oc.iter_mut().zip(rank.chunks_exact(2)) {
+            *o = (pair[0] << 4) | pair[1];
+        }
     }
     Ok(if full { amax } else { divisor })
 }
@@ -265,4 +279,94 @@ fn dequantize_typed<T: Element>(packed: &[u8], absmax: &[f32], quant_type: Quant
                 }
             }
         });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::bf16;
+
+    fn quantize(x: &[f32], qt: QuantType, bs: usize) -> Result<(Vec<u8>, Vec<f32>)> {
+        let mut packed = vec![0u8; packed_len(x.len())];
+        let mut absmax = vec![0f32; num_blocks(x.len(), bs)];
+        quantize_4bit(FloatSlice::F32(x), qt, bs, false, &mut packed, &mut absmax)?;
+        Ok((packed, absmax))
+    }
+
+    #[test]
+    fn codes_round_trip_exactly() {
+        // Each code value times a power of two survives quantize -> dequantize unchanged.
+        for qt in [QuantType::Nf4, QuantType::Fp4, QuantType::Int4] {
+            let x: Vec<f32> = (0..64).map(|i| qt.code()[i % 16] * 4.0).collect();
+            let (packed, absmax) = quantize(&x, qt, 64).unwrap();
+            assert_eq!(absmax, vec![4.0]);
+            let mut out = vec![0f32; 64];
+            dequantize_4bit(&packed, &absmax, qt, 64, FloatSliceMut::F32(&mut out)).unwrap();
+            assert_eq!(out.iter().map(|v| v.abs()).collect::<Vec<_>>(), x.iter().map(|v| v.abs()).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn high_nibble_first_and_odd_padding() {
+        let x = [1.0f32, -1.0, 0.0];
+        let (packed, _) = quantize(&x, QuantType::Nf4, 32).unwrap();
+        assert_eq!(packed, vec![0xF0, 0x77]);
+    }
+
+    #[test]
+    fn exact_midpoint_goes_to_lower_code() {
+        let m = NF4_ENCODER.midpoints[10];
+        assert_eq!(NF4_ENCODER.encode(m), 10);
+        assert_eq!(NF4_ENCODER.encode(f32::from_bits(m.to_bits() + 1)), 11);
+    }
+
+    #[test]
+    fn zero_blocks_do_not_produce_nan() {
+        let x = vec![0f32; 100];
+        let (packed, absmax) = quantize(&x, QuantType::Nf4, 64).unwrap();
+        assert!(packed.iter().all(|&b| b == 0x77));
+        assert_eq!(absmax, vec![0.0, MIN_ABSMAX]);
+        let mut out = vec![f32::NAN; 100];
+        dequantize_4bit(&packed, &absmax, QuantType::Nf4, 64, FloatSliceMut::F32(&mut out)).unwrap();
+        assert!(out.iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn nonfinite_reports_first_index_across_chunks() {
+        let mut x = vec![0.5f32; 3 * CHUNK_ELEMENTS];
+        x[2 * CHUNK_ELEMENTS + 5] = f32::INFINITY;
+        x[CHUNK_ELEMENTS + 7] = f32::NAN;
+        match quantize(&x, QuantType::Nf4, 64) {
+            Err(Error::NonFinite { index, .. }) => assert_eq!(index, CHUNK_ELEMENTS + 7),
+            other => panic!("expected NonFinite, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unsupported_blocksize_lists_the_supported_ones() {
+        let err = quantize(&[1.0; 10], QuantType::Nf4, 48).unwrap_err().to_string();
+        assert!(err.contains("48") && err.contains("32, 64, 128, 256, 512, 1024, 2048, 4096"), "{err}");
+    }
+
+    #[test]
+    fn buffer_size_mismatch_is_an_error() {
+        let mut packed = vec![0u8; 3];
+        let mut absmax = vec![0f32; 1];
+        let err = quantize_4bit(FloatSlice::F32(&[1.0; 10]), QuantType::Nf4, 64, false, &mut packed, &mut absmax);
+        assert!(matches!(err, Err(Error::Shape(_))));
+    }
+
+    #[test]
+    fn bf16_output_rounds_once() {
+        let x: Vec<bf16> = (0..64).map(|i| bf16::from_f32(i as f32 / 7.0 - 4.0)).collect();
+        let mut packed = vec![0u8; 32];
+        let mut absmax = vec![0f32; 1];
+        quantize_4bit(FloatSlice::BF16(&x), QuantType::Nf4, 64, false, &mut packed, &mut absmax).unwrap();
+        let mut out = vec![bf16::ZERO; 64];
+        dequantize_4bit(&packed, &absmax, QuantType::Nf4, 64, FloatSliceMut::BF16(&mut out)).unwrap();
+        for (i, o) in out.iter().enumerate() {
+            let nib = if i % 2 == 0 { packed[i / 2] >> 4 } else { packed[i / 2] & 15 };
+            assert_eq!(*o, bf16::from_f32(NF4_CODE[nib as usize] * absmax[0]));
+        }
+    }
 }
