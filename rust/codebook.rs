@@ -75,6 +75,8 @@ pub const INT4_CODE: [f32; 16] = [
 pub struct Encoder4 {
     pub midpoints: [f32; 15],
     pub nibble_of_rank: [u8; 16],
+    /// The table is already sorted (NF4): the rank is the nibble.
+    pub is_sorted: bool,
 }
 
 impl Encoder4 {
@@ -105,7 +107,13 @@ impl Encoder4 {
             midpoints[i] = (code[order[i] as usize] + code[order[i + 1] as usize]) / 2.0;
             i += 1;
         }
-        Encoder4 { midpoints, nibble_of_rank: order }
+        let mut is_sorted = true;
+        let mut i = 0;
+        while i < 16 {
+            is_sorted &= order[i] as usize == i;
+            i += 1;
+        }
+        Encoder4 { midpoints, nibble_of_rank: order, is_sorted }
     }
 
     /// Nibble of the code nearest to `x` (x already scaled into [-1, 1]); ties go to the lower code.
