@@ -5,8 +5,9 @@
 
 use rayon::prelude::*;
 
-use crate::codebook::{dynamic_map, encode_8bit};
+use crate::codebook::{dynamic_map, Encoder8};
 use crate::error::{Error, Result};
+use crate::reduce::{torch_mean_f32, SumOrder};
 
 /// Block size of the nested (second-level) quantization of 4-bit absmax values.
 pub const NESTED_BLOCKSIZE: usize = 256;
@@ -17,16 +18,6 @@ pub fn signed_dynamic_map() -> [f32; 256] {
     dynamic_map(true)
 }
 
-/// The map the encoder searches: bitsandbytes' CPU quantizer widens entry 0 to -1.0 so that a
-/// normalised -1.0 stays inside the searched range.
-fn search_map(map: &[f32; 256]) -> [f32; 256] {
-    let mut m = *map;
-    if m[0] < 0.0 {
-        m[0] = -1.0;
-    }
-    m
-}
-
 /// The unsigned dynamic map ([0, 1]), for non-negative optimizer states.
 pub fn unsigned_dynamic_map() -> [f32; 256] {
     dynamic_map(false)
@@ -34,8 +25,11 @@ pub fn unsigned_dynamic_map() -> [f32; 256] {
 
 const CHUNK_BLOCKS: usize = 64;
 
-/// Quantizes `input` blockwise to 8-bit indices into `map` (sorted ascending), storing one f32
-/// absmax per block. A block whose absmax is 0 encodes as the index nearest 0.0.
+/// Quantizes `input` blockwise to 8-bit indices into `map`, storing one f32 absmax per block,
+/// byte for byte as bitsandbytes' CPU `quantize_blockwise` (0.50): each value is multiplied by
+/// the float32 reciprocal of its block's absmax and encoded by [`Encoder8`] (a 65536-point grid,
+/// not the nearest entry). A block whose absmax is 0 stores code 0, as bitsandbytes does; it
+/// decodes to (signed) zero whatever the map holds at index 0.
 pub fn quantize_blockwise_8bit(
     input: &[f32],
     map: &[f32; 256],
@@ -47,7 +41,7 @@ pub fn quantize_blockwise_8bit(
     if let Some(i) = input.iter().position(|v| !v.is_finite()) {
         return Err(Error::NonFinite { what: "input".into(), index: i, value: input[i] });
     }
-    let map = &search_map(map);
+    let encoder = &Encoder8::new(map);
     let chunk = blocksize * CHUNK_BLOCKS;
     input
         .par_chunks(chunk)
@@ -57,10 +51,15 @@ pub fn quantize_blockwise_8bit(
             for ((xb, ob), am) in xs.chunks(blocksize).zip(os.chunks_mut(blocksize)).zip(ams.iter_mut()) {
                 let a = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
                 *am = a;
+                if a == 0.0 {
+                    ob.fill(0);
+                    continue;
+                }
+                // A subnormal absmax makes the reciprocal infinite; 0 * inf = NaN then encodes
+                // as code 0, exactly as in bitsandbytes.
+                let inv = 1.0 / a;
                 for (o, &v) in ob.iter_mut().zip(xb) {
-                    // bitsandbytes divides (no reciprocal) and does not clamp here.
-                    let normed = if a > 0.0 { v / a } else { 0.0 };
-                    *o = encode_8bit(map, normed);
+                    *o = encoder.encode(v * inv);
                 }
             }
         });
@@ -113,21 +112,22 @@ pub fn nested_blocks(blocks: usize) -> usize {
     blocks.div_ceil(NESTED_BLOCKSIZE)
 }
 
-/// Mean of float32 values rounded to float32: the offset double quantization subtracts.
-/// (Summed in float64, so the result does not depend on thread count or SIMD width.)
-pub fn mean_f32(values: &[f32]) -> f32 {
-    if values.is_empty() {
-        return 0.0;
-    }
-    let sum: f64 = values.par_iter().map(|&v| v as f64).sum();
-    (sum as f32) / (values.len() as f32)
+/// Double quantization of 4-bit block scales: `offset = mean(absmax)` (float32, summed in
+/// PyTorch's order so the offset equals bitsandbytes'), then `absmax - offset` quantized blockwise
+/// (256) with the signed dynamic map. Writes `quantized` (one byte per absmax) and `nested_absmax`
+/// (one float per 256), returns the offset.
+pub fn double_quantize(absmax: &[f32], quantized: &mut [u8], nested_absmax: &mut [f32]) -> Result<f32> {
+    double_quantize_with(absmax, SumOrder::detect(), quantized, nested_absmax)
 }
 
-/// Double quantization of 4-bit block scales: `offset = mean(absmax)`, then `absmax - offset`
-/// quantized blockwise (256) with the signed dynamic map. Writes `quantized` (one byte per absmax)
-/// and `nested_absmax` (one float per 256), returns the offset.
-pub fn double_quantize(absmax: &[f32], quantized: &mut [u8], nested_absmax: &mut [f32]) -> Result<f32> {
-    let offset = mean_f32(absmax);
+/// [`double_quantize`] with an explicit summation order for the mean.
+pub fn double_quantize_with(
+    absmax: &[f32],
+    order: SumOrder,
+    quantized: &mut [u8],
+    nested_absmax: &mut [f32],
+) -> Result<f32> {
+    let offset = torch_mean_f32(absmax, order);
     let centered: Vec<f32> = absmax.par_iter().map(|&a| a - offset).collect();
     quantize_blockwise_8bit(&centered, &signed_dynamic_map(), NESTED_BLOCKSIZE, quantized, nested_absmax)?;
     Ok(offset)

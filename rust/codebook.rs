@@ -197,13 +197,7 @@ fn grid_value(k: usize) -> f32 {
 /// compiled library uses `vfmadd`), truncated to an integer and kept mod 2^16.
 #[inline(always)]
 fn grid_index(x: f32) -> usize {
-    let x = if x < -1.0 {
-        -1.0
-    } else if x > 1.0 {
-        1.0
-    } else {
-        x
-    };
+    let x = x.clamp(-1.0, 1.0); // NaN stays NaN, as with std::clamp
     let half = (x + 1.0) * 0.5;
     // The fused multiply-add without needing the FMA instruction: `half` is a multiple of 2^-25
     // below 1, so `half * 65535 + 0.5` is exact in f64 and the cast to f32 is the single rounding.
@@ -269,19 +263,6 @@ fn first_grid_point_above(mid: f32, from: usize) -> usize {
 /// call: use an [`Encoder8`] to encode more than a few values.
 pub fn encode_8bit(map: &[f32; 256], x: f32) -> u8 {
     Encoder8::new(map).encode(x)
-}
-
-/// Index of the map entry of smallest magnitude (the first of equals): the code bitsandbytes-
-/// compatible quantizers here store for an all-zero block, which decodes to exactly 0 whatever
-/// the entry. (bitsandbytes itself stores 0 there, which decodes to -0.0 with the signed map.)
-pub fn zero_code(map: &[f32; 256]) -> u8 {
-    let mut best = 0usize;
-    for (i, v) in map.iter().enumerate() {
-        if v.abs() < map[best].abs() {
-            best = i;
-        }
-    }
-    best as u8
 }
 
 #[cfg(test)]
@@ -355,11 +336,5 @@ mod tests {
         assert_eq!(grid_index(f32::NAN), 0);
         assert_eq!(grid_index(-3.0), 0);
         assert_eq!(grid_index(3.0), 65535);
-    }
-
-    #[test]
-    fn zero_code_is_the_zero_entry() {
-        assert_eq!(zero_code(&dynamic_map(true)), 127);
-        assert_eq!(zero_code(&dynamic_map(false)), 0);
     }
 }
