@@ -1,0 +1,99 @@
+// Device helpers shared by the kernels: 16-byte loads, output conversions and block-scale reads.
+// The numeric rules themselves live in codebook.cuh.
+#pragma once
+
+#include "codebook.cuh"
+
+namespace qlora {
+
+// Parameters every 4-bit kernel takes to find a block scale. `absmax` holds float32 scales, or,
+// when `nested` is set, uint8 codes decoded with nested_code/nested_absmax/offset.
+struct Scales {
+  const void* absmax;
+  const float* nested_absmax;
+  const float* nested_code;
+  float offset;
+  int nested;
+};
+
+// The float32 scale of block `blk`.
+__device__ __forceinline__ float block_absmax(const Scales& s, uint64_t blk) {
+  if (s.nested) {
+    const uint8_t q = __ldg(static_cast<const uint8_t*>(s.absmax) + blk);
+    return decode_nested_absmax(__ldg(s.nested_code + q), __ldg(s.nested_absmax + (blk >> 8)), s.offset);
+  }
+  return __ldg(static_cast<const float*>(s.absmax) + blk);
+}
+
+// Copies the 16 values of table `quant_type` into shared memory; the caller synchronises.
+__device__ __forceinline__ void load_code4(float* lut, int quant_type) {
+  if (threadIdx.x < 16) lut[threadIdx.x] = code4_value(quant_type, threadIdx.x);
+}
+
+// Read-only 16-byte load through the non-coherent cache.
+__device__ __forceinline__ uint4 load16(const void* p) { return __ldg(static_cast<const uint4*>(p)); }
+
+// Output element types: conversion of one float32 value and of a pair packed into 32 bits (low
+// half = first element), both round-to-nearest-even as codebook.cuh specifies.
+template <typename T>
+struct Out;
+
+template <>
+struct Out<float> {
+  static constexpr int kBytes = 4;
+  __device__ __forceinline__ static float one(float v) { return v; }
+};
+
+template <>
+struct Out<__half> {
+  static constexpr int kBytes = 2;
+  __device__ __forceinline__ static __half one(float v) { return __ushort_as_half(f32_to_f16_bits(v)); }
+  __device__ __forceinline__ static uint32_t pair(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  __device__ __forceinline__ static float to_float(__half v) { return __half2float(v); }
+};
+
+template <>
+struct Out<__nv_bfloat16> {
+  static constexpr int kBytes = 2;
+  __device__ __forceinline__ static __nv_bfloat16 one(float v) {
+    return __ushort_as_bfloat16(f32_to_bf16_bits(v));
+  }
+  __device__ __forceinline__ static uint32_t pair(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  __device__ __forceinline__ static float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+};
+
+// Stores 32 consecutive values at `out` (16-byte aligned) with 16-byte stores.
+template <typename T>
+__device__ __forceinline__ void store32(T* out, const float (&v)[32]) {
+  uint4* dst = reinterpret_cast<uint4*>(out);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    uint4 w;
+    w.x = Out<T>::pair(v[8 * i + 0], v[8 * i + 1]);
+    w.y = Out<T>::pair(v[8 * i + 2], v[8 * i + 3]);
+    w.z = Out<T>::pair(v[8 * i + 4], v[8 * i + 5]);
+    w.w = Out<T>::pair(v[8 * i + 6], v[8 * i + 7]);
+    dst[i] = w;
+  }
+}
+
+template <>
+__device__ __forceinline__ void store32<float>(float* out, const float (&v)[32]) {
+  float4* dst = reinterpret_cast<float4*>(out);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) dst[i] = make_float4(v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]);
+}
+
+// Byte j (0..15) of a 16-byte vector, little-endian as it sits in memory.
+__device__ __forceinline__ uint32_t byte_of(const uint4& w, int j) {
+  const uint32_t word = j < 4 ? w.x : j < 8 ? w.y : j < 12 ? w.z : w.w;
+  return (word >> (8 * (j & 3))) & 0xffu;
+}
+
+}  // namespace qlora

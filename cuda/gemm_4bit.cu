@@ -1,0 +1,289 @@
+// Fused 4-bit GEMM for small batches: out[M, N] = x[M, K] @ dequant(W[N, K])^T with M = 1..16,
+// bf16/fp16 activations and output, float32 accumulation. The packed weight is read directly
+// (never materialised in 16 bits); each weight is decoded exactly as dequant.cu decodes it.
+//
+// Both kernels need K % 32 == 0 and 16-byte aligned x and packed pointers (the launcher checks;
+// other shapes go through dequantize + torch.matmul). Then every 16-byte chunk of a weight row
+// holds 32 elements of one quantization block, also when blocks run across row boundaries.
+//
+//  * qlora_gemm_4bit_mma_*: tensor cores (mma.sync m16n8k16, sm_80+). A block of `warps` warps owns
+//    32 output columns (4 tiles of 8 rows of W); its warps split K and reduce through shared memory.
+//  * qlora_gemm_4bit_simt_*: plain FMA, M <= 4. A warp owns 2 rows of W; lanes split K, then a warp
+//    shuffle reduction. Simpler, kept as a cross-check and for the M where it measures faster.
+#include "device_common.cuh"
+
+namespace qlora {
+
+// Two 16-bit values of a 32-bit word (low half first) as float32.
+template <typename T>
+__device__ __forceinline__ float2 unpack2(uint32_t w);
+
+template <>
+__device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t w) {
+  return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
+}
+
+template <>
+__device__ __forceinline__ float2 unpack2<__half>(uint32_t w) {
+  __half2 h = *reinterpret_cast<__half2*>(&w);
+  return __half22float2(h);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core kernel.
+//
+// mma.m16n8k16 fragment ownership (PTX ISA): lane = 4 * g + q. A (16 x 16, row-major) registers
+// a0..a3 hold rows g, g+8, g, g+8 at k-pairs q, q, q+4, q+4; B (16 x 8) registers b0, b1 hold column
+// g at k-pairs q and q+4; C holds rows g, g, g+8, g+8 at columns 2q, 2q+1, 2q, 2q+1.
+//
+// Within one k16 step the order of k does not matter as long as A and B agree, so each lane feeds
+// the mma from its own 16-byte weight chunk: in "super-step" s the lane with k-pair index q owns
+// chunk c = 4 s + q (32 elements), and mma step j (0..7) takes its elements 4j, 4j+1 (pair q) and
+// 4j+2, 4j+3 (pair q+4) -- byte 2j and byte 2j+1 of the chunk. Its A values are x[g][32c + 4j ..]
+// and x[g+8][32c + 4j ..], i.e. words 2j and 2j+1 of the same 32-element slice of x.
+// ---------------------------------------------------------------------------------------------
+
+constexpr int kMmaTiles = 4;  // n8 tiles per warp: 32 output columns per block
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                                         uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                  uint32_t b0, uint32_t b1) {
+  asm(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+struct WeightFrag {
+  uint4 w[kMmaTiles];
+  float absmax[kMmaTiles];
+};
+
+// Loads chunk c of rows n0 + 8 t + g (t < kMmaTiles); outside the matrix: zero weights, zero scale.
+__device__ __forceinline__ void load_weight_frag(WeightFrag& f, const uint8_t* __restrict__ packed,
+                                                 const Scales& scales, int n0, int g, int c, int kchunks, int N,
+                                                 int K, int blocksize_log2) {
+#pragma unroll
+  for (int t = 0; t < kMmaTiles; ++t) {
+    const int n = n0 + 8 * t + g;
+    if (c < kchunks && n < N) {
+      const uint64_t flat = (uint64_t)n * (uint64_t)K + 32u * (uint64_t)c;
+      f.w[t] = load16(packed + (flat >> 1));
+      f.absmax[t] = block_absmax(scales, flat >> blocksize_log2);
+    } else {
+      f.w[t] = make_uint4(0, 0, 0, 0);
+      f.absmax[t] = 0.0f;
+    }
+  }
+}
+
+// The 32-element slice [32c, 32c + 32) of row `row` of x as 16 words, or zeros outside x.
+template <typename T>
+__device__ __forceinline__ void load_x_slice(uint32_t (&xs)[16], const T* __restrict__ x, int row, int M, int c,
+                                             int kchunks, int K) {
+  if (row < M && c < kchunks) {
+    const uint4* p = reinterpret_cast<const uint4*>(x + (size_t)row * K + 32 * (size_t)c);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint4 v = __ldg(p + i);
+      xs[4 * i] = v.x;
+      xs[4 * i + 1] = v.y;
+      xs[4 * i + 2] = v.z;
+      xs[4 * i + 3] = v.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 16; ++i) xs[i] = 0u;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void gemm_4bit_mma(const T* __restrict__ x, const uint8_t* __restrict__ packed,
+                                              Scales scales, int M, int N, int K, int quant_type,
+                                              int blocksize_log2, T* __restrict__ out) {
+  extern __shared__ float partial[];  // [warps][kMmaTiles * 4][32]
+  __shared__ float lut[16];
+  load_code4(lut, quant_type);
+  __syncthreads();
+
+  const int warps = blockDim.x >> 5;
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int g = lane >> 2;
+  const int q = lane & 3;
+  const int n0 = blockIdx.x * (8 * kMmaTiles);
+  const int kchunks = K >> 5;
+  const int steps = (kchunks + 3) >> 2;
+
+  float acc[kMmaTiles][4];
+#pragma unroll
+  for (int t = 0; t < kMmaTiles; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
+
+  WeightFrag cur;
+  if (warp < steps) load_weight_frag(cur, packed, scales, n0, g, 4 * warp + q, kchunks, N, K, blocksize_log2);
+  for (int s = warp; s < steps; s += warps) {
+    // Prefetch the next super-step's weights while this one is decoded.
+    WeightFrag next;
+    const int sn = s + warps;
+    if (sn < steps) load_weight_frag(next, packed, scales, n0, g, 4 * sn + q, kchunks, N, K, blocksize_log2);
+
+    const int c = 4 * s + q;
+    uint32_t xa[16], xb[16];
+    load_x_slice(xa, x, g, M, c, kchunks, K);
+    load_x_slice(xb, x, g + 8, M, c, kchunks, K);
+
+#pragma unroll
+    for (int t = 0; t < kMmaTiles; ++t) {
+      const float am = cur.absmax[t];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        // Byte 2j holds elements 4j (high nibble) and 4j+1; byte 2j+1 holds 4j+2 and 4j+3.
+        const uint32_t p0 = byte_of(cur.w[t], 2 * j);
+        const uint32_t p1 = byte_of(cur.w[t], 2 * j + 1);
+        const uint32_t b0 = Out<T>::pair(mul_rn(lut[p0 >> 4], am), mul_rn(lut[p0 & 15u], am));
+        const uint32_t b1 = Out<T>::pair(mul_rn(lut[p1 >> 4], am), mul_rn(lut[p1 & 15u], am));
+        mma_16816<T>(acc[t], xa[2 * j], xb[2 * j], xa[2 * j + 1], xb[2 * j + 1], b0, b1);
+      }
+    }
+    if (sn < steps) cur = next;
+  }
+
+  float* mine = partial + warp * (kMmaTiles * 4 * 32);
+#pragma unroll
+  for (int t = 0; t < kMmaTiles; ++t) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) mine[(t * 4 + r) * 32 + lane] = acc[t][r];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kMmaTiles * 4 * 32; i += blockDim.x) {
+    float sum = 0.0f;
+    for (int w = 0; w < warps; ++w) sum += partial[w * (kMmaTiles * 4 * 32) + i];
+    const int ln = i & 31;
+    const int r = (i >> 5) & 3;
+    const int t = i >> 7;
+    const int row = (ln >> 2) + 8 * (r >> 1);
+    const int col = n0 + 8 * t + 2 * (ln & 3) + (r & 1);
+    if (row < M && col < N) out[(size_t)row * N + col] = Out<T>::one(sum);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SIMT kernel (M <= 4).
+// ---------------------------------------------------------------------------------------------
+
+constexpr int kSimtRows = 2;   // rows of W per warp
+constexpr int kSimtWarps = 8;  // warps per block
+constexpr int kSimtMaxM = 4;
+
+template <typename T>
+__device__ __forceinline__ void gemm_4bit_simt(const T* __restrict__ x, const uint8_t* __restrict__ packed,
+                                               Scales scales, int M, int N, int K, int quant_type,
+                                               int blocksize_log2, T* __restrict__ out) {
+  __shared__ float lut[16];
+  load_code4(lut, quant_type);
+  __syncthreads();
+
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int nbase = (blockIdx.x * kSimtWarps + warp) * kSimtRows;
+  if (nbase >= N) return;
+  const int kchunks = K >> 5;
+
+  float acc[kSimtRows][kSimtMaxM];
+#pragma unroll
+  for (int r = 0; r < kSimtRows; ++r) {
+#pragma unroll
+    for (int m = 0; m < kSimtMaxM; ++m) acc[r][m] = 0.0f;
+  }
+
+#pragma unroll 2
+  for (int c = lane; c < kchunks; c += 32) {
+    uint4 w[kSimtRows];
+    float am[kSimtRows];
+#pragma unroll
+    for (int r = 0; r < kSimtRows; ++r) {
+      const int n = nbase + r;
+      if (n < N) {
+        const uint64_t flat = (uint64_t)n * (uint64_t)K + 32u * (uint64_t)c;
+        w[r] = load16(packed + (flat >> 1));
+        am[r] = block_absmax(scales, flat >> blocksize_log2);
+      } else {
+        w[r] = make_uint4(0, 0, 0, 0);
+        am[r] = 0.0f;
+      }
+    }
+    uint32_t xs[kSimtMaxM][16];
+#pragma unroll
+    for (int m = 0; m < kSimtMaxM; ++m) load_x_slice(xs[m], x, m, M, c, kchunks, K);
+
+#pragma unroll
+    for (int r = 0; r < kSimtRows; ++r) {
+      // The block scale is common to the 32 elements of the chunk: sum code * x first, scale once.
+      float codes[32];
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        const uint32_t b = byte_of(w[r], j);
+        codes[2 * j] = lut[b >> 4];
+        codes[2 * j + 1] = lut[b & 15u];
+      }
+#pragma unroll
+      for (int m = 0; m < kSimtMaxM; ++m) {
+        if (m < M) {
+          float dot = 0.0f;
+#pragma unroll
+          for (int j = 0; j < 16; ++j) {
+            const float2 xv = unpack2<T>(xs[m][j]);
+            dot = fmaf(codes[2 * j], xv.x, dot);
+            dot = fmaf(codes[2 * j + 1], xv.y, dot);
+          }
+          acc[r][m] = fmaf(am[r], dot, acc[r][m]);
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < kSimtRows; ++r) {
+#pragma unroll
+    for (int m = 0; m < kSimtMaxM; ++m) {
+      float v = acc[r][m];
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+      const int n = nbase + r;
+      if (lane == 0 && m < M && n < N) out[(size_t)m * N + n] = Out<T>::one(v);
+    }
+  }
+}
+
+}  // namespace qlora
+
+// Entry points. mma: blockDim 32 * warps (warps <= 16), gridDim ceil(N / 32), dynamic shared memory
+// warps * 2 KiB. simt: blockDim 256, gridDim ceil(N / 16), no dynamic shared memory.
+#define QLORA_GEMM_4BIT(NAME, IMPL, T, BOUNDS)                                                        \
+  extern "C" __global__ void __launch_bounds__(BOUNDS) NAME(                                        \
+      const T* __restrict__ x, const uint8_t* __restrict__ packed, const void* __restrict__ absmax, \
+      const float* __restrict__ nested_absmax, const float* __restrict__ nested_code, float offset,  \
+      int nested, int M, int N, int K, int quant_type, int blocksize_log2, T* __restrict__ out) {   \
+    qlora::Scales s{absmax, nested_absmax, nested_code, offset, nested};                            \
+    qlora::IMPL<T>(x, packed, s, M, N, K, quant_type, blocksize_log2, out);                         \
+  }
+
+QLORA_GEMM_4BIT(qlora_gemm_4bit_mma_bf16, gemm_4bit_mma, __nv_bfloat16, 512)
+QLORA_GEMM_4BIT(qlora_gemm_4bit_mma_f16, gemm_4bit_mma, __half, 512)
+QLORA_GEMM_4BIT(qlora_gemm_4bit_simt_bf16, gemm_4bit_simt, __nv_bfloat16, 256)
+QLORA_GEMM_4BIT(qlora_gemm_4bit_simt_f16, gemm_4bit_simt, __half, 256)
