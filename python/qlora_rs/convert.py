@@ -1,0 +1,324 @@
+"""Convert float safetensors checkpoints to bitsandbytes 4-bit (NF4/FP4) and inspect the result.
+
+The conversion runs in Rust with the GIL released: inputs are memory-mapped, linear weights are
+quantized tensor by tensor (in parallel within and across tensors) and written as they are
+produced, so memory stays at about the largest tensor whatever the model size. The output loads
+with ``transformers.AutoModelForCausalLM.from_pretrained(dst)`` when bitsandbytes is installed.
+
+Which tensors are quantized by default: rank-2 float ``*.weight`` tensors of linear layers;
+embeddings, the ``lm_head`` output head, norms, biases and buffers are kept as they are, as
+transformers + bitsandbytes do. ``include``/``exclude`` take glob patterns (``*``, ``?``,
+``[...]``) matched against full tensor names, e.g. ``"*.mlp.*"`` or ``"lm_head.weight"``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional, Union
+
+from . import _lib
+
+PathLike = Union[str, "os.PathLike[str]"]
+#: ``progress(bytes_done, bytes_total, tensors_done, tensors_total, tensor_name)``, called after
+#: each tensor; raising from it stops the conversion (nothing is written).
+ProgressCallback = Callable[[int, int, int, int, str], Any]
+
+QUANT_TYPES = ("nf4", "fp4")
+
+
+@dataclass(frozen=True)
+class ConvertSummary:
+    """What :func:`convert_checkpoint` did."""
+
+    dst: str
+    tensors_quantized: int
+    tensors_kept: int
+    params_quantized: int
+    params_kept: int
+    #: Bytes of tensor data read, and bytes of safetensors written (headers included).
+    bytes_in: int
+    bytes_out: int
+    #: Bytes the quantized weights take in the output, with all their quantization state.
+    bytes_out_quantized: int
+    shards: int
+    files_copied: list[str]
+    files_skipped: list[str]
+    seconds: float
+
+    @property
+    def bits_per_param(self) -> float:
+        """Bits per parameter of the quantized weights (4.127 for NF4, block 64, double quant)."""
+        return 8 * self.bytes_out_quantized / self.params_quantized if self.params_quantized else math.nan
+
+    @property
+    def gb_per_s(self) -> float:
+        """Input gigabytes (1e9 bytes) converted per second."""
+        return self.bytes_in / self.seconds / 1e9 if self.seconds > 0 else math.inf
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """What a conversion does with one source tensor."""
+
+    name: str
+    shard: str
+    dtype: str
+    shape: tuple[int, ...]
+    quantize: bool
+    reason: str
+    numel: int
+    bytes_in: int
+    #: Output bytes (the JSON quantization state estimated to within a few bytes).
+    bytes_out: int
+
+
+@dataclass(frozen=True)
+class ConversionPlan:
+    """The plan of a conversion, from the headers alone (``qlora-rs convert --dry-run``)."""
+
+    dst: str
+    single_file: bool
+    dst_exists: bool
+    tensors: list[TensorPlan]
+    copy_files: list[str]
+    skipped_files: list[str]
+    #: ``llm_int8_skip_modules`` written to config.json (None for the default selection).
+    skip_modules: Optional[list[str]]
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """One logical tensor of a checkpoint; a 4-bit weight counts its quantization state too."""
+
+    name: str
+    shard: str
+    shape: tuple[int, ...]
+    stored_dtype: str
+    dtype: str
+    numel: int
+    bytes: int
+    quant_type: Optional[str]
+    blocksize: Optional[int]
+    double_quant: bool
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8 * self.bytes / self.numel if self.numel else math.nan
+
+
+@dataclass(frozen=True)
+class TensorFidelity:
+    """How close a converted tensor is to its source."""
+
+    name: str
+    shape: tuple[int, ...]
+    quant_type: Optional[str]
+    numel: int
+    #: Sums over elements: source^2, (decoded - source)^2, decoded^2, decoded * source.
+    signal: float
+    noise: float
+    decoded: float
+    dot: float
+    max_abs: float
+    #: "quantized", "identical", "changed", "missing from source", "missing from output", ...
+    status: str
+
+    @property
+    def sqnr_db(self) -> float:
+        """Signal-to-quantization-noise ratio in dB (inf when exact)."""
+        return _sqnr_db(self.signal, self.noise)
+
+    @property
+    def cosine(self) -> float:
+        return _cosine(self.dot, self.signal, self.decoded)
+
+
+def _sqnr_db(signal: float, noise: float) -> float:
+    if noise == 0:
+        return math.inf
+    if signal == 0:
+        return -math.inf
+    return 10 * math.log10(signal / noise)
+
+
+def _cosine(dot: float, a: float, b: float) -> float:
+    if a == 0 and b == 0:
+        return 1.0
+    if a == 0 or b == 0:
+        return 0.0
+    return dot / math.sqrt(a * b)
+
+
+@dataclass(frozen=True)
+class FidelityTotals:
+    """Fidelity over all quantized tensors of a comparison."""
+
+    tensors: int
+    numel: int
+    #: SQNR of all quantized elements together, and of the worst tensor.
+    sqnr_db: float
+    min_sqnr_db: float
+    min_sqnr_tensor: Optional[str]
+    cosine: float
+    max_abs: float
+
+
+def fidelity_totals(rows: Iterable[TensorFidelity]) -> FidelityTotals:
+    """Aggregates :func:`compare_checkpoints` rows over the quantized tensors."""
+    q = [r for r in rows if r.status == "quantized"]
+    signal = sum(r.signal for r in q)
+    noise = sum(r.noise for r in q)
+    worst = min(q, key=lambda r: r.sqnr_db, default=None)
+    return FidelityTotals(
+        tensors=len(q),
+        numel=sum(r.numel for r in q),
+        sqnr_db=_sqnr_db(signal, noise) if q else math.nan,
+        min_sqnr_db=worst.sqnr_db if worst else math.nan,
+        min_sqnr_tensor=worst.name if worst else None,
+        cosine=_cosine(sum(r.dot for r in q), signal, sum(r.decoded for r in q)) if q else math.nan,
+        max_abs=max((r.max_abs for r in q), default=math.nan),
+    )
+
+
+def _patterns(p: Union[str, Iterable[str], None], what: str) -> list[str]:
+    if p is None:
+        return []
+    if isinstance(p, str):
+        return [p]
+    out = list(p)
+    if not all(isinstance(x, str) for x in out):
+        from .errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"{what} must be a glob pattern or a list of them, got {p!r}")
+    return out
+
+
+def _options(
+    quant_type: str,
+    blocksize: int,
+    double_quant: bool,
+    compute_dtype: Any,
+    include: Union[str, Iterable[str], None],
+    exclude: Union[str, Iterable[str], None],
+    threads: Optional[int],
+    force: bool,
+    allow_nonfinite: bool,
+    sync: bool,
+) -> tuple:
+    from .errors import InvalidArgumentError
+
+    if quant_type not in QUANT_TYPES:
+        raise InvalidArgumentError(f"unsupported quant_type {quant_type!r}: expected one of {', '.join(QUANT_TYPES)}")
+    if threads is not None and int(threads) < 1:
+        raise InvalidArgumentError(f"threads must be at least 1, got {threads}")
+    # Accept torch dtypes ("torch.bfloat16") as well as names.
+    compute = str(compute_dtype).removeprefix("torch.")
+    return (
+        quant_type, int(blocksize), bool(double_quant), compute,
+        _patterns(include, "include"), _patterns(exclude, "exclude"),
+        None if threads is None else int(threads), bool(force), bool(allow_nonfinite), bool(sync),
+    )
+
+
+def convert_checkpoint(
+    src: PathLike,
+    dst: Optional[PathLike] = None,
+    *,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    compute_dtype: Any = "bfloat16",
+    include: Union[str, Iterable[str], None] = None,
+    exclude: Union[str, Iterable[str], None] = None,
+    threads: Optional[int] = None,
+    force: bool = False,
+    allow_nonfinite: bool = False,
+    sync: bool = True,
+    progress: Optional[ProgressCallback] = None,
+) -> ConvertSummary:
+    """Converts a safetensors checkpoint to a bitsandbytes 4-bit checkpoint.
+
+    ``src`` is a ``.safetensors`` file or a model directory holding ``model.safetensors`` or a
+    sharded ``model.safetensors.index.json`` (plus ``config.json``, tokenizer files, ...).
+    ``dst`` defaults to a sibling directory ``<name>-nf4``; a ``dst`` ending in ``.safetensors``
+    (for a single-file source) writes just that file. The output directory gets the quantized
+    shards (named as in the source, index rewritten), ``config.json`` with the
+    ``quantization_config`` transformers writes for bitsandbytes, and the other files of the
+    source directory (weights in other formats are left out).
+
+    ``compute_dtype`` only goes into ``quantization_config``. ``threads`` sizes a pool for this
+    call (default: ``QLORA_RS_NUM_THREADS`` or all cores). An existing ``dst`` is replaced only
+    with ``force=True``. NaN/inf in a weight raise :class:`~qlora_rs.NonFiniteError` naming the
+    tensor unless ``allow_nonfinite``. ``sync=False`` skips the fsync before the final rename.
+
+    The output appears atomically: it is written to a hidden sibling (``.<name>.tmp-<pid>``) and
+    renamed into place; on any error or interruption nothing is left behind. The GIL is released
+    while converting; ``progress`` (and Ctrl-C) are checked after every tensor.
+    """
+    opts = _options(quant_type, blocksize, double_quant, compute_dtype, include, exclude, threads, force,
+                    allow_nonfinite, sync)
+    d = _lib.convert_checkpoint(os.fspath(src), None if dst is None else os.fspath(dst), *opts, progress)
+    return ConvertSummary(**d)
+
+
+def plan_conversion(
+    src: PathLike,
+    dst: Optional[PathLike] = None,
+    *,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    compute_dtype: Any = "bfloat16",
+    include: Union[str, Iterable[str], None] = None,
+    exclude: Union[str, Iterable[str], None] = None,
+    threads: Optional[int] = None,
+    force: bool = False,
+    allow_nonfinite: bool = False,
+    sync: bool = True,
+) -> ConversionPlan:
+    """What :func:`convert_checkpoint` with the same arguments would do; validates the input
+    headers and options, reads no tensor data and writes nothing."""
+    opts = _options(quant_type, blocksize, double_quant, compute_dtype, include, exclude, threads, force,
+                    allow_nonfinite, sync)
+    d = _lib.plan_checkpoint(os.fspath(src), None if dst is None else os.fspath(dst), *opts)
+    d["tensors"] = [TensorPlan(**{**t, "shape": tuple(t["shape"])}) for t in d["tensors"]]
+    return ConversionPlan(**d)
+
+
+def default_destination(src: PathLike, quant_type: str = "nf4") -> str:
+    """Where :func:`convert_checkpoint` writes by default: ``<dir>-nf4`` next to a model
+    directory, ``<stem>-nf4`` next to a ``.safetensors`` file."""
+    return _lib.default_destination(os.fspath(src), quant_type)
+
+
+def inspect_checkpoint(path: PathLike) -> list[TensorRecord]:
+    """Per-tensor records of a checkpoint (file or directory, sharded or not); a 4-bit weight is
+    one record with its original shape and dtype and the bytes of all its quantization state."""
+    return [TensorRecord(**{**r, "shape": tuple(r["shape"])}) for r in _lib.inspect_checkpoint(os.fspath(path))]
+
+
+def compare_checkpoints(
+    dst: PathLike, src: PathLike, *, progress: Optional[ProgressCallback] = None
+) -> list[TensorFidelity]:
+    """Decodes every 4-bit weight of ``dst`` and compares it with the tensor of the same name in
+    ``src`` (SQNR, cosine, max abs error); kept tensors are compared byte for byte."""
+    rows = _lib.compare_checkpoints(os.fspath(dst), os.fspath(src), progress)
+    return [TensorFidelity(**{**r, "shape": tuple(r["shape"])}) for r in rows]
+
+
+__all__ = [
+    "convert_checkpoint",
+    "plan_conversion",
+    "default_destination",
+    "inspect_checkpoint",
+    "compare_checkpoints",
+    "fidelity_totals",
+    "ConvertSummary",
+    "ConversionPlan",
+    "TensorPlan",
+    "TensorRecord",
+    "TensorFidelity",
+    "FidelityTotals",
+]
