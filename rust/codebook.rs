@@ -25,20 +25,21 @@ pub const NF4_CODE: [f32; 16] = [
 ];
 
 /// FP4 (e2m1 without infinities), index = nibble: bit 3 is the sign, bits 0..2 select the
-/// magnitude 0, 0.0625, 8, 12, 4, 6, 2, 3 (all divided by 12).
+/// magnitude 0, 0.0625, 8, 12, 4, 6, 2, 3 (all divided by 12). Both zeros are +0.0, as in the
+/// quant_map bitsandbytes stores.
 pub const FP4_CODE: [f32; 16] = [
-    0.0 / 12.0,
+    0.0,
     0.0625 / 12.0,
     8.0 / 12.0,
-    12.0 / 12.0,
+    1.0,
     4.0 / 12.0,
     6.0 / 12.0,
     2.0 / 12.0,
     3.0 / 12.0,
-    -0.0 / 12.0,
+    0.0,
     -0.0625 / 12.0,
     -8.0 / 12.0,
-    -12.0 / 12.0,
+    -1.0,
     -4.0 / 12.0,
     -6.0 / 12.0,
     -2.0 / 12.0,
@@ -46,9 +47,9 @@ pub const FP4_CODE: [f32; 16] = [
 ];
 
 /// INT4: symmetric integers -7..7 divided by 7, sign-magnitude like bitsandbytes' "int4" map:
-/// nibbles 0..7 hold 7/7 down to 0, nibbles 8..15 hold -0 down to -7/7.
+/// nibbles 0..7 hold 7/7 down to 0, nibbles 8..15 hold 0 (stored as +0.0) down to -7/7.
 pub const INT4_CODE: [f32; 16] = [
-    7.0 / 7.0,
+    1.0,
     6.0 / 7.0,
     5.0 / 7.0,
     4.0 / 7.0,
@@ -56,14 +57,14 @@ pub const INT4_CODE: [f32; 16] = [
     2.0 / 7.0,
     1.0 / 7.0,
     0.0,
-    -0.0,
+    0.0,
     -1.0 / 7.0,
     -2.0 / 7.0,
     -3.0 / 7.0,
     -4.0 / 7.0,
     -5.0 / 7.0,
     -6.0 / 7.0,
-    -7.0 / 7.0,
+    -1.0,
 ];
 
 /// A 4-bit code table prepared for encoding: the table sorted by value, the float32 midpoints
@@ -81,8 +82,8 @@ pub struct Encoder4 {
 
 impl Encoder4 {
     pub const fn new(code: &[f32; 16]) -> Self {
-        // Stable insertion sort by value (const fn: no iterators). Stability keeps +0.0 before -0.0
-        // (FP4: nibble 0 before 8), as bitsandbytes' argsort does.
+        // Stable insertion sort by value (const fn: no iterators). Stability keeps the first zero
+        // (FP4: nibble 0) before the second (nibble 8), as bitsandbytes' argsort does.
         let mut order = [0u8; 16];
         let mut i = 0;
         while i < 16 {

@@ -93,8 +93,8 @@ def test_as_dict_equals_bitsandbytes(quant_type, double_quant):
     for k in theirs:
         assert ours[k].dtype == theirs[k].dtype and ours[k].shape == theirs[k].shape, k
     key = f"quant_state.bitsandbytes__{quant_type}"
-    for k in theirs:
-        assert torch.equal(ours[k], theirs[k]), k
+    for k in theirs:  # byte for byte (torch.equal would let -0.0 pass for +0.0)
+        assert torch.equal(ours[k].contiguous().view(torch.uint8), theirs[k].contiguous().view(torch.uint8)), k
     meta = json.loads(bytes(ours[key].tolist()))
     assert list(meta) == list(json.loads(bytes(theirs[key].tolist())))
     assert meta["shape"] == [64, 96] and meta["dtype"] == "bfloat16"

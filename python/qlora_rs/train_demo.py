@@ -77,21 +77,23 @@ def run_demo_training(
     seed: int = 0,
     threads: Optional[int] = None,
     out: Optional[TextIO] = None,
+    converted: Optional[Union[str, Path]] = None,
 ) -> dict:
     """Runs the demo (see the module docstring) for about ``seconds`` (or ``max_steps`` steps,
     whichever comes first) and prints its report to ``out``; returns the figures as a dict.
     ``workdir`` keeps the converted model and the run (default: a temporary directory).
-    ``threads``: torch CPU threads (default: see :func:`demo_threads`)."""
+    ``threads``: torch CPU threads (default: see :func:`demo_threads`). ``converted``: an NF4
+    checkpoint of the model already written by ``qlora-rs convert`` (default: convert here)."""
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="qlora-rs-demo-") as tmp:
             return run_demo_training(tmp, seconds=seconds, max_steps=max_steps, batch_size=batch_size, r=r,
-                                     alpha=alpha, lr=lr, seed=seed, threads=threads, out=out)
+                                     alpha=alpha, lr=lr, seed=seed, threads=threads, out=out, converted=converted)
     previous = torch.get_num_threads()
     chosen, why = (threads, "as asked") if threads is not None else demo_threads()
     torch.set_num_threads(chosen)
     try:
         return _run(Path(workdir), seconds, max_steps, batch_size, r, alpha, lr, seed, chosen, why,
-                    sys.stdout if out is None else out)
+                    sys.stdout if out is None else out, converted)
     finally:
         torch.set_num_threads(previous)
 
@@ -113,7 +115,7 @@ def demo_threads() -> tuple[int, str]:
 
 
 def _run(work: Path, seconds: float, max_steps: int, batch_size: int, r: int, alpha: float, lr: float, seed: int,
-         threads: int, why: str, out: TextIO) -> dict:
+         threads: int, why: str, out: TextIO, converted: Optional[Union[str, Path]]) -> dict:
     from transformers import AutoTokenizer
 
     from . import datasets
@@ -127,11 +129,17 @@ def _run(work: Path, seconds: float, max_steps: int, batch_size: int, r: int, al
     work.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(work / "run", ignore_errors=True)  # the demo's own run directory: start afresh
     src = minilm_dir()
-    converted = work / "all-MiniLM-L6-v2-nf4"
-    t0 = time.perf_counter()
-    summary = convert_checkpoint(src, converted, quant_type="nf4", blocksize=64, double_quant=True,
-                                 compute_dtype="float32", force=True)
-    convert_s = time.perf_counter() - t0
+    if converted is None:
+        converted = work / "all-MiniLM-L6-v2-nf4"
+        t0 = time.perf_counter()
+        summary = convert_checkpoint(src, converted, quant_type="nf4", blocksize=64, double_quant=True,
+                                     compute_dtype="float32", force=True)
+        convert_s = time.perf_counter() - t0
+        bytes_in, bytes_out = summary.bytes_in, summary.bytes_out
+    else:  # converted by the caller (the demo prints that conversion itself)
+        converted, convert_s = Path(converted), None
+        bytes_in = (src / "model.safetensors").stat().st_size
+        bytes_out = (converted / "model.safetensors").stat().st_size
 
     records = [json.loads(line) for line in datasets.path().read_text(encoding="utf-8").splitlines() if line.strip()]
     train_records, eval_records = datasets.split(records, eval_fraction=0.2, seed=seed)
@@ -157,7 +165,8 @@ def _run(work: Path, seconds: float, max_steps: int, batch_size: int, r: int, al
         f"{_mib(fp.bytes_now - fp.quantized_bytes):>12}   kept as stored (float32): QLoRA quantizes linear layers only")
     say(f"{'whole model':<36}{fp.params / 1e6:>7.2f}M{_mib(4 * fp.params):>11}{_mib(fp.bytes_16bit):>11}"
         f"{_mib(fp.bytes_now):>12}")
-    say(f"checkpoint: {_mib(summary.bytes_in)} (float32) -> {_mib(summary.bytes_out)} converted in {convert_s:.2f} s")
+    took = f" converted in {convert_s:.2f} s" if convert_s is not None else ""
+    say(f"checkpoint: {_mib(bytes_in)} (float32) -> {_mib(bytes_out)}{took}")
     say()
 
     losses: list[tuple[int, float]] = []
@@ -192,7 +201,7 @@ def _run(work: Path, seconds: float, max_steps: int, batch_size: int, r: int, al
         + (f"; their loss {loss_before:.3f} -> {result.eval_loss:.3f}" if result.eval_loss is not None else ""))
     say(f"adapter    {work / 'run'} (PEFT layout), loss curve {work / 'run' / 'loss.png'}")
     return {
-        "checkpoint_bytes_in": summary.bytes_in, "checkpoint_bytes_out": summary.bytes_out,
+        "checkpoint_bytes_in": bytes_in, "checkpoint_bytes_out": bytes_out,
         "model_bytes_16bit": fp.bytes_16bit, "model_bytes_4bit": fp.bytes_now, "params": fp.params,
         "trainable_params": result.trainable_params, "steps": result.steps, "first_loss": first, "final_loss": last,
         "eval_loss_before": loss_before, "eval_loss": result.eval_loss, "accuracy_before": acc_before, "accuracy_after": acc_after,
