@@ -27,6 +27,22 @@ unsafe fn slice_mut<'a, T>(ptr: usize, len: usize) -> &'a mut [T] {
     }
 }
 
+/// Asks Linux to back a freshly allocated output with transparent huge pages: a 32 MiB tensor then
+/// takes 16 page faults instead of 8192, which otherwise cost more than decoding into it.
+/// Advice only: it changes no data and failures are ignored.
+fn advise_huge_pages(ptr: usize, bytes: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = ptr.next_multiple_of(HUGE);
+        let end = (ptr + bytes) / HUGE * HUGE;
+        if end > start {
+            // SAFETY: madvise only advises the kernel about pages the caller's tensor owns.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+        }
+    }
+}
+
 unsafe fn float_slice<'a>(ptr: usize, len: usize, dtype: DType) -> FloatSlice<'a> {
     match dtype {
         DType::F32 => FloatSlice::F32(slice(ptr, len)),
@@ -94,6 +110,7 @@ fn dequantize_4bit(
     let qt = QuantType::parse(quant_type).map_err(to_pyerr)?;
     quant4::check_blocksize(blocksize).map_err(to_pyerr)?;
     let blocks = quant4::num_blocks(n, blocksize);
+    advise_huge_pages(out_ptr, n * dtype.size());
     py.detach(|| unsafe {
         quant4::dequantize_4bit(
             slice(packed_ptr, quant4::packed_len(n)),
