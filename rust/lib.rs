@@ -5,9 +5,14 @@
 
 pub mod blockwise8;
 pub mod codebook;
+pub mod convert;
+pub mod cuda;
 pub mod dtype;
 pub mod error;
+pub mod paging;
 pub mod quant4;
+pub mod reduce;
+pub mod safetensors;
 pub mod threads;
 
 #[cfg(feature = "python")]

@@ -10,6 +10,9 @@ use pyo3::types::PyDict;
 
 use crate::error::Error;
 
+mod convert;
+mod cuda;
+mod paging;
 mod quant;
 
 /// Raises the `qlora_rs.errors` exception that corresponds to an `Error` variant.
@@ -60,5 +63,8 @@ fn _lib(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", crate::VERSION)?;
     m.add_function(wrap_pyfunction!(build_info, m)?)?;
     quant::register(m)?;
+    convert::register(m)?;
+    paging::register(m)?;
+    cuda::register(m)?;
     Ok(())
 }
