@@ -10,9 +10,11 @@ tokens/s and peak resident memory during training with the ratios against the tw
     python benches/train_step_bench.py --steps 5 --dtype float32
     python benches/train_step_bench.py --variant qlora_rs   # one variant, JSON on stdout
 
-Peak memory is the resident-set high-water mark (VmHWM) from just before the first step to the
-end, after the model is built and freed memory is returned to the OS; it includes the model,
-activations, gradients and optimizer state (and the Python/torch runtime, the same for all).
+Memory: ``model MiB`` is the bytes of the model's tensors (parameters, buffers, quantization
+state); ``train MiB`` is how far the resident set (VmHWM, reset just before the first step) rises
+above the ready model during training: activations, gradients, optimizer state, temporaries;
+``peak MiB`` is their sum. ``RSS MiB`` is the process's whole peak for reference (it also holds the
+Python/torch runtime and whatever building the model left in the allocator).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ VARIANTS = ("qlora_rs", "peft_bnb_4bit", "peft_16bit")
 LABELS = {
     "qlora_rs": "qlora_rs (NF4 + LoRA)",
     "peft_bnb_4bit": "peft + bitsandbytes NF4",
-    "peft_16bit": "peft 16-bit LoRA",
+    "peft_16bit": "peft LoRA, {dtype} base",
 }
 
 
@@ -68,9 +70,13 @@ def _build_model(dtype):
         num_key_value_heads=16, vocab_size=8000, max_position_embeddings=512, tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    with torch.device("cpu"):
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the target dtype: no float32 copy in memory
+    try:
         model = LlamaForCausalLM(config)
-    return model.to(dtype)
+    finally:
+        torch.set_default_dtype(default)
+    return model
 
 
 def _bnb_quantize(model, compute_dtype):
@@ -92,22 +98,46 @@ def _bnb_quantize(model, compute_dtype):
     return model
 
 
+def _model_bytes(model) -> int:
+    """Bytes of the model's tensors: parameters, buffers and bitsandbytes' per-parameter quant
+    states (each storage once)."""
+    import torch
+
+    seen, total = set(), 0
+    tensors = list(model.parameters()) + list(model.buffers())
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        if state is not None:
+            tensors += [v for v in state.as_dict().values() if isinstance(v, torch.Tensor)]
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
 def run_variant(variant: str, dtype_name: str, steps: int, warmup: int, batch: int, seq: int, r: int) -> dict:
     import torch
 
     dtype = getattr(torch, dtype_name)
+    import transformers  # noqa: F401  (every import before the baseline: only the model and training count)
+
+    if variant == "qlora_rs":
+        import qlora_rs
+    else:
+        import peft
+
+        if variant == "peft_bnb_4bit":
+            import bitsandbytes  # noqa: F401
     _release_memory()
     rss_runtime = _rss_kib("VmRSS")
     model = _build_model(dtype)
     lora = dict(r=r, alpha=2 * r, dropout=0.05)
     if variant == "qlora_rs":
-        import qlora_rs
-
         qlora_rs.quantize_model(model, compute_dtype=dtype)
         qlora_rs.add_lora(model, r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"], target_modules="all-linear")
     else:
-        import peft
-
         if variant == "peft_bnb_4bit":
             _bnb_quantize(model, dtype)
         config = peft.LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
@@ -127,7 +157,7 @@ def run_variant(variant: str, dtype_name: str, steps: int, warmup: int, batch: i
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     for _ in range(warmup):
         step()
@@ -138,15 +168,21 @@ def run_variant(variant: str, dtype_name: str, steps: int, warmup: int, batch: i
         times.append(time.perf_counter() - t)
     peak = _rss_kib("VmHWM")
     best = min(times)
+    model_mib = _model_bytes(model) / 2**20
     return {
         "variant": variant,
         "dtype": dtype_name,
         "tokens_per_s": batch * seq / best,
         "step_s_min": best,
         "step_s_mean": sum(times) / len(times),
-        "peak_train_mib": peak / 1024,
+        # The model's own tensors plus what training adds on top of the ready model (activations,
+        # gradients, optimizer state): leftovers of building the model do not count.
+        "peak_mib": model_mib + (peak - rss_model) / 1024,
+        "training_extra_mib": (peak - rss_model) / 1024,
+        "model_mib": model_mib,
+        "peak_rss_mib": peak / 1024,
+        "runtime_rss_mib": rss_runtime / 1024,
         "peak_is_training_only": peak_reset,
-        "model_mib": (rss_model - rss_runtime) / 1024,
         "trainable_params": sum(p.numel() for p in params),
         "losses": losses,
         "threads": torch.get_num_threads(),
@@ -163,7 +199,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch and rayon threads (0: their defaults); 1 is faster on an oversubscribed machine")
     args = ap.parse_args()
+    if args.threads:
+        os.environ["QLORA_RS_NUM_THREADS"] = str(args.threads)
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.variant:
         res = run_variant(args.variant, args.dtype, args.steps, args.warmup, args.batch, args.seq, args.r)
         print(json.dumps(res))
@@ -173,7 +216,7 @@ def main() -> None:
     for v in args.only:
         cmd = [sys.executable, os.path.abspath(__file__), "--variant", v, "--dtype", args.dtype, "--steps",
                str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq),
-               "--r", str(args.r)]
+               "--r", str(args.r), "--threads", str(args.threads)]
         print(f"running {v} ...", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -184,17 +227,19 @@ def main() -> None:
     first = next(iter(results.values()))
     print(f"\ntraining step, Llama 69M ({args.dtype}), batch {args.batch}x{args.seq}, LoRA r={args.r} all-linear, "
           f"AdamW, {first['threads']} threads, best of {args.steps} steps")
-    print(f"{'variant':<28}{'tokens/s':>10}{'step s':>9}{'peak MiB':>10}{'model MiB':>11}{'loss[0]':>9}")
+    print(f"{'variant':<28}{'tokens/s':>10}{'step s':>9}{'peak MiB':>10}{'model MiB':>11}{'train MiB':>11}"
+          f"{'RSS MiB':>9}{'loss[0]':>9}")
     for v, res in results.items():
-        print(f"{LABELS[v]:<28}{res['tokens_per_s']:>10.1f}{res['step_s_min']:>9.2f}{res['peak_train_mib']:>10.0f}"
-              f"{res['model_mib']:>11.0f}{res['losses'][0]:>9.4f}")
+        print(f"{LABELS[v].format(dtype=args.dtype):<28}{res['tokens_per_s']:>10.1f}{res['step_s_min']:>9.2f}{res['peak_mib']:>10.0f}"
+              f"{res['model_mib']:>11.1f}{res['training_extra_mib']:>11.0f}{res['peak_rss_mib']:>9.0f}"
+              f"{res['losses'][0]:>9.4f}")
     if "qlora_rs" in results:
         q = results["qlora_rs"]
         for anchor in ("peft_bnb_4bit", "peft_16bit"):
             if anchor in results:
                 a = results[anchor]
-                print(f"qlora_rs vs {LABELS[anchor]}: speed x{q['tokens_per_s'] / a['tokens_per_s']:.2f}, "
-                      f"peak memory x{q['peak_train_mib'] / a['peak_train_mib']:.2f}, "
+                print(f"qlora_rs vs {LABELS[anchor].format(dtype=args.dtype)}: speed x{q['tokens_per_s'] / a['tokens_per_s']:.2f}, "
+                      f"peak memory x{q['peak_mib'] / a['peak_mib']:.2f}, "
                       f"model memory x{q['model_mib'] / max(a['model_mib'], 1e-9):.2f}")
 
 

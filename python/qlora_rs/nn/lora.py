@@ -1,0 +1,180 @@
+"""LoRA adapters: :class:`LoraLinear4bit` around a :class:`Linear4bit` (QLoRA) and
+:class:`LoraLinear` around a plain ``nn.Linear`` (the 16-bit LoRA baseline).
+
+``y = base(x) + (dropout(x) @ A^T @ B^T) * scaling`` with ``A`` ``[r, in]``, ``B`` ``[out, r]``
+and ``scaling = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``), computed by one fused
+autograd function. The attribute names follow PEFT's (``base_layer``, ``lora_A.weight``,
+``lora_B.weight``), so a model's state-dict keys are PEFT's without the adapter name.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from ..autograd import LoraLinear4bitFunction, LoraLinearFunction
+from ..errors import InvalidArgumentError
+from ..quant_state import dtype_name, parse_dtype
+from .linear4bit import Linear4bit
+
+__all__ = ["LoraLinear4bit", "LoraLinear", "LORA_INITS"]
+
+LORA_INITS = ("default", "gaussian", "none")
+
+
+class _LoraLayer(nn.Module):
+    """What both LoRA layers share: the adapter matrices, their initialisation and scaling."""
+
+    base_layer: nn.Linear
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        r: int,
+        alpha: float,
+        dropout: float,
+        use_rslora: bool,
+        init: Union[str, bool],
+        lora_dtype: Any,
+    ) -> None:
+        super().__init__()
+        if int(r) != r or r <= 0:
+            raise InvalidArgumentError(f"{type(self).__name__}: r must be a positive integer, got {r!r}")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise InvalidArgumentError(f"{type(self).__name__}: dropout must be in [0, 1), got {dropout!r}")
+        init = {True: "default", False: "none"}.get(init, init) if isinstance(init, bool) else init
+        if init not in LORA_INITS:
+            raise InvalidArgumentError(
+                f"{type(self).__name__}: init {init!r} is not supported: expected one of {', '.join(LORA_INITS)}"
+            )
+        lora_dtype = parse_dtype(lora_dtype)
+        self.base_layer = base
+        self.r = int(r)
+        self.alpha = alpha
+        self.dropout = float(dropout)
+        self.use_rslora = bool(use_rslora)
+        self.init = init
+        self.scaling = alpha / math.sqrt(self.r) if self.use_rslora else alpha / self.r
+        device = base.weight.device
+        self.lora_A = nn.Linear(base.in_features, self.r, bias=False, device=device, dtype=lora_dtype)
+        self.lora_B = nn.Linear(self.r, base.out_features, bias=False, device=device, dtype=lora_dtype)
+        self.reset_lora_parameters()
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @torch.no_grad()
+    def reset_lora_parameters(self) -> None:
+        """``default``: A Kaiming-uniform (a = sqrt(5)), B zero, so the adapter starts as a no-op;
+        ``gaussian``: A normal with std 1/r, B zero; ``none``: both keep ``nn.Linear``'s
+        Kaiming-uniform initialisation (an adapter that changes the output from the start)."""
+        if self.lora_A.weight.device.type == "meta":
+            return
+        if self.init == "none":
+            self.lora_A.reset_parameters()
+            self.lora_B.reset_parameters()
+            return
+        if self.init == "default":
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        else:
+            nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
+        nn.init.zeros_(self.lora_B.weight)
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """``B @ A * scaling`` as a float32 ``[out, in]`` tensor."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    def _check_adapters(self) -> None:
+        a, b = self.lora_A.weight, self.lora_B.weight
+        if a.dtype != b.dtype or a.device != b.device:
+            raise InvalidArgumentError(
+                f"{self._describe()}: lora_A ({dtype_name(a.dtype)} on {a.device}) and lora_B ({dtype_name(b.dtype)} on "
+                f"{b.device}) must share dtype and device"
+            )
+
+    def _describe(self) -> str:
+        name = getattr(self.base_layer, "_qlora_name", None)
+        return f"{type(self).__name__}{f' {name!r}' if name else ''} (in_features={self.in_features}, out_features={self.out_features})"
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}, use_rslora={self.use_rslora}, scaling={self.scaling:g}"
+
+
+class LoraLinear4bit(_LoraLayer):
+    """LoRA around a frozen :class:`Linear4bit`: ``base(x) + (dropout(x) @ A^T @ B^T) * scaling``.
+
+    The base product runs in the base layer's ``compute_dtype``; the adapters are kept and
+    applied in ``lora_dtype`` (float32 by default, like PEFT), and the result is returned in the
+    input's dtype. The backward dequantizes the 4-bit weight once and saves only the input,
+    the dropout mask and ``x @ A^T`` besides the packed weight.
+    """
+
+    base_layer: Linear4bit
+
+    def __init__(
+        self,
+        base: Linear4bit,
+        r: int = 64,
+        alpha: float = 16,
+        dropout: float = 0.05,
+        use_rslora: bool = False,
+        init: Union[str, bool] = "default",
+        lora_dtype: Any = torch.float32,
+    ) -> None:
+        if not isinstance(base, Linear4bit):
+            raise InvalidArgumentError(
+                f"LoraLinear4bit wraps a qlora_rs.Linear4bit, got {type(base).__name__}; use LoraLinear for nn.Linear"
+            )
+        super().__init__(base, r, alpha, dropout, use_rslora, init, lora_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        base._check_input(x)
+        self._check_adapters()
+        p = self.dropout if self.training else 0.0
+        y = LoraLinear4bitFunction.apply(
+            x.to(base.compute_dtype), self.lora_A.weight, self.lora_B.weight, base.bias, self.scaling, p, *base._op_args()
+        )
+        return y.to(x.dtype)
+
+
+class LoraLinear(_LoraLayer):
+    """LoRA around a plain ``nn.Linear`` (computed in the linear's weight dtype; 16-bit LoRA)."""
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        r: int = 64,
+        alpha: float = 16,
+        dropout: float = 0.05,
+        use_rslora: bool = False,
+        init: Union[str, bool] = "default",
+        lora_dtype: Any = torch.float32,
+    ) -> None:
+        if not isinstance(base, nn.Linear) or isinstance(base, Linear4bit):
+            raise InvalidArgumentError(
+                f"LoraLinear wraps an nn.Linear, got {type(base).__name__}; use LoraLinear4bit for Linear4bit"
+            )
+        super().__init__(base, r, alpha, dropout, use_rslora, init, lora_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() == 0 or x.shape[-1] != self.in_features:
+            what = f"{dtype_name(x.dtype)} {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise InvalidArgumentError(
+                f"{self._describe()}: input {what} does not fit: expected a floating-point tensor [..., {self.in_features}]"
+            )
+        self._check_adapters()
+        p = self.dropout if self.training else 0.0
+        w = base.weight
+        y = LoraLinearFunction.apply(x.to(w.dtype), w, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, p)
+        return y.to(x.dtype)

@@ -1,0 +1,188 @@
+"""LoRA layers: the fused function against a plain-autograd reference (forward, gradients of x,
+A, B; dropout; rslora; init), what the backward saves, one dequantization per backward, the
+16-bit LoraLinear, and torch.compile without graph breaks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from _lora_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
+from qlora_rs import InvalidArgumentError, Linear4bit, LoraLinear, LoraLinear4bit
+
+
+def _base(out_f=48, in_f=64, bias=True, seed=0, compute_dtype=torch.float32) -> Linear4bit:
+    torch.manual_seed(seed)
+    return Linear4bit.from_linear(nn.Linear(in_f, out_f, bias=bias), compute_dtype=compute_dtype)
+
+
+def _randomize(layer) -> None:
+    with torch.no_grad():
+        layer.lora_A.weight.normal_(0, 0.1)
+        layer.lora_B.weight.normal_(0, 0.1)
+
+
+def _reference(layer, x, mask=None):
+    """The same computation written with plain autograd ops on copies of the tensors."""
+    base = layer.base_layer
+    w = base.dequantize(torch.float32) if isinstance(base, Linear4bit) else base.weight.detach().float()
+    a = layer.lora_A.weight.detach().clone().requires_grad_()
+    b = layer.lora_B.weight.detach().clone().requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    xl = xr if mask is None else xr * mask / (1 - layer.dropout)
+    y = F.linear(xr, w, base.bias) + F.linear(F.linear(xl, a), b) * layer.scaling
+    return y, xr, a, b
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_forward_and_gradients_match_reference(use_rslora):
+    layer = LoraLinear4bit(_base(), r=4, alpha=8, dropout=0.0, use_rslora=use_rslora)
+    _randomize(layer)
+    assert layer.scaling == (8 / math.sqrt(4) if use_rslora else 8 / 4)
+    x = torch.randn(2, 3, 64, requires_grad=True)
+    g = torch.randn(2, 3, 48)
+    y = layer(x)
+    (y * g).sum().backward()
+    ref, xr, a, b = _reference(layer, x)
+    (ref * g).sum().backward()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_A.weight.grad, a.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_B.weight.grad, b.grad, rtol=1e-5, atol=1e-5)
+    assert layer.base_layer.bias.grad is not None  # from_linear keeps the bias trainable
+
+
+def test_dropout_mask_is_applied_consistently_and_only_in_training():
+    layer = LoraLinear4bit(_base(), r=4, alpha=8, dropout=0.5)
+    _randomize(layer)
+    x = torch.randn(5, 64, requires_grad=True)
+    g = torch.randn(5, 48)
+    torch.manual_seed(7)
+    y = layer(x)
+    (y * g).sum().backward()
+    torch.manual_seed(7)
+    mask = torch.rand(x.shape) >= 0.5  # the function draws its mask the same way
+    ref, xr, a, b = _reference(layer, x, mask)
+    (ref * g).sum().backward()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_A.weight.grad, a.grad, rtol=1e-5, atol=1e-5)
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+    torch.testing.assert_close(layer(x), _reference(layer, x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_compute_with_fp32_adapters():
+    layer = LoraLinear4bit(_base(compute_dtype=torch.bfloat16), r=8, alpha=16, dropout=0.0)
+    _randomize(layer)
+    assert layer.lora_A.weight.dtype == torch.float32
+    x = torch.randn(4, 64, dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    ref, xr, a, b = _reference(layer, x.float())
+    ref.sum().backward()
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
+    assert layer.lora_A.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(layer.lora_B.weight.grad, b.grad, rtol=2e-2, atol=2e-2)
+
+
+def test_inits():
+    x = torch.randn(3, 64)
+    layer = LoraLinear4bit(_base(), r=8, init="default")
+    assert torch.count_nonzero(layer.lora_B.weight) == 0 and torch.count_nonzero(layer.lora_A.weight) > 0
+    assert layer.lora_A.weight.abs().max() <= 1 / math.sqrt(64) + 1e-6  # kaiming_uniform(a=sqrt(5)) bound
+    layer.eval()
+    assert torch.equal(layer(x), layer.base_layer(x))  # starts as a no-op
+    gauss = LoraLinear4bit(_base(), r=8, init="gaussian")
+    assert abs(gauss.lora_A.weight.std().item() - 1 / 8) < 0.03 and torch.count_nonzero(gauss.lora_B.weight) == 0
+    none = LoraLinear4bit(_base(), r=8, init=False)
+    assert torch.count_nonzero(none.lora_B.weight) > 0
+    with pytest.raises(InvalidArgumentError, match="init 'pissa' is not supported"):
+        LoraLinear4bit(_base(), init="pissa")
+    with pytest.raises(InvalidArgumentError, match="r must be a positive integer"):
+        LoraLinear4bit(_base(), r=0)
+    with pytest.raises(InvalidArgumentError, match="wraps a qlora_rs.Linear4bit, got Linear"):
+        LoraLinear4bit(nn.Linear(4, 4))
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_backward_saves_x_and_xa_only_and_dequantizes_once():
+    layer = LoraLinear4bit(_base(out_f=64, in_f=96, compute_dtype=torch.bfloat16), r=4, dropout=0.1)
+    saved = []
+    x = torch.randn(8, 96, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    for t in saved:
+        assert not (t.is_floating_point() and t.numel() >= 64 * 96), f"saved a dense {t.dtype} {list(t.shape)}"
+    shapes = {tuple(t.shape) for t in saved}
+    assert (8, 96) in shapes and (8, 4) in shapes  # x (and its dropout mask), x @ A^T
+    counter = _CountOps()
+    with counter:
+        y.float().sum().backward()
+    assert counter.counts.get("qlora_rs.dequantize_4bit") == 1
+    assert "qlora_rs.gemm_4bit" not in counter.counts
+
+
+def test_lora_linear_16bit_matches_reference():
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(64, 48), r=4, alpha=4, dropout=0.0)
+    _randomize(layer)
+    layer.base_layer.weight.requires_grad_(False)
+    x = torch.randn(2, 64, requires_grad=True)
+    y = layer(x)
+    y.pow(2).sum().backward()
+    ref, xr, a, b = _reference(layer, x)
+    ref.pow(2).sum().backward()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_B.weight.grad, b.grad, rtol=1e-5, atol=1e-5)
+    with pytest.raises(InvalidArgumentError, match=r"LoraLinear .*input float32 \[2, 63\] does not fit"):
+        layer(torch.randn(2, 63))
+
+
+def _compile_check(backend: str) -> None:
+    torch._dynamo.reset()
+    layer = LoraLinear4bit(_base(out_f=32, in_f=64, compute_dtype=torch.bfloat16), r=4, dropout=0.1)
+    _randomize(layer)
+    x = torch.randn(4, 64, dtype=torch.bfloat16, requires_grad=True)
+
+    def loss_fn(inp):
+        return layer(inp).float().pow(2).mean()
+
+    # fullgraph=True: any graph break is an error
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=backend)
+    compiled(x).backward()
+    grads = [t.grad.clone() for t in (x, layer.lora_A.weight, layer.lora_B.weight)]
+    layer.eval()  # no dropout: compiled and eager must agree
+    for t in (x, layer.lora_A.weight, layer.lora_B.weight):
+        t.grad = None
+    compiled(x).backward()
+    eager_x = x.detach().clone().requires_grad_()
+    loss_fn(eager_x).backward()
+    torch.testing.assert_close(x.grad, eager_x.grad, rtol=1e-2, atol=1e-3)
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_torch_compile_fullgraph_forward_backward():
+    _compile_check("aot_eager")  # dynamo + AOTAutograd: traces forward and backward through the fake ops
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor():
+    _compile_check("inductor")
