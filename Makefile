@@ -23,6 +23,8 @@ test: build
 
 bench: build
 	$(BIN)/python benches/quantize_bench.py
+	$(BIN)/python benches/convert_bench.py
+	$(BIN)/python benches/train_step_bench.py
 
 bench-rust:
 	cargo bench --bench core
