@@ -726,8 +726,14 @@ pub fn python_float_repr(x: f64) -> String {
     if x == 0.0 {
         return format!("{sign}0.0");
     }
-    // Rust's `{:e}` without precision prints the shortest round-tripping digits, as Python does.
-    let e = format!("{:e}", x.abs());
+    // Python prints the shortest digit string that round-trips and, of two such strings equally near
+    // x, the even one. Rust's `{:e}` finds the shortest length but may take the other one of a tie;
+    // the exact rounding to that many digits (half to even) is the nearest, and wins if it round-trips
+    // (next to a power of two it may not: the gap below x is half the gap above).
+    let shortest = format!("{:e}", x.abs());
+    let significant = shortest.split('e').next().unwrap_or("").chars().filter(|c| c.is_ascii_digit()).count();
+    let nearest = format!("{:.*e}", significant.saturating_sub(1), x.abs());
+    let e = if nearest.parse::<f64>() == Ok(x.abs()) { nearest } else { shortest };
     let (mantissa, exp) = e.split_once('e').expect("LowerExp has an exponent");
     let exp: i32 = exp.parse().expect("integer exponent");
     let digits: String = mantissa.chars().filter(|c| *c != '.').collect();

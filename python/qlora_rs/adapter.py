@@ -30,7 +30,9 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` through a synced temporary file in the same folder and a rename,
+    so a reader never sees a half-written file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -127,8 +129,8 @@ def save_adapter(
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().to("cpu").contiguous()
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
-    _write_atomic(out / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    write_atomic(out / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
+    write_atomic(out / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     return out
 
 

@@ -355,7 +355,7 @@ def _run_inspect(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
 
 def _plugin_modules() -> list[str]:
     """Modules ``qlora_rs.cli_*`` of this package, in name order."""
-    package = __name__.rpartition(".")[0]
+    package = __package__ or "qlora_rs"  # __name__ is "__main__" under python -m qlora_rs.cli
     here = os.path.dirname(__file__)
     return sorted(f"{package}.{m.name}" for m in pkgutil.iter_modules([here]) if m.name.startswith("cli_"))
 

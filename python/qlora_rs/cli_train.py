@@ -68,6 +68,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue the run in OUT_DIR from its newest checkpoint")
     g.add_argument("--device", default=d.device, help="auto, cpu or cuda")
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--distributed", choices=("auto", "ddp", "fsdp"), default=d.distributed,
+                   help="under torchrun / accelerate launch: ddp (auto) keeps the 4-bit model on every GPU; fsdp shards "
+                        "it (FSDP2) so each GPU holds 1/N; --batch-size is per process")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     g.add_argument("--no-plot", dest="plot", action="store_false", help="do not draw loss.png")
     p.set_defaults(func=run)
@@ -88,7 +91,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         epochs=args.epochs, seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
         save_every=args.save_every, eval_every=args.eval_every, save_total_limit=args.save_total_limit,
         skip_bad_lines=args.skip_bad_lines, resume=args.resume, device=args.device, threads=args.threads,
-        progress=args.progress,
+        distributed=args.distributed, progress=args.progress,
         plot=args.plot,
     )
 

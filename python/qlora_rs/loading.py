@@ -450,6 +450,9 @@ def from_pretrained(
     model_class: Any = None,
     strict: bool = True,
     config: Any = None,
+    device_mesh: Any = None,
+    prepare: Any = None,
+    mp_policy: Any = None,
 ) -> nn.Module:
     """Loads a transformers model from a model directory with its linear layers in 4 bits.
 
@@ -471,6 +474,11 @@ def from_pretrained(
             some of the model's tensors or has tensors the model lacks; ``False`` initializes
             the missing ones as transformers would and logs both lists.
         config: a transformers config to use instead of ``path/config.json``.
+        device_mesh: under torch.distributed, a device mesh to shard the model over with FSDP2
+            (:func:`qlora_rs.distributed.load_sharded`): each rank reads only its rows of the
+            checkpoint and the model comes back sharded; ``device`` is then the mesh's.
+            ``prepare(model)`` runs on the unsharded skeleton first (add LoRA adapters there);
+            ``mp_policy`` is FSDP2's ``MixedPrecisionPolicy``.
 
     Peak memory is the 4-bit model plus one tensor of the checkpoint. The returned model is in
     eval mode; ``model.qlora_rs_checkpoint`` says which kind of checkpoint it came from
@@ -478,6 +486,13 @@ def from_pretrained(
     """
     from transformers import AutoConfig
 
+    if device_mesh is not None:
+        from .distributed import load_sharded
+
+        return load_sharded(path, device_mesh, quantization=quantization, compute_dtype=compute_dtype, dtype=dtype,
+                            model_class=model_class, strict=strict, config=config, prepare=prepare, mp_policy=mp_policy)
+    if prepare is not None or mp_policy is not None:
+        raise InvalidArgumentError("from_pretrained: prepare and mp_policy apply to sharded loading (device_mesh=...)")
     path = Path(path)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -18,6 +18,14 @@ What ``output_dir`` holds:
 ``resume=True`` continues from the newest checkpoint: same data order, same dropout masks, same
 optimizer state, so the losses after it are those of a run that was never interrupted.
 
+Under ``torchrun --nproc-per-node N`` (or ``accelerate launch``) every process runs the same
+loop (:class:`qlora_rs.distributed.DistributedTraining`): ``distributed="ddp"`` (the default)
+keeps the 4-bit model on every device and all-reduces the LoRA gradients, ``"fsdp"`` shards it
+with FSDP2 while loading; ``batch_size`` is per process, the loss is normalized over the global
+batch (the same gradients as one process with ``N x batch_size``), and rank 0 alone writes the
+output directory. A checkpoint resumes with the same number of processes. (The contrastive
+objective's negatives are those of each process's own share of the batch.)
+
 Two objectives: ``task="causal-lm"`` (next-token loss on the response / assistant / text tokens,
 see :mod:`qlora_rs.data`) and ``task="contrastive"`` for encoders such as BERT: prompts and
 responses are embedded (mean pooling), and each prompt must pick its own response among those of
@@ -27,6 +35,7 @@ MultipleNegativesRankingLoss).
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -34,7 +43,6 @@ import random
 import re
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adapter import write_atomic
 from .data import IGNORE_INDEX, Dataset, collate, load_dataset, load_pairs
 from .errors import InvalidArgumentError, QloraError
 
@@ -105,6 +114,8 @@ class TrainConfig:
     skip_bad_lines: bool = False
     resume: bool = False
     device: str = "auto"
+    # Under torchrun: "auto"/"ddp" (every process holds the 4-bit model) or "fsdp" (each holds 1/N).
+    distributed: str = "auto"
     threads: Optional[int] = None
     progress: Optional[bool] = None
     plot: bool = True
@@ -127,6 +138,11 @@ class TrainConfig:
             raise InvalidArgumentError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.lr <= 0 or self.max_grad_norm <= 0:
             raise InvalidArgumentError(f"lr and max_grad_norm must be positive, got {self.lr} and {self.max_grad_norm}")
+        from .distributed import STRATEGIES
+
+        if self.distributed not in STRATEGIES:
+            raise InvalidArgumentError(f"distributed {self.distributed!r} is not supported: expected one of "
+                                       f"{', '.join(STRATEGIES)}")
         if self.save_total_limit < 1:
             raise InvalidArgumentError(f"save_total_limit must be at least 1, got {self.save_total_limit}")
 
@@ -166,22 +182,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def latest_checkpoint(output_dir: Union[str, os.PathLike]) -> Optional[Path]:
@@ -458,26 +458,30 @@ def train(
     there (it is then checkpointed and saved as if it were the last step)."""
     from transformers import AutoTokenizer
 
-    from . import add_lora, prepare_for_training, save_adapter
-    from .adapter import load_adapter
+    from . import add_lora, prepare_for_training
     from .hf_quantizer import QloraConfig
     from .loading import Checkpoint, memory_footprint
     from .loading import from_pretrained as load_model
 
+    from .distributed import DistributedTraining
+
     config.validate()
-    out = sys.stdout if out is None else out
+    # Under torchrun every process runs this function; rank 0 alone writes files and output.
+    run = DistributedTraining(config.distributed, resolve_device(config.device))
+    out = (sys.stdout if out is None else out) if run.is_main else io.StringIO()
     progress_stream = sys.stderr if progress_stream is None else progress_stream
     say = lambda line: print(line, file=out, flush=True)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(output_dir)
+    if run.is_main:
+        _remove_stale_temporaries(output_dir)
     resume_dir = _check_resume(config, output_dir)
 
     if config.threads is not None:
         if int(config.threads) < 1:
             raise InvalidArgumentError(f"threads must be at least 1, got {config.threads}")
         torch.set_num_threads(int(config.threads))
-    device = resolve_device(config.device)
+    device = run.device
     compute_dtype = resolve_compute_dtype(config.compute_dtype, device)
     seed_everything(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(config.model)
@@ -493,82 +497,111 @@ def train(
                         blocksize=config.blocksize)
     with Checkpoint(config.model) as ckpt:
         prequantized = bool(ckpt.quantized_weights())
-    model = load_model(config.model, quantization=None if prequantized else quant, compute_dtype=compute_dtype,
-                       device=device, model_class="AutoModel" if config.task == "contrastive" else None)
+    model_class = "AutoModel" if config.task == "contrastive" else None
+    lora_options = dict(r=config.r, alpha=config.alpha, dropout=config.dropout, target_modules=config.target_modules,
+                        use_rslora=config.use_rslora)
+    if run.strategy == "fsdp":
+        # FSDP2 shards while loading; the adapters must exist before that.
+        added: dict = {}
+
+        def prepare(skeleton: nn.Module) -> None:
+            added["summary"] = add_lora(skeleton, **lora_options)
+            prepare_for_training(skeleton, gradient_checkpointing=config.gradient_checkpointing)
+
+        model = load_model(config.model, quantization=None if prequantized else quant, compute_dtype=compute_dtype,
+                           model_class=model_class, device_mesh=run.mesh, prepare=prepare)
+    else:
+        model = load_model(config.model, quantization=None if prequantized else quant, compute_dtype=compute_dtype,
+                           device=device, model_class=model_class)
     if config.task == "causal-lm" and not type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
         raise InvalidArgumentError(
             f"{config.model} is a {type(model).__name__}, not a causal language model: use task 'contrastive' "
             "(--task contrastive) for encoders"
         )
     footprint = memory_footprint(model)
-    summary = add_lora(model, r=config.r, alpha=config.alpha, dropout=config.dropout,
-                       target_modules=config.target_modules, use_rslora=config.use_rslora)
-    prepare_for_training(model, gradient_checkpointing=config.gradient_checkpointing)
+    if run.strategy == "fsdp":
+        summary = added["summary"]
+    else:
+        summary = add_lora(model, **lora_options)
+        prepare_for_training(model, gradient_checkpointing=config.gradient_checkpointing)
+    model = run.wrap(model)
     model.train()
-    kind = getattr(model, "qlora_rs_checkpoint", {}).get("kind", "?")
-    say(f"model      {config.model} ({type(model).__name__}, {kind} checkpoint) on {device}, compute {compute_dtype}")
+    kind = getattr(run.unwrap(model), "qlora_rs_checkpoint", {}).get("kind", "?")
+    over = f", {run.strategy.upper()} over {run.world_size} processes" if run.active else ""
+    say(f"model      {config.model} ({type(run.unwrap(model)).__name__}, {kind} checkpoint) on {device}, "
+        f"compute {compute_dtype}{over}")
     say(f"memory     {_mib(footprint.bytes_16bit)} in 16-bit -> {_mib(footprint.bytes_now)} loaded "
         f"({footprint.bytes_16bit / max(footprint.bytes_now, 1):.1f}x smaller); {footprint.quantized_params / 1e6:.2f} M of "
         f"{footprint.params / 1e6:.2f} M params in 4 bits")
     say(f"trainable  {summary.trainable:,} LoRA params ({summary.percent:.2f}% of {summary.total:,}), r={config.r}, "
         f"alpha={config.alpha:g}, dropout={config.dropout:g}, {len(summary.modules)} layers")
 
-    stream = _Stream(len(train_items), config.batch_size, config.seed)
+    # One global micro-batch of batch_size examples per process; each process takes its share.
+    stream = _Stream(len(train_items), config.batch_size * run.world_size, config.seed)
     steps_per_epoch = -(-stream.per_epoch // config.grad_accum)
     total = int(config.max_steps) if config.max_steps else config.epochs * steps_per_epoch
     warmup = math.ceil(config.warmup_ratio * total)
     eval_every = config.eval_every or config.save_every
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(config.optimizer, params, config.lr, config.weight_decay, device)
+    # The paged optimizers keep plain per-process states; FSDP2's parameters are DTensors.
+    optimizer_name = "adamw" if run.strategy == "fsdp" and config.optimizer == "auto" else config.optimizer
+    optimizer = make_optimizer(optimizer_name, params, config.lr, config.weight_decay, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.schedule, warmup, total))
-    say(f"schedule   {total} steps x {config.batch_size * config.grad_accum} examples "
-        f"(batch {config.batch_size}, grad accum {config.grad_accum}), {steps_per_epoch} steps/epoch, lr {config.lr:g} "
-        f"{config.schedule} after {warmup} warmup steps, {type(optimizer).__name__}, max grad norm {config.max_grad_norm:g}")
+    per_process = f" x {run.world_size} processes" if run.active else ""
+    say(f"schedule   {total} steps x {config.batch_size * config.grad_accum * run.world_size} examples "
+        f"(batch {config.batch_size}{per_process}, grad accum {config.grad_accum}), {steps_per_epoch} steps/epoch, "
+        f"lr {config.lr:g} {config.schedule} after {warmup} warmup steps, {type(optimizer).__name__}, "
+        f"max grad norm {config.max_grad_norm:g}")
 
     step, tokens_seen, elapsed_before, resumed_from = 0, 0, 0.0, None
     metrics_path = output_dir / METRICS_FILE
     if resume_dir is not None:
         state = torch.load(resume_dir / STATE_FILE, map_location="cpu", weights_only=True)
-        load_adapter(model, resume_dir)
-        optimizer.load_state_dict(state["optimizer"])
+        rng = run.pick(state["rng"])  # refuses another number of processes
+        run.load_adapter(model, resume_dir)
+        run.load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, tokens_seen, elapsed_before = int(state["step"]), int(state["tokens"]), float(state["elapsed"])
         stream.epoch, stream.index = int(state["epoch"]), int(state["index"])
-        _set_rng_state(state["rng"])
-        _truncate_metrics(metrics_path, step)
+        _set_rng_state(rng)
+        if run.is_main:
+            _truncate_metrics(metrics_path, step)
         resumed_from = step
         say(f"resume     from {resume_dir} (step {step}, epoch {stream.position:.2f})")
-    else:
+    elif run.is_main:
         if metrics_path.exists():
             metrics_path.unlink()
-        _write_atomic(output_dir / CONFIG_FILE, (json.dumps(asdict(config), indent=2) + "\n").encode())
+        write_atomic(output_dir / CONFIG_FILE, (json.dumps(asdict(config), indent=2) + "\n").encode())
 
-    progress = TrainProgress(total, step, progress_stream, config.progress)
+    progress = TrainProgress(total, step, progress_stream, config.progress if run.is_main else False)
     history: list[dict] = []
     first_loss = None
     eval_loss = None
     stopped_early = False
     session_start = time.perf_counter()
     try:
-        with open(metrics_path, "a", encoding="utf-8") as metrics:
+        with open(metrics_path if run.is_main else os.devnull, "a", encoding="utf-8") as metrics:
             if eval_items is not None and step == 0:
                 # The baseline the eval curve starts from.
-                eval_loss = evaluate(model, objective, eval_items, config.batch_size, device)
+                eval_loss = evaluate(run.unwrap(model), objective, eval_items, config.batch_size, device)
                 metrics.write(json.dumps({"step": 0, "eval_loss": eval_loss}) + "\n")
                 progress.note(f"step 0: eval loss {eval_loss:.4f}")
             while step < total:
                 t0 = time.perf_counter()
-                batches = [objective.batch([train_items[i] for i in stream.next()]) for _ in range(config.grad_accum)]
-                count = sum(objective.count(b) for b in batches)
-                tokens = sum(objective.tokens(b) for b in batches)
+                batches = [objective.batch([train_items[i] for i in run.local(stream.next())])
+                           for _ in range(config.grad_accum)]
+                count = run.sum(sum(objective.count(b) for b in batches))
+                tokens = run.sum(sum(objective.tokens(b) for b in batches))
                 lr = scheduler.get_last_lr()[0]
                 loss_total = 0.0
                 for b in batches:
                     loss = objective.loss_sum(model, b, device) / max(count, 1)
-                    loss.backward()
+                    # DDP and FSDP2 average the gradients over the processes; the sum is wanted.
+                    (loss * run.world_size if run.active else loss).backward()
                     loss_total += float(loss.detach())
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+                loss_total = run.sum(loss_total)
+                grad_norm = run.clip_grad_norm(params, config.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -583,9 +616,9 @@ def train(
                 if not math.isfinite(loss_total):
                     raise QloraError(f"the loss became {loss_total} at step {step}; lower the learning rate "
                                      f"(now {config.lr:g}) or check the data")
-                stop = any([bool(cb(step, record)) for cb in callbacks])
+                stop = run.any(any([bool(cb(step, record)) for cb in callbacks]))
                 if eval_items is not None and (step % eval_every == 0 or step == total or stop):
-                    eval_loss = evaluate(model, objective, eval_items, config.batch_size, device)
+                    eval_loss = evaluate(run.unwrap(model), objective, eval_items, config.batch_size, device)
                     record["eval_loss"] = eval_loss
                     progress.note(f"step {step}: eval loss {eval_loss:.4f}")
                 metrics.write(json.dumps(record) + "\n")
@@ -596,25 +629,27 @@ def train(
                     stopped_early = True
                     progress.note(f"step {step}: stopped by a callback")
                 if step % config.save_every == 0 or step == total or stop:
-                    metrics.flush()
-                    os.fsync(metrics.fileno())
+                    if run.is_main:
+                        metrics.flush()
+                        os.fsync(metrics.fileno())
                     state = {
                         "step": step, "epoch": stream.epoch, "index": stream.index, "tokens": tokens_seen,
                         "elapsed": elapsed_before + time.perf_counter() - session_start,
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+                        "optimizer": run.optimizer_state(model, optimizer), "scheduler": scheduler.state_dict(),
+                        "rng": run.gather(_rng_state()),
                     }
-                    _save_checkpoint(model, output_dir, step, state, config)
+                    _save_checkpoint(model, output_dir, step, state, config, run)
                 if stop:
                     break
     finally:
         progress.close()
-    save_adapter(model, output_dir, base_model_name_or_path=str(config.model))
+    run.save_adapter(model, output_dir, base_model_name_or_path=str(config.model))
     final_loss = history[-1]["loss"] if history else float("nan")
     elapsed = elapsed_before + time.perf_counter() - session_start
     say(f"done       {step} steps, {tokens_seen:,} tokens in {_clock(elapsed)}; loss "
         f"{first_loss if first_loss is not None else float('nan'):.4f} -> {final_loss:.4f}"
         + (f", eval loss {eval_loss:.4f}" if eval_loss is not None else ""))
-    if config.plot:
+    if config.plot and run.is_main:
         plot = plot_losses(metrics_path, output_dir / PLOT_FILE)
         if plot:
             say(f"plot       {plot}")
@@ -665,16 +700,17 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line cut short by the kill
-    _write_atomic(path, ("\n".join(kept) + ("\n" if kept else "")).encode())
+    write_atomic(path, ("\n".join(kept) + ("\n" if kept else "")).encode())
 
 
-def _save_checkpoint(model: nn.Module, output_dir: Path, step: int, state: dict, config: TrainConfig) -> Path:
-    from .adapter import save_adapter
-
+def _save_checkpoint(model: nn.Module, output_dir: Path, step: int, state: dict, config: TrainConfig, run: Any) -> Path:
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
+    if not run.is_main:
+        run.save_adapter(model, tmp)  # its part of the gather; rank 0 writes
+        return final
     shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(model, tmp, base_model_name_or_path=str(config.model))
+    run.save_adapter(model, tmp, base_model_name_or_path=str(config.model))
     with open(tmp / STATE_FILE, "wb") as f:
         torch.save(state, f)
         f.flush()

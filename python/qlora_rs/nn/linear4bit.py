@@ -14,7 +14,8 @@ Storage, chosen so that the layer shards under FSDP2 and serializes like bitsand
 ``weight.quant_map``, ``weight.nested_absmax``, ``weight.nested_quant_map``,
 ``weight.quant_state.bitsandbytes__nf4``, ``bias``) and ``load_state_dict`` reads them back,
 restoring the quantization state; a float ``[out, in]`` ``weight`` (an ``nn.Linear`` state dict)
-is quantized on load.
+is quantized on load. ``torch.distributed.checkpoint.state_dict`` reads and writes the same keys
+(see :meth:`Linear4bit._fqn_modifiers`); FSDP2 and DDP are covered in :mod:`qlora_rs.distributed`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,17 @@ __all__ = ["Linear4bit"]
 
 _QUANT_BUFFERS = ("weight_absmax", "weight_quant_map", "weight_nested_absmax", "weight_nested_quant_map")
 _STORAGE_DTYPES = (torch.uint8, torch.int8, torch.float16, torch.bfloat16, torch.float32)
+
+
+class _CompanionKeys:
+    """What ``torch.distributed.checkpoint.state_dict`` finds when it resolves a state-dict key
+    through attributes (``layer.weight.absmax`` -> ``getattr(getattr(layer, "weight"), "absmax")``):
+    the companions of the packed weight name no attribute, so every public name leads here."""
+
+    def __getattr__(self, name: str) -> "_CompanionKeys":
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self
 
 
 def _packed_shape(n: int, storage: torch.dtype) -> tuple[int, int]:
@@ -168,6 +180,11 @@ class Linear4bit(nn.Linear):
         if self.quant_storage != torch.uint8:
             storage = storage.view(self.quant_storage)
         self._put("weight", storage.reshape(_packed_shape(state.numel, self.quant_storage)), device, copy)
+        self._set_quant_state(state, device, copy)
+
+    def _set_quant_state(self, state: QuantState, device: torch.device, copy: bool = False) -> None:
+        """The quantization buffers and options from ``state``, the packed weight left as it is
+        (sharded loading fills each rank's rows of it separately)."""
         self._put("weight_absmax", state.absmax, device, copy)
         self._put("weight_quant_map", state.code.to(torch.float32), device, copy)
         nested = state.nested
@@ -227,6 +244,15 @@ class Linear4bit(nn.Linear):
             nn.init.zeros_(self.bias)
 
     def _op_args(self) -> tuple:
+        if self.weight.dtype != self.quant_storage:
+            # Only a cast of the whole parameter gets here: an FSDP MixedPrecisionPolicy whose
+            # param_dtype differs from a float quant_storage (Module.to(dtype) keeps it).
+            raise InvalidArgumentError(
+                f"{self._describe()}: the packed 4-bit weight reached the forward as {dtype_name(self.weight.dtype)} "
+                f"but is stored as {dtype_name(self.quant_storage)}: something (an FSDP MixedPrecisionPolicy with "
+                f"param_dtype={dtype_name(self.weight.dtype)}?) converted its bytes to numbers; quantize with "
+                "quant_storage=torch.uint8, or shard with qlora_rs.distributed.shard_model, which checks the policy"
+            )
         return (
             self.weight,
             self.weight_absmax,
@@ -237,6 +263,13 @@ class Linear4bit(nn.Linear):
             self.blocksize,
             (self.out_features, self.in_features),
         )
+
+    # torch.distributed.checkpoint.state_dict maps every key to module attributes; through this
+    # hook "weight.<companion>" resolves (to _CompanionKeys) instead of failing on the tensor.
+    _state_dict_companions = _CompanionKeys()
+
+    def _fqn_modifiers(self) -> dict[str, str]:
+        return {"weight": "_state_dict_companions"}
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
