@@ -30,11 +30,11 @@
 
 use std::collections::BTreeMap;
 use std::collections::HashMap;
-use std::ffi::CStr;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use cudarc::driver::sys;
 
+use crate::cuda::driver::{self, check, Context};
 use crate::error::{Error, Result};
 
 /// Bytes always left free on the GPU: the larger of this and [`SAFETY_MARGIN_FRACTION`] of the
@@ -298,97 +298,37 @@ pub fn reset_peak() {
 // The driver: presence check, errors, contexts
 // --------------------------------------------------------------------------------------------
 
-/// Driver entry points this module calls; all are checked before the first call so a missing
-/// one is an error, not cudarc's panic.
-const SYMBOLS: &[&str] = &[
-    "cuInit",
-    "cuDriverGetVersion",
-    "cuDeviceGetCount",
-    "cuDeviceGet",
-    "cuDeviceGetAttribute",
-    "cuDevicePrimaryCtxRetain",
-    "cuCtxPushCurrent_v2",
-    "cuCtxPopCurrent_v2",
-    "cuMemGetInfo_v2",
-    "cuMemAllocManaged",
-    "cuMemFree_v2",
-    "cuMemAdvise_v2",
-    "cuMemPrefetchAsync_v2",
-    "cuGetErrorName",
-    "cuGetErrorString",
-];
-
-/// Loads the driver once: `Ok(())`, or the reason CUDA cannot be used (also cached).
-fn load_driver() -> std::result::Result<(), String> {
-    // SAFETY: is_culib_present only tries to open the library; culib() is called only once that
-    // succeeded, so cudarc's loader cannot panic; `get` only looks symbols up.
-    let found = std::panic::catch_unwind(|| unsafe {
-        if !sys::is_culib_present() {
-            return Err("the CUDA driver library (libcuda.so.1 / nvcuda.dll) was not found: managed memory \
-                        needs an NVIDIA GPU with its driver installed"
-                .to_string());
-        }
-        let lib = sys::culib();
-        let missing: Vec<&str> = SYMBOLS
-            .iter()
-            .copied()
-            .filter(|name| lib.get::<unsafe extern "C" fn()>(name.as_bytes()).is_err())
-            .collect();
-        if !missing.is_empty() {
-            return Err(format!(
-                "the CUDA driver is too old for managed-memory paging: it lacks {} (a driver for CUDA 12.2 \
-                 or newer is needed)",
-                missing.join(", ")
-            ));
-        }
-        Ok(())
-    });
-    found.unwrap_or_else(|_| Err("loading the CUDA driver library failed".to_string()))?;
-    // SAFETY: the symbol was checked above.
-    let r = unsafe { sys::cuInit(0) };
-    match r {
-        sys::CUresult::CUDA_SUCCESS => Ok(()),
-        sys::CUresult::CUDA_ERROR_NO_DEVICE => Err("no CUDA device is visible (cuInit: CUDA_ERROR_NO_DEVICE); \
-             check CUDA_VISIBLE_DEVICES"
-            .to_string()),
-        other => Err(format!("the CUDA driver failed to initialise: cuInit returned {}", describe(other))),
-    }
-}
+/// Driver entry points this module calls beyond the shared ones (`cuda::driver`); checked before
+/// the first call so a missing one is an error, not cudarc's panic.
+const SYMBOLS: &[&str] =
+    &["cuMemGetInfo_v2", "cuMemAllocManaged", "cuMemFree_v2", "cuMemAdvise_v2", "cuMemPrefetchAsync_v2"];
 
 /// `Ok(())` when the driver is present, complete and initialised; else
-/// [`Error::CudaUnavailable`] with the reason. Never panics.
+/// [`Error::CudaUnavailable`] with the reason. Never panics. Checked once per process.
 pub fn driver_available() -> Result<()> {
     static STATE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
-    STATE.get_or_init(load_driver).clone().map_err(Error::CudaUnavailable)
+    STATE
+        .get_or_init(|| driver::require("managed-memory paging", "12.2", SYMBOLS).map_err(|e| e.to_string()))
+        .clone()
+        .map_err(Error::CudaUnavailable)
 }
 
-/// "CUDA_ERROR_OUT_OF_MEMORY (out of memory)". Only called once the driver is loaded.
-fn describe(r: sys::CUresult) -> String {
-    let mut name: *const std::ffi::c_char = std::ptr::null();
-    let mut text: *const std::ffi::c_char = std::ptr::null();
-    // SAFETY: both symbols were checked; the driver returns static strings or leaves them null.
-    unsafe {
-        sys::cuGetErrorName(r, &mut name);
-        sys::cuGetErrorString(r, &mut text);
-        let name = if name.is_null() {
-            format!("error {}", r as u32)
-        } else {
-            CStr::from_ptr(name).to_string_lossy().into_owned()
-        };
-        if text.is_null() {
-            name
-        } else {
-            format!("{name} ({})", CStr::from_ptr(text).to_string_lossy())
-        }
-    }
+/// The device's primary context (shared with PyTorch's runtime), after the driver check.
+fn context(ordinal: i32) -> Result<Context> {
+    driver_available()?;
+    Context::primary(ordinal)
 }
 
-fn check(call: &str, r: sys::CUresult) -> Result<()> {
-    if r == sys::CUresult::CUDA_SUCCESS {
-        Ok(())
-    } else {
-        Err(Error::Cuda { call: call.into(), message: describe(r) })
-    }
+/// Runs `f` with device `ordinal`'s primary context current on this thread.
+fn with_context<T>(ordinal: i32, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    context(ordinal)?.run(f)
+}
+
+fn attribute(ctx: &Context, attr: sys::CUdevice_attribute) -> Result<i32> {
+    let mut v = 0;
+    // SAFETY: the driver is loaded; `ctx.device` is a valid device handle; writes one int.
+    check("cuDeviceGetAttribute", unsafe { sys::cuDeviceGetAttribute(&mut v, attr, ctx.device) })?;
+    Ok(v)
 }
 
 /// Facts about one device that paging depends on.
@@ -406,80 +346,20 @@ pub struct DeviceInfo {
     pub driver_version: i32,
 }
 
-/// The device's primary context (shared with PyTorch's runtime), retained once per process and
-/// kept: PyTorch holds it for the life of the process too.
-fn primary_context(ordinal: i32) -> Result<sys::CUcontext> {
-    static CONTEXTS: OnceLock<Mutex<HashMap<i32, usize>>> = OnceLock::new();
-    driver_available()?;
-    let mut map = CONTEXTS.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(&ctx) = map.get(&ordinal) {
-        return Ok(ctx as sys::CUcontext);
-    }
-    let mut count = 0;
-    // SAFETY: the driver is loaded and initialised; the out-pointers are valid locals.
-    unsafe {
-        check("cuDeviceGetCount", sys::cuDeviceGetCount(&mut count))?;
-        if ordinal < 0 || ordinal >= count {
-            return Err(Error::unsupported(format!(
-                "CUDA device {ordinal} does not exist: {count} device(s) are visible (ordinals 0..{})",
-                count - 1
-            )));
-        }
-        let mut dev = 0;
-        check("cuDeviceGet", sys::cuDeviceGet(&mut dev, ordinal))?;
-        let mut ctx: sys::CUcontext = std::ptr::null_mut();
-        check("cuDevicePrimaryCtxRetain", sys::cuDevicePrimaryCtxRetain(&mut ctx, dev))?;
-        map.insert(ordinal, ctx as usize);
-        Ok(ctx)
-    }
-}
-
-/// Runs `f` with device `ordinal`'s primary context current on this thread, restoring the
-/// thread's previous context afterwards.
-fn with_context<T>(ordinal: i32, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    let ctx = primary_context(ordinal)?;
-    // SAFETY: ctx is a retained primary context; push and pop are balanced below.
-    unsafe { check("cuCtxPushCurrent", sys::cuCtxPushCurrent_v2(ctx))? };
-    let out = f();
-    let mut popped: sys::CUcontext = std::ptr::null_mut();
-    // SAFETY: pops the context pushed above.
-    let r = unsafe { sys::cuCtxPopCurrent_v2(&mut popped) };
-    let out = out?;
-    check("cuCtxPopCurrent", r)?;
-    Ok(out)
-}
-
-fn attribute(ordinal: i32, attr: sys::CUdevice_attribute) -> Result<i32> {
-    driver_available()?;
-    let mut dev = 0;
-    let mut v = 0;
-    // SAFETY: the driver is loaded; primary_context validated the ordinal before this is called.
-    unsafe {
-        check("cuDeviceGet", sys::cuDeviceGet(&mut dev, ordinal))?;
-        check("cuDeviceGetAttribute", sys::cuDeviceGetAttribute(&mut v, attr, dev))?;
-    }
-    Ok(v)
-}
-
 /// Paging-related facts of device `ordinal`, including its free memory now.
 pub fn device_info(ordinal: i32) -> Result<DeviceInfo> {
-    with_context(ordinal, || {
-        let (mut free, mut total) = (0usize, 0usize);
-        let mut version = 0;
-        // SAFETY: a context is current; the out-pointers are valid locals.
-        unsafe {
-            check("cuMemGetInfo", sys::cuMemGetInfo_v2(&mut free, &mut total))?;
-            check("cuDriverGetVersion", sys::cuDriverGetVersion(&mut version))?;
-        }
-        use sys::CUdevice_attribute as A;
-        Ok(DeviceInfo {
-            ordinal,
-            managed_memory: attribute(ordinal, A::CU_DEVICE_ATTRIBUTE_MANAGED_MEMORY)? != 0,
-            concurrent_managed_access: attribute(ordinal, A::CU_DEVICE_ATTRIBUTE_CONCURRENT_MANAGED_ACCESS)? != 0,
-            free,
-            total,
-            driver_version: version,
-        })
+    let ctx = context(ordinal)?;
+    let (mut free, mut total) = (0usize, 0usize);
+    // SAFETY: the context is current inside `run`; the out-pointers are valid locals.
+    ctx.run(|| check("cuMemGetInfo", unsafe { sys::cuMemGetInfo_v2(&mut free, &mut total) }))?;
+    use sys::CUdevice_attribute as A;
+    Ok(DeviceInfo {
+        ordinal,
+        managed_memory: attribute(&ctx, A::CU_DEVICE_ATTRIBUTE_MANAGED_MEMORY)? != 0,
+        concurrent_managed_access: attribute(&ctx, A::CU_DEVICE_ATTRIBUTE_CONCURRENT_MANAGED_ACCESS)? != 0,
+        free,
+        total,
+        driver_version: driver::driver_version()?,
     })
 }
 
@@ -490,8 +370,8 @@ fn concurrent_access(ordinal: i32) -> Result<bool> {
     if let Some(&v) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&ordinal) {
         return Ok(v);
     }
-    primary_context(ordinal)?;
-    let v = attribute(ordinal, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CONCURRENT_MANAGED_ACCESS)? != 0;
+    let ctx = context(ordinal)?;
+    let v = attribute(&ctx, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CONCURRENT_MANAGED_ACCESS)? != 0;
     cache.lock().unwrap_or_else(|p| p.into_inner()).insert(ordinal, v);
     Ok(v)
 }
@@ -616,7 +496,7 @@ impl ManagedBuffer {
             Advice::AccessedBy(d) => (sys::CUmem_advise::CU_MEM_ADVISE_SET_ACCESSED_BY, Location::Device(d)),
         };
         if let Location::Device(d) = loc {
-            primary_context(d)?; // validates the ordinal with a clear message
+            context(d)?; // validates the ordinal with a clear message
         }
         with_context(a.device, || {
             // SAFETY: the range is the whole live allocation; a context is current.
@@ -631,7 +511,7 @@ fn prefetch_checked(a: &Allocation, offset: usize, len: usize, dst: Location, st
         return Ok(false);
     }
     if let Location::Device(d) = dst {
-        primary_context(d)?;
+        context(d)?; // validates the ordinal with a clear message
     }
     if !concurrent_access(a.device)? {
         return match dst {

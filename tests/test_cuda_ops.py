@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import qlora_rs
-from qlora_rs import _lib, cuda_ops
+from qlora_rs import _lib, cuda_ops, ops
 from qlora_rs.errors import InvalidArgumentError
 
 NEEDS_KERNELS = pytest.mark.skipif(not cuda_ops.KERNELS_COMPILED, reason="built without CUDA kernels")
@@ -41,7 +41,7 @@ def op_args(packed, state):
 
 
 def check(*args):
-    return cuda_ops._check_quant_args("test", *args)
+    return ops.check_quant_args("test", *args)
 
 
 def test_argument_checks_name_the_bad_tensor():
@@ -58,7 +58,7 @@ def test_argument_checks_name_the_bad_tensor():
         check(*bad)
     bad = list(args)
     bad[7] = [8, 66]
-    with pytest.raises(InvalidArgumentError, match=r"packed has 256 bytes .* needs 264"):
+    with pytest.raises(InvalidArgumentError, match=r"packed weight has 256 bytes .* needs 264"):
         check(*bad)
     bad = list(args)
     bad[1] = state.absmax.float()

@@ -27,6 +27,7 @@ import torch
 
 from . import _lib
 from .errors import CudaUnavailableError, InvalidArgumentError
+from .ops import check_gemm_input, check_out_dtype, check_quant_args, packed_bytes
 
 _log = logging.getLogger("qlora_rs")
 
@@ -47,10 +48,7 @@ SIMT_GEMM_MAX_M: int = 0
 #: times 4, 8 and 16 (columns mma4/mma8/mma16 of its crossover table).
 MMA_WARPS: int = 0
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _GEMM_KERNELS = ("auto", "mma", "simt", "dequant")
-_NESTED_BLOCKSIZE = 256
-_QUANT_TYPES = ("nf4", "fp4", "int4")
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -81,12 +79,9 @@ def _ordinal(device: torch.device | int) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 # ---------------------------------------------------------------------------------------------
-# Argument checks (pure: no CUDA call, so they run and are tested on any machine).
+# Device check (pure: no CUDA call, so it runs and is tested on any machine); the argument checks
+# are the ops' own (qlora_rs.ops.check_quant_args and friends).
 
 
 def _same_cuda_device(where: str, **tensors: Optional[torch.Tensor]) -> torch.device:
@@ -104,62 +99,6 @@ def _same_cuda_device(where: str, **tensors: Optional[torch.Tensor]) -> torch.de
             raise InvalidArgumentError(f"{where}: {name} is on {t.device} but the other tensors are on {device}")
     assert device is not None
     return device
-
-
-def _check_quant_args(
-    where: str,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    nested_absmax: Optional[torch.Tensor],
-    nested_code: Optional[torch.Tensor],
-    offset: float,
-    quant_type: str,
-    blocksize: int,
-    shape: Sequence[int],
-) -> int:
-    """Checks a packed 4-bit tensor's description; returns its element count."""
-    if quant_type not in _QUANT_TYPES:
-        raise InvalidArgumentError(f"{where}: unsupported quant_type {quant_type!r}: expected one of {', '.join(_QUANT_TYPES)}")
-    _lib.check_blocksize(int(blocksize))
-    if any(int(s) < 0 for s in shape):
-        raise InvalidArgumentError(f"{where}: shape {list(shape)} has a negative size")
-    n = math.prod(int(s) for s in shape)
-    nbytes = packed.numel() * packed.element_size()
-    if nbytes != (n + 1) // 2:
-        raise InvalidArgumentError(
-            f"{where}: packed has {nbytes} bytes ({_name(packed.dtype)} {list(packed.shape)}) but shape "
-            f"{list(shape)} needs {(n + 1) // 2}"
-        )
-    blocks = -(-n // int(blocksize))
-    nested = nested_absmax is not None
-    if (nested_code is not None) != nested:
-        raise InvalidArgumentError(f"{where}: nested_absmax and nested_code must be given together (double quantization)")
-    want = torch.uint8 if nested else torch.float32
-    if absmax.dtype != want or absmax.numel() != blocks:
-        raise InvalidArgumentError(
-            f"{where}: absmax is {_name(absmax.dtype)} with {absmax.numel()} entries; shape {list(shape)} in blocks of "
-            f"{blocksize} {'with' if nested else 'without'} double quantization needs {_name(want)} with {blocks}"
-        )
-    if nested:
-        nb = -(-blocks // _NESTED_BLOCKSIZE)
-        if nested_absmax.dtype != torch.float32 or nested_absmax.numel() != nb:
-            raise InvalidArgumentError(
-                f"{where}: nested_absmax is {_name(nested_absmax.dtype)} with {nested_absmax.numel()} entries; "
-                f"{blocks} blocks need float32 with {nb}"
-            )
-        if nested_code.dtype != torch.float32 or nested_code.numel() != 256:
-            raise InvalidArgumentError(
-                f"{where}: nested_code is {_name(nested_code.dtype)} with {nested_code.numel()} entries; expected float32 with 256"
-            )
-        if not math.isfinite(float(offset)):
-            raise InvalidArgumentError(f"{where}: offset must be finite, got {offset}")
-    return n
-
-
-def _bytes_of(packed: torch.Tensor) -> torch.Tensor:
-    # Any storage dtype (bitsandbytes' quant_storage, FSDP's float view) is read as its bytes.
-    flat = packed.contiguous().reshape(-1)
-    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
 
 
 def _scale_ptrs(absmax, nested_absmax, nested_code):
@@ -208,13 +147,12 @@ def dequantize_4bit_cuda(
     where = "qlora_rs::dequantize_4bit (CUDA)"
     require_kernels()
     device = _same_cuda_device(where, packed=packed, absmax=absmax, nested_absmax=nested_absmax, nested_code=nested_code)
-    n = _check_quant_args(where, packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape)
-    if dtype not in _FLOAT_DTYPES:
-        raise InvalidArgumentError(f"{where}: dtype {_name(dtype)} is not supported: expected float32, float16 or bfloat16")
+    n = check_quant_args(where, packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape)
+    check_out_dtype(where, dtype)
     out = torch.empty([int(s) for s in shape], dtype=dtype, device=device)
     if n == 0:
         return out
-    data = _bytes_of(packed)
+    data = packed_bytes(packed)
     keep, (a, na, nc) = _scale_ptrs(absmax, nested_absmax, nested_code)
     _lib.cuda_dequantize_4bit(
         _ordinal(device), _stream(device), data.data_ptr(), a, na, nc, float(offset), n, quant_type, int(blocksize),
@@ -256,23 +194,16 @@ def gemm_4bit_cuda(
     device = _same_cuda_device(
         where, x=x, packed=packed, absmax=absmax, nested_absmax=nested_absmax, nested_code=nested_code
     )
-    _check_quant_args(where, packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape)
-    if len(shape) != 2:
-        raise InvalidArgumentError(f"{where}: weight shape must be [out, in], got {list(shape)}")
+    check_quant_args(where, packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape)
+    check_gemm_input(where, x, shape)
     n_out, k = int(shape[0]), int(shape[1])
-    if x.dtype not in _FLOAT_DTYPES:
-        raise InvalidArgumentError(f"{where}: x is {_name(x.dtype)}: expected float32, float16 or bfloat16")
-    if x.dim() == 0 or x.shape[-1] != k:
-        raise InvalidArgumentError(
-            f"{where}: x has shape {list(x.shape)}; the weight [out={n_out}, in={k}] needs its last dimension to be {k}"
-        )
     lead = x.shape[:-1]
     m = math.prod(lead)
     if m == 0 or n_out == 0 or k == 0:
         return torch.zeros((*lead, n_out), dtype=x.dtype, device=device)
 
     chosen = choose_gemm_kernel(m, k, x.dtype) if kernel == "auto" else kernel
-    data = _bytes_of(packed)
+    data = packed_bytes(packed)
     if chosen != "dequant" and data.data_ptr() % 16 != 0:
         chosen = "dequant" if kernel == "auto" else chosen  # an explicit kernel reports the alignment error
     if chosen == "dequant":

@@ -98,20 +98,39 @@ def _numel(shape: Sequence[int]) -> int:
     return n
 
 
-def _check_args(packed, absmax, nested_absmax, nested_code, quant_type, blocksize, shape, where: str) -> None:
+# ---------------------------------------------------------------------------------------------
+# Argument checks, shared by every implementation (CPU, CUDA, pure torch). Pure: no device call.
+
+
+def check_quant_args(
+    where: str,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: Optional[torch.Tensor],
+    nested_code: Optional[torch.Tensor],
+    offset: float,
+    quant_type: str,
+    blocksize: int,
+    shape: Sequence[int],
+) -> int:
+    """Checks the description of one packed 4-bit tensor (the ops' arguments after ``x``);
+    returns its element count. Errors start with ``where`` and name the bad argument."""
     if quant_type not in QUANT_TYPES:
         raise InvalidArgumentError(f"{where}: unsupported quant_type {quant_type!r}: expected one of {', '.join(QUANT_TYPES)}")
+    _lib.check_blocksize(int(blocksize))
+    if any(int(s) < 0 for s in shape):
+        raise InvalidArgumentError(f"{where}: shape {list(shape)} has a negative size")
     n = _numel(shape)
-    blocks = -(-n // blocksize) if blocksize > 0 else -1
     nbytes = packed.numel() * packed.element_size()
     if nbytes != (n + 1) // 2:
         raise InvalidArgumentError(
             f"{where}: packed weight has {nbytes} bytes ({dtype_name(packed.dtype)} {list(packed.shape)}) but shape "
             f"{list(shape)} needs {(n + 1) // 2}"
         )
+    blocks = -(-n // int(blocksize))
     nested = nested_absmax is not None
     if (nested_code is not None) != nested:
-        raise InvalidArgumentError(f"{where}: nested_absmax and nested_code must be given together")
+        raise InvalidArgumentError(f"{where}: nested_absmax and nested_code must be given together (double quantization)")
     want = torch.uint8 if nested else torch.float32
     if absmax.dtype != want or absmax.numel() != blocks:
         raise InvalidArgumentError(
@@ -120,16 +139,48 @@ def _check_args(packed, absmax, nested_absmax, nested_code, quant_type, blocksiz
         )
     if nested:
         nb = -(-blocks // _NESTED_BLOCKSIZE)
-        if nested_absmax.numel() != nb or nested_code.numel() != 256:
+        if nested_absmax.dtype != torch.float32 or nested_absmax.numel() != nb:
             raise InvalidArgumentError(
-                f"{where}: nested_absmax has {nested_absmax.numel()} entries (expected {nb}) and nested_code "
-                f"{nested_code.numel()} (expected 256)"
+                f"{where}: nested_absmax is {dtype_name(nested_absmax.dtype)} with {nested_absmax.numel()} entries; "
+                f"{blocks} blocks need float32 with {nb}"
             )
+        if nested_code.dtype != torch.float32 or nested_code.numel() != 256:
+            raise InvalidArgumentError(
+                f"{where}: nested_code is {dtype_name(nested_code.dtype)} with {nested_code.numel()} entries; "
+                "expected float32 with 256"
+            )
+        if not math.isfinite(float(offset)):
+            raise InvalidArgumentError(f"{where}: offset must be finite, got {offset}")
+    return n
 
 
-def _as_bytes(packed: torch.Tensor) -> torch.Tensor:
+def check_out_dtype(where: str, dtype: torch.dtype) -> None:
+    if dtype not in _FLOAT_DTYPES:
+        raise InvalidArgumentError(f"{where}: dtype {dtype_name(dtype)} is not supported: expected float32, float16 or bfloat16")
+
+
+def check_gemm_input(where: str, x: torch.Tensor, shape: Sequence[int]) -> None:
+    """Checks ``x`` against a weight of ``shape`` [out, in] for ``x @ W^T``."""
+    if len(shape) != 2:
+        raise InvalidArgumentError(f"{where}: weight shape must be [out, in], got {list(shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise InvalidArgumentError(f"{where}: x is {dtype_name(x.dtype)}: expected float32, float16 or bfloat16")
+    if x.dim() == 0 or x.shape[-1] != shape[1]:
+        raise InvalidArgumentError(
+            f"{where}: x has shape {list(x.shape)}; the weight [out={shape[0]}, in={shape[1]}] needs its last "
+            f"dimension to be {shape[1]}"
+        )
+
+
+def packed_bytes(packed: torch.Tensor) -> torch.Tensor:
+    """The packed weight as flat contiguous uint8: any storage dtype (bitsandbytes' quant_storage,
+    FSDP's float view) is read as its bytes."""
     flat = packed.contiguous().reshape(-1)
     return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
+
+
+_DEQUANTIZE = "qlora_rs::dequantize_4bit"
+_GEMM = "qlora_rs::gemm_4bit"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,21 +191,18 @@ def _block_scales_cpu(absmax, nested_absmax, nested_code, offset: float) -> torc
     if nested_absmax is None:
         return absmax.contiguous()
     q = absmax.contiguous()
-    nested = nested_absmax.to(torch.float32).contiguous()
+    nested = nested_absmax.contiguous()
     out = torch.empty(q.numel(), dtype=torch.float32)
     _lib.double_dequantize(
-        q.data_ptr(), nested.data_ptr(), q.numel(), float(offset), nested_code.to(torch.float32).tolist(), out.data_ptr()
+        q.data_ptr(), nested.data_ptr(), q.numel(), float(offset), nested_code.tolist(), out.data_ptr()
     )
     return out
 
 
 def _dequantize_cpu(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape, dtype):
-    _check_args(packed, absmax, nested_absmax, nested_code, quant_type, blocksize, shape, "qlora_rs::dequantize_4bit")
-    if dtype not in _FLOAT_DTYPES:
-        raise InvalidArgumentError(
-            f"qlora_rs::dequantize_4bit: dtype {dtype_name(dtype)} is not supported: expected float32, float16 or bfloat16"
-        )
-    data = _as_bytes(packed)
+    check_quant_args(_DEQUANTIZE, packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape)
+    check_out_dtype(_DEQUANTIZE, dtype)
+    data = packed_bytes(packed)
     scales = _block_scales_cpu(absmax, nested_absmax, nested_code, offset)
     out = torch.empty([int(s) for s in shape], dtype=dtype)
     _lib.dequantize_4bit(
@@ -164,24 +212,10 @@ def _dequantize_cpu(packed, absmax, nested_absmax, nested_code, offset, quant_ty
 
 
 def _gemm_cpu(x, packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape):
-    _check_gemm(x, shape)
+    check_gemm_input(_GEMM, x, shape)
     mm = matmul_dtype(x.dtype, x.device)
     w = _dequantize_cpu(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape, mm)
     return F.linear(x.to(mm), w).to(x.dtype)
-
-
-def _check_gemm(x: torch.Tensor, shape: Sequence[int]) -> None:
-    if len(shape) != 2:
-        raise InvalidArgumentError(f"qlora_rs::gemm_4bit: weight shape must be [out, in], got {list(shape)}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise InvalidArgumentError(
-            f"qlora_rs::gemm_4bit: x is {dtype_name(x.dtype)}: expected float32, float16 or bfloat16"
-        )
-    if x.dim() == 0 or x.shape[-1] != shape[1]:
-        raise InvalidArgumentError(
-            f"qlora_rs::gemm_4bit: x has shape {list(x.shape)}; the weight [out={shape[0]}, in={shape[1]}] needs "
-            f"its last dimension to be {shape[1]}"
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,21 +246,18 @@ def _dequantize_torch(packed, absmax, nested_absmax, nested_code, offset, quant_
     """The decode in torch ops, bit-exact with the Rust core: the scale is ``nested_code[q] *
     nested_absmax + offset`` (two float32 roundings, kept apart as separate ops so nothing fuses
     them into an fma) and each value ``code[nibble] * scale`` in float32, rounded once to ``dtype``."""
-    _check_args(packed, absmax, nested_absmax, nested_code, quant_type, blocksize, shape, "qlora_rs::dequantize_4bit")
-    if dtype not in _FLOAT_DTYPES:
-        raise InvalidArgumentError(
-            f"qlora_rs::dequantize_4bit: dtype {dtype_name(dtype)} is not supported: expected float32, float16 or bfloat16"
-        )
+    check_quant_args(_DEQUANTIZE, packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape)
+    check_out_dtype(_DEQUANTIZE, dtype)
     device = packed.device
     n = _numel(shape)
     blocks = absmax.numel()
     if nested_absmax is None:
-        scales = absmax.to(torch.float32)
+        scales = absmax
     else:
-        nested = nested_absmax.to(torch.float32).repeat_interleave(_NESTED_BLOCKSIZE)[:blocks]
-        scales = nested_code.to(torch.float32)[absmax.long()] * nested
+        nested = nested_absmax.repeat_interleave(_NESTED_BLOCKSIZE)[:blocks]
+        scales = nested_code[absmax.long()] * nested
         scales = scales + torch.tensor(offset, dtype=torch.float32, device=device)
-    data = _as_bytes(packed)
+    data = packed_bytes(packed)
     nibbles = torch.stack((data >> 4, data & 0x0F), dim=-1).reshape(-1)[:n]
     values = _code_on(quant_type, device)[nibbles.long()]
     values = values * scales.repeat_interleave(blocksize)[:n]
@@ -240,7 +271,7 @@ def _dequantize_fallback(packed, absmax, nested_absmax, nested_code, offset, qua
 
 def _gemm_fallback(x, packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape):
     _log_slow_path(x.device)
-    _check_gemm(x, shape)
+    check_gemm_input(_GEMM, x, shape)
     w = _dequantize_torch(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape, x.dtype)
     return F.linear(x, w)
 

@@ -193,8 +193,9 @@ def _run(work: Path, seconds: float, max_steps: int, batch_size: int, r: int, al
         f"{100 * result.trainable_params / fp.params:.2f}% of the model; base frozen in 4 bits")
     acc_after = retrieval_accuracy(result.model, tokenizer, eval_pairs)
     first, last = losses[0][1], _tail_mean([l for _, l in losses])
+    tail = f"mean of the last {_TAIL} of {result.steps} steps" if result.steps > _TAIL else f"mean of all {result.steps} steps"
     say()
-    say(f"loss       {first:.3f} at step 1 -> {last:.3f} (mean of the last 10 of {result.steps} steps), "
+    say(f"loss       {first:.3f} at step 1 -> {last:.3f} ({tail}), "
         f"{result.seconds:.0f} s, {result.tokens / max(result.seconds, 1e-9):,.0f} tokens/s")
     say(f"held out   {len(eval_pairs)} prompts never trained on: top-1 retrieval of their own response among all "
         f"{len(eval_pairs)}: {100 * acc_before:.1f}% before -> {100 * acc_after:.1f}% after"
@@ -209,7 +210,10 @@ def _run(work: Path, seconds: float, max_steps: int, batch_size: int, r: int, al
     }
 
 
-def _tail_mean(values: list[float], n: int = 10) -> float:
+_TAIL = 10
+
+
+def _tail_mean(values: list[float], n: int = _TAIL) -> float:
     tail = values[-n:]
     return sum(tail) / len(tail)
 

@@ -1,8 +1,10 @@
 //! The CUDA driver, loaded at run time through cudarc (no libcuda needed to build or import).
+//! Shared by the kernel launches (`cuda::launch`) and the page manager (`paging`).
 //!
 //! cudarc panics when the driver library or one of its symbols is missing; every entry point here
-//! first checks, once per process, that the library loads and has every symbol this crate calls,
-//! so a machine without a driver gets `Error::CudaUnavailable` and never a panic.
+//! first checks, once per process, that the library loads and has the symbols every user needs;
+//! each user then checks its own ([`require`]) before its first call. A machine without a driver,
+//! or with one too old for a feature, gets `Error::CudaUnavailable` and never a panic.
 //!
 //! Contexts: the device's primary context, the one PyTorch's runtime uses. It is retained once and
 //! kept for the life of the process; work runs with it current on the calling thread (pushed and
@@ -16,8 +18,8 @@ use cudarc::driver::sys;
 
 use crate::error::{Error, Result};
 
-/// Every driver function the kernel launches call. Checked up front.
-const REQUIRED_SYMBOLS: &[&str] = &[
+/// Driver functions this module calls itself (loading, errors, devices, contexts). Checked up front.
+const BASE_SYMBOLS: &[&str] = &[
     "cuInit",
     "cuDriverGetVersion",
     "cuGetErrorName",
@@ -29,11 +31,31 @@ const REQUIRED_SYMBOLS: &[&str] = &[
     "cuCtxGetCurrent",
     "cuCtxPushCurrent_v2",
     "cuCtxPopCurrent_v2",
-    "cuModuleLoadData",
-    "cuModuleGetFunction",
-    "cuFuncLoad",
-    "cuLaunchKernel",
 ];
+
+/// The symbols of `names` that the loaded driver lacks. Only called once the library loaded.
+fn missing_symbols(names: &[&'static str]) -> Vec<&'static str> {
+    // SAFETY: `culib` returns the library `is_culib_present` found; looking a symbol up does not call it.
+    let lib = unsafe { sys::culib() };
+    names.iter().copied().filter(|name| unsafe { lib.get::<*const c_void>(name.as_bytes()) }.is_err()).collect()
+}
+
+/// Checks that the driver loads and has every symbol in `symbols`, which `feature` (e.g. "the CUDA
+/// kernels") calls; `min_cuda` names the driver release that has them all (e.g. "13.0"). Callers
+/// cache the result: this looks the symbols up each time.
+pub fn require(feature: &str, min_cuda: &str, symbols: &[&'static str]) -> Result<()> {
+    driver_version()?;
+    let missing = missing_symbols(symbols);
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::CudaUnavailable(format!(
+            "the CUDA driver library lacks {}: the NVIDIA driver is too old for {feature} (a driver for CUDA \
+             {min_cuda} or newer is needed)",
+            missing.join(", ")
+        )))
+    }
+}
 
 /// Describes a failed driver call: its name, the error's name and text.
 pub fn describe(result: sys::CUresult) -> String {
@@ -76,23 +98,18 @@ fn load_driver() -> std::result::Result<i32, String> {
                         or visible to this process"
                 .to_string());
         }
-        // SAFETY: as above; `culib` only loads the library that `is_culib_present` just found.
-        let lib = unsafe { sys::culib() };
-        let missing: Vec<&str> = REQUIRED_SYMBOLS
-            .iter()
-            // SAFETY: looking a symbol up does not call it.
-            .filter(|name| unsafe { lib.get::<*const c_void>(name.as_bytes()) }.is_err())
-            .copied()
-            .collect();
+        let missing = missing_symbols(BASE_SYMBOLS);
         if !missing.is_empty() {
             return Err(format!(
-                "the CUDA driver library lacks {}: the NVIDIA driver is too old (qlora-rs needs a driver for CUDA 13.0 \
-                 or newer)",
+                "the CUDA driver library lacks {}: the NVIDIA driver is too old for qlora-rs",
                 missing.join(", ")
             ));
         }
         // SAFETY: cuInit may be called any number of times.
         let init = unsafe { sys::cuInit(0) };
+        if init == sys::CUresult::CUDA_ERROR_NO_DEVICE {
+            return Err("no CUDA device is visible (cuInit: CUDA_ERROR_NO_DEVICE); check CUDA_VISIBLE_DEVICES".to_string());
+        }
         if init != sys::CUresult::CUDA_SUCCESS {
             return Err(format!("cuInit failed: {}; is a GPU visible (CUDA_VISIBLE_DEVICES)?", describe(init)));
         }

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use cudarc::driver::sys;
 
-use super::driver::{check, describe, Context};
+use super::driver::{self, check, describe, Context};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::quant4::{check_blocksize, QuantType};
@@ -251,6 +251,9 @@ impl Kernels {
     }
 }
 
+/// Driver functions the launches call beyond the shared ones (see `driver`).
+const KERNEL_SYMBOLS: &[&str] = &["cuModuleLoadData", "cuModuleGetFunction", "cuFuncLoad", "cuLaunchKernel"];
+
 /// The kernels of `device`, loading the module from the embedded fatbin on first use.
 pub(crate) fn kernels(device: i32) -> Result<&'static Kernels> {
     static LOADED: Mutex<Vec<Option<&'static Kernels>>> = Mutex::new(Vec::new());
@@ -260,6 +263,7 @@ pub(crate) fn kernels(device: i32) -> Result<&'static Kernels> {
     if let Some(Some(k)) = usize::try_from(device).ok().and_then(|d| loaded.get(d)) {
         return Ok(k);
     }
+    driver::require("the CUDA kernels", "13.0", KERNEL_SYMBOLS)?;
     let ctx = Context::primary(device)?; // checks the ordinal (0 <= device < count)
     if loaded.len() <= device as usize {
         loaded.resize(device as usize + 1, None);

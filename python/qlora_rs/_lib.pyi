@@ -1,0 +1,216 @@
+# Type stubs for the Rust core (rust/python/*.rs). tests/test_stubs.py checks that every name and
+# parameter list here matches the compiled module.
+#
+# The functions taking `*_ptr` arguments read and write raw host (or, for cuda_*, device) memory:
+# the Python layer (qlora_rs.functional, qlora_rs.ops, qlora_rs.cuda_ops) checks sizes, dtypes and
+# contiguity before calling them. They are private; use the torch-facing API.
+
+from collections.abc import Callable
+from os import PathLike
+from typing import Any, Final
+
+__version__: Final[str]
+
+BLOCKSIZES: Final[list[int]]
+NESTED_BLOCKSIZE: Final[int]
+PAGING_HOST: Final[int]
+CUDA_KERNELS_COMPILED: Final[bool]
+CUDA_HOW_TO_BUILD: Final[str]
+CUDA_FUSED_GEMM_MAX_M: Final[int]
+CUDA_SIMT_GEMM_MAX_M: Final[int]
+
+_Path = str | PathLike[str]
+# progress(bytes_done, bytes_total, tensors_done, tensors_total, tensor_name); raising cancels.
+_Progress = Callable[[int, int, int, int, str], object] | None
+
+def build_info() -> dict[str, Any]:
+    """Build facts: version, whether CUDA kernels are compiled in, thread count."""
+
+# -- 4-bit and 8-bit blockwise quantization (host memory) ------------------------------------------
+
+def quantize_4bit(
+    input_ptr: int,
+    n: int,
+    dtype: str,
+    quant_type: str,
+    blocksize: int,
+    allow_nonfinite: bool,
+    packed_ptr: int,
+    absmax_ptr: int,
+) -> None:
+    """Quantize n elements at `input_ptr` (dtype name) to 4 bits: writes (n+1)//2 bytes at
+    `packed_ptr` and ceil(n/blocksize) float32 at `absmax_ptr`."""
+
+def dequantize_4bit(
+    packed_ptr: int, absmax_ptr: int, n: int, quant_type: str, blocksize: int, out_ptr: int, out_dtype: str
+) -> None:
+    """Dequantize n elements from `packed_ptr`/`absmax_ptr` (float32) into `out_ptr` of `out_dtype`."""
+
+def quantize_blockwise_8bit(
+    input_ptr: int, n: int, map: list[float], blocksize: int, out_ptr: int, absmax_ptr: int
+) -> None:
+    """Blockwise 8-bit quantization of n float32 values with a 256-entry sorted map."""
+
+def dequantize_blockwise_8bit(
+    q_ptr: int, absmax_ptr: int, n: int, map: list[float], blocksize: int, out_ptr: int
+) -> None:
+    """Inverse of `quantize_blockwise_8bit`, into n float32 values at `out_ptr`."""
+
+def double_quantize(
+    absmax_ptr: int,
+    blocks: int,
+    q_ptr: int,
+    nested_ptr: int,
+    vec_width: int | None = None,
+    threads: int | None = None,
+) -> float:
+    """Double-quantize `blocks` float32 absmax values; returns the offset (torch's float32 mean)."""
+
+def double_dequantize(
+    q_ptr: int, nested_ptr: int, blocks: int, offset: float, map: list[float], out_ptr: int
+) -> None:
+    """Inverse of `double_quantize` with the given nested map, into `blocks` float32 at `out_ptr`."""
+
+def code_table(quant_type: str) -> list[float]:
+    """The 16 decode values of a 4-bit type ("nf4", "fp4", "int4"), index = nibble."""
+
+def dynamic_map(signed: bool) -> list[float]:
+    """The 8-bit dynamic map: signed (as stored for double quant) or unsigned."""
+
+def check_blocksize(blocksize: int) -> None:
+    """Validates a block size, raising the error that lists the supported ones."""
+
+# -- checkpoint conversion ---------------------------------------------------------------------------
+
+def convert_checkpoint(
+    src: _Path,
+    dst: _Path | None,
+    quant_type: str,
+    blocksize: int,
+    double_quant: bool,
+    compute_dtype: str,
+    include: list[str],
+    exclude: list[str],
+    threads: int | None,
+    force: bool,
+    allow_nonfinite: bool,
+    sync: bool,
+    progress: _Progress = None,
+) -> dict[str, Any]:
+    """Converts a safetensors checkpoint to bitsandbytes 4-bit; returns the summary as a dict."""
+
+def plan_checkpoint(
+    src: _Path,
+    dst: _Path | None,
+    quant_type: str,
+    blocksize: int,
+    double_quant: bool,
+    compute_dtype: str,
+    include: list[str],
+    exclude: list[str],
+    threads: int | None,
+    force: bool,
+    allow_nonfinite: bool,
+    sync: bool,
+) -> dict[str, Any]:
+    """The plan of a conversion (what `--dry-run` prints); reads headers only, writes nothing."""
+
+def inspect_checkpoint(path: _Path) -> list[dict[str, Any]]:
+    """Per-tensor rows of a checkpoint (4-bit weights grouped with their quantization state)."""
+
+def compare_checkpoints(dst: _Path, src: _Path, progress: _Progress = None) -> list[dict[str, Any]]:
+    """Decodes the 4-bit weights of `dst` and compares them with `src` (sums for SQNR and cosine)."""
+
+def default_destination(src: _Path, quant_type: str) -> str:
+    """The default output path for a source (`<dir>-nf4`, `<stem>-nf4`)."""
+
+def python_float_repr(x: float) -> str:
+    """`json.dumps(float(x))` as the converter writes it into quantization state (for tests)."""
+
+# -- unified-memory page manager --------------------------------------------------------------------
+
+class ManagedAllocation:
+    """One managed (unified-memory) allocation of `nbytes` bytes for CUDA device `device`, freed
+    when the last reference (including a torch tensor viewing it) goes away."""
+
+    def __new__(cls, nbytes: int, device: int = 0) -> ManagedAllocation: ...
+    @property
+    def ptr(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def device(self) -> int: ...
+    @property
+    def __cuda_array_interface__(self) -> dict[str, Any]: ...
+    def prefetch(self, device: int, stream: int = 0, offset: int = 0, nbytes: int | None = None) -> bool:
+        """Prefetches `[offset, offset + nbytes)` to `device` (PAGING_HOST: the host) on a raw stream;
+        returns whether a prefetch was issued."""
+    def advise_accessed_by(self, device: int) -> bool: ...
+    def advise_preferred_location(self, device: int) -> bool: ...
+
+def managed_prefetch(ptr: int, nbytes: int, device: int, stream: int = 0) -> bool:
+    """Prefetches a range inside a live managed allocation to `device` (-1: the host)."""
+
+def paging_stats() -> dict[str, int]:
+    """The process-wide paging statistics as a dict."""
+
+def paging_reset_peak() -> None:
+    """Sets the peak of `bytes_allocated` to its current value."""
+
+def paging_check_request(requested: int, free: int, total: int, live_managed: int = 0) -> None:
+    """The refusal rule: raises OutOfMemoryError unless
+    `requested + live_managed + paging_safety_margin(total) <= free`."""
+
+def paging_safety_margin(total: int) -> int:
+    """Bytes kept free on a device of `total` bytes: max(256 MiB, total / 32)."""
+
+def paging_driver_check() -> None:
+    """Raises CudaUnavailableError unless the CUDA driver is present, recent enough and sees a device."""
+
+def paging_device_info(device: int) -> dict[str, Any]:
+    """Paging facts of a device: managed_memory, concurrent_managed_access, free, total, driver_version."""
+
+# -- CUDA kernels (device pointers, raw CUstream handles) --------------------------------------------
+
+def cuda_dequantize_4bit(
+    device: int,
+    stream: int,
+    packed_ptr: int,
+    absmax_ptr: int,
+    nested_absmax_ptr: int | None,
+    nested_code_ptr: int | None,
+    offset: float,
+    n: int,
+    quant_type: str,
+    blocksize: int,
+    out_ptr: int,
+    out_dtype: str,
+) -> None:
+    """Dequantize n elements on CUDA device `device`, on stream `stream` (0 = default)."""
+
+def cuda_gemm_4bit(
+    device: int,
+    stream: int,
+    x_ptr: int,
+    m: int,
+    n: int,
+    k: int,
+    dtype: str,
+    packed_ptr: int,
+    absmax_ptr: int,
+    nested_absmax_ptr: int | None,
+    nested_code_ptr: int | None,
+    offset: float,
+    quant_type: str,
+    blocksize: int,
+    out_ptr: int,
+    kernel: str = "mma",
+    warps: int = 8,
+) -> None:
+    """Fused out[m, n] = x[m, k] @ dequant(W[n, k])^T; `kernel` "mma" (m <= 16) or "simt" (m <= 4)."""
+
+def cuda_check_device(device: int) -> None:
+    """Raises CudaUnavailableError/CudaError when kernels cannot run on `device`."""
+
+def cuda_fatbin_targets() -> list[str]:
+    """The code objects in the embedded fatbin ("sm_80", ..., "compute_90"); empty without kernels."""
