@@ -4,7 +4,7 @@
 
 BIN := .venv/bin
 
-.PHONY: setup build demo test test-rust test-python bench bench-rust wheel clean
+.PHONY: setup build demo test test-oldest-torch bench bench-rust wheel clean
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -20,6 +20,10 @@ demo: build
 test: build
 	cargo test --release
 	$(BIN)/python -m pytest -q
+
+# The suite again on torch 2.11 (the oldest supported; the GPU machines' version), from the wheel.
+test-oldest-torch: build
+	bash scripts/test-oldest-torch.sh
 
 bench: build
 	$(BIN)/python benches/quantize_bench.py

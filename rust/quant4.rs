@@ -176,7 +176,7 @@ fn quantize_chunk_dispatch<T: Element>(
         // SAFETY: the CPU supports AVX2 (checked just above).
         return unsafe { quantize_chunk_avx2(xs, ps, ams, encoder, blocksize, allow_nonfinite) };
     }
-    quantize_chunk(xs, ps, ams, encoder, blocksize, allow_nonfinite)
+    quantize_chunk(xs, ps, ams, encoder, None, blocksize, allow_nonfinite)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -189,7 +189,14 @@ unsafe fn quantize_chunk_avx2<T: Element>(
     blocksize: usize,
     allow_nonfinite: bool,
 ) -> Option<(usize, f32)> {
-    quantize_chunk(xs, ps, ams, encoder, blocksize, allow_nonfinite)
+    let search = avx2::Search::new(encoder);
+    quantize_chunk(xs, ps, ams, encoder, Some(&search), blocksize, allow_nonfinite)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod avx2 {
+    /// No vector search off x86-64: the scalar rank count runs.
+    pub struct Search;
 }
 
 /// Quantizes the blocks of one chunk; returns the first non-finite (index in chunk, value).
@@ -199,12 +206,13 @@ fn quantize_chunk<T: Element>(
     ps: &mut [u8],
     ams: &mut [f32],
     encoder: &Encoder4,
+    search: Option<&avx2::Search>,
     blocksize: usize,
     allow_nonfinite: bool,
 ) -> Option<(usize, f32)> {
     for (b, ((xb, pb), am)) in xs.chunks(blocksize).zip(ps.chunks_mut(blocksize / 2)).zip(ams.iter_mut()).enumerate() {
         let full = xb.len() == blocksize;
-        match quantize_block(xb, encoder, full, allow_nonfinite, pb) {
+        match quantize_block(xb, encoder, search, full, allow_nonfinite, pb) {
             Ok(a) => *am = a,
             Err((i, v)) => return Some((b * blocksize + i, v)),
         }
@@ -220,6 +228,7 @@ const LANE_CHUNK: usize = 64;
 fn quantize_block<T: Element>(
     xb: &[T],
     encoder: &Encoder4,
+    search: Option<&avx2::Search>,
     full: bool,
     allow_nonfinite: bool,
     out: &mut [u8],
@@ -253,6 +262,21 @@ fn quantize_block<T: Element>(
         }
         count
     };
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(search), true, true) = (search, full, finite) {
+        // Full blocks are a multiple of 32 elements: whole groups of 16 for the vector search.
+        let mut scaled = [0f32; LANE_CHUNK];
+        for (xc, oc) in xb.chunks(LANE_CHUNK).zip(out.chunks_mut(LANE_CHUNK / 2)) {
+            for (d, v) in scaled.iter_mut().zip(xc) {
+                *d = (v.to_f32() * reciprocal).max(-1.0).min(1.0);
+            }
+            // SAFETY: a Search exists only where the CPU has AVX2 (quantize_chunk_avx2).
+            unsafe { avx2::encode(search, &scaled[..xc.len()], oc) };
+        }
+        return Ok(amax);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = search;
     let mut rank = [0u32; LANE_CHUNK];
     for (xc, oc) in xb.chunks(LANE_CHUNK).zip(out.chunks_mut(LANE_CHUNK / 2)) {
         let len = xc.len();
@@ -286,6 +310,90 @@ fn quantize_block<T: Element>(
         }
     }
     Ok(if full { amax } else { divisor })
+}
+
+/// The rank search over 8 lanes at a time (AVX2), bit-identical to the scalar count of midpoints
+/// below each value: 4 comparisons of a branch-free binary search instead of 15.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use crate::codebook::Encoder4;
+
+    /// An encoder's 15 sorted midpoints arranged for the search, and its rank -> nibble table.
+    pub struct Search {
+        m3: __m256,
+        m7: __m256,
+        m11: __m256,
+        /// Lane q: midpoint 4q + 1 (q = 0..3), the threshold of step 3.
+        quarters: __m256,
+        /// Lane h: midpoint 2h (h = 0..7), the threshold of step 4.
+        halves: __m256,
+        nibble_lo: __m256i,
+        nibble_hi: __m256i,
+        sorted: bool,
+    }
+
+    impl Search {
+        #[target_feature(enable = "avx2")]
+        pub unsafe fn new(e: &Encoder4) -> Self {
+            let m = &e.midpoints;
+            let n = e.nibble_of_rank.map(i32::from);
+            Search {
+                m3: _mm256_set1_ps(m[3]),
+                m7: _mm256_set1_ps(m[7]),
+                m11: _mm256_set1_ps(m[11]),
+                quarters: _mm256_setr_ps(m[1], m[5], m[9], m[13], m[1], m[5], m[9], m[13]),
+                halves: _mm256_setr_ps(m[0], m[2], m[4], m[6], m[8], m[10], m[12], m[14]),
+                nibble_lo: _mm256_setr_epi32(n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7]),
+                nibble_hi: _mm256_setr_epi32(n[8], n[9], n[10], n[11], n[12], n[13], n[14], n[15]),
+                sorted: e.is_sorted,
+            }
+        }
+
+        /// Nibbles of 8 values in [-1, 1], one per 32-bit lane. The rank (midpoints strictly
+        /// below x) is found by deciding its bits 8, 4, 2, 1 in turn; each step compares with
+        /// the midpoint that splits the remaining range (a permute picks it per lane).
+        #[target_feature(enable = "avx2")]
+        #[inline]
+        unsafe fn nibbles(&self, x: __m256) -> __m256i {
+            let above = |m: __m256| _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(x, m));
+            let bit = |mask: __m256i, b: i32| _mm256_and_si256(mask, _mm256_set1_epi32(b));
+            let over7 = above(self.m7);
+            let mut r = bit(over7, 8);
+            r = _mm256_add_epi32(r, bit(above(_mm256_blendv_ps(self.m3, self.m11, _mm256_castsi256_ps(over7))), 4));
+            r = _mm256_add_epi32(r, bit(above(_mm256_permutevar8x32_ps(self.quarters, _mm256_srli_epi32::<2>(r))), 2));
+            r = _mm256_add_epi32(r, bit(above(_mm256_permutevar8x32_ps(self.halves, _mm256_srli_epi32::<1>(r))), 1));
+            if self.sorted {
+                return r;
+            }
+            let lo = _mm256_permutevar8x32_epi32(self.nibble_lo, r);
+            let hi = _mm256_permutevar8x32_epi32(self.nibble_hi, r);
+            _mm256_blendv_epi8(lo, hi, _mm256_cmpgt_epi32(r, _mm256_set1_epi32(7)))
+        }
+    }
+
+    /// Two nibbles per byte, the even element high: 8 lanes -> 4 bytes (in 32-bit lanes 0..3).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn pair_bytes(v: __m256i) -> __m128i {
+        // Each 64-bit lane holds (even, odd): even << 4 | odd lands in its low 32 bits.
+        let b = _mm256_or_si256(_mm256_slli_epi32::<4>(v), _mm256_srli_epi64::<32>(v));
+        _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6)))
+    }
+
+    /// Encodes `x` (scaled into [-1, 1]; a multiple of 16 values) into `out` (x.len() / 2 bytes).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub unsafe fn encode(s: &Search, x: &[f32], out: &mut [u8]) {
+        debug_assert!(x.len() % 16 == 0 && out.len() * 2 == x.len());
+        for (xs, os) in x.chunks_exact(16).zip(out.chunks_exact_mut(8)) {
+            let a = pair_bytes(s.nibbles(_mm256_loadu_ps(xs.as_ptr())));
+            let b = pair_bytes(s.nibbles(_mm256_loadu_ps(xs.as_ptr().add(8))));
+            let words = _mm_packus_epi32(a, b);
+            _mm_storel_epi64(os.as_mut_ptr() as *mut __m128i, _mm_packus_epi16(words, words));
+        }
+    }
 }
 
 /// Dequantizes `packed`/`absmax` into `out` (its length is the element count n).
@@ -367,6 +475,36 @@ mod tests {
         let m = NF4_ENCODER.midpoints[10];
         assert_eq!(NF4_ENCODER.encode(m), 10);
         assert_eq!(NF4_ENCODER.encode(f32::from_bits(m.to_bits() + 1)), 11);
+    }
+
+    /// The AVX2 search against the scalar count, value by value: every midpoint, its float
+    /// neighbours, the codes, +-0, +-1 and a dense sweep of [-1, 1], for each code table.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vector_search_equals_the_scalar_count() {
+        if !is_x86_feature_detected!("avx2") {
+            return;
+        }
+        for qt in [QuantType::Nf4, QuantType::Fp4, QuantType::Int4] {
+            let enc = qt.encoder();
+            let mut xs: Vec<f32> = vec![0.0, -0.0, 1.0, -1.0];
+            for &m in &enc.midpoints {
+                xs.extend([m, f32::from_bits(m.to_bits() + 1), f32::from_bits(m.to_bits().wrapping_sub(1)), -m]);
+            }
+            xs.extend(qt.code().iter().copied());
+            xs.extend((0..20_000).map(|i| i as f32 / 10_000.0 - 1.0));
+            xs.retain(|x| x.abs() <= 1.0);
+            while xs.len() % 16 != 0 {
+                xs.push(0.5);
+            }
+            let mut got = vec![0u8; xs.len() / 2];
+            // SAFETY: AVX2 checked above.
+            unsafe { avx2::encode(&avx2::Search::new(enc), &xs, &mut got) };
+            for (j, pair) in xs.chunks(2).enumerate() {
+                let want = (enc.encode(pair[0]) << 4) | enc.encode(pair[1]);
+                assert_eq!(got[j], want, "{qt:?}: values {} and {}", pair[0], pair[1]);
+            }
+        }
     }
 
     #[test]

@@ -198,7 +198,7 @@ def all_scenarios(rank: int, world: int, out: Path, ckpt_dirs: dict) -> None:
     import time
 
     info: dict[str, Any] = {"rank": rank, "world": world, "seconds": {"start": round(time.perf_counter() - _T0, 2)}}
-    for fn in (fsdp_training, ddp_training, state_dicts, resume, mixed_precision, sharded_loading, train_runs):
+    for fn in (fsdp_training, fsdp_float_storage, ddp_training, state_dicts, resume, mixed_precision, sharded_loading, train_runs):
         t0 = time.perf_counter()
         fn(rank, world, out, info, ckpt_dirs)
         info["seconds"][fn.__name__] = round(time.perf_counter() - t0, 2)
@@ -215,6 +215,23 @@ def fsdp_training(rank: int, world: int, out: Path, info: dict, ckpt_dirs: dict)
     info["fsdp_losses"] = train(model, make_optimizer(model), range(STEPS), rank, world)
     _save(out, "fsdp_lora", lora_weights(model), rank)
     save_adapter(model, out / "adapter_fsdp")
+
+
+def fsdp_float_storage(rank: int, world: int, out: Path, info: dict, ckpt_dirs: dict) -> None:
+    """The path an FSDP2 without integer parameters (torch 2.11) takes on every torch: shard_model
+    views the packed bytes as bfloat16; training must not notice."""
+    import qlora_rs.distributed as D
+    from qlora_rs import Linear4bit
+
+    saved = D._fsdp_integer_params
+    D._fsdp_integer_params = False
+    try:
+        model = _fsdp_model()
+    finally:
+        D._fsdp_integer_params = saved
+    info["float_storage_dtypes"] = sorted({str(m.weight.dtype) for m in model.modules() if isinstance(m, Linear4bit)})
+    info["float_storage_losses"] = train(model, make_optimizer(model), range(STEPS), rank, world)
+    _save(out, "fsdp_float_storage_lora", lora_weights(model), rank)
 
 
 def ddp_training(rank: int, world: int, out: Path, info: dict, ckpt_dirs: dict) -> None:
@@ -236,7 +253,7 @@ def state_dicts(rank: int, world: int, out: Path, info: dict, ckpt_dirs: dict) -
     model built from other weights; the outputs must be identical afterwards."""
     import torch.distributed.checkpoint as dcp
 
-    from qlora_rs.distributed import get_state_dict, set_state_dict
+    from qlora_rs.distributed import get_state_dict, packed_bytes, set_state_dict
 
     model = _fsdp_model()
     train(model, make_optimizer(model), range(1), rank, world)
@@ -259,8 +276,11 @@ def state_dicts(rank: int, world: int, out: Path, info: dict, ckpt_dirs: dict) -
     other = _fsdp_model(seed=13)
     set_state_dict(other, sharded, full=False)
     diffs["sharded"] = (logits(other) - want).abs().max().item()
-    sizes = {k: v.to_local().numel() for k, v in sharded.items() if hasattr(v, "to_local") and v.dtype == torch.uint8}
-    info["sharded_uint8_local_numel"] = sum(sizes.values())
+    # The packed 4-bit weights' shards (uint8, or a float view where FSDP2 cannot shard integers).
+    layers = set(packed_bytes(model))
+    sizes = {k: v.to_local().numel() * v.element_size() for k, v in sharded.items()
+             if k.endswith(".weight") and k[: -len(".weight")] in layers and hasattr(v, "to_local")}
+    info["sharded_packed_local_bytes"] = sum(sizes.values())
 
     dcp.save(sharded, checkpoint_id=str(out / "dcp"))
     # DCP files restore a run of the same base model (the quantization metadata must have the

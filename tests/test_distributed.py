@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import qlora_rs
 from qlora_rs import distributed as D
@@ -83,6 +84,15 @@ def test_fsdp2_two_ranks_match_one_process(run, reference):
     assert max((reference[k] - start[k]).abs().max().item() for k in start) > 1e-2
 
 
+def test_fsdp2_with_float_storage_matches_one_process(run, reference):
+    # What shard_model does where FSDP2 cannot shard uint8 parameters (torch 2.11): the packed
+    # bytes travel as bfloat16; the training must be the same.
+    out, ranks = run
+    assert all(r["float_storage_dtypes"] == ["torch.bfloat16"] for r in ranks)
+    _assert_same_lora(torch.load(out / "fsdp_float_storage_lora.pt"), reference)
+    assert [r["float_storage_losses"] for r in ranks] == [r["fsdp_losses"] for r in ranks]
+
+
 def test_ddp_two_ranks_match_one_process_and_leave_4bit_weights(run, reference):
     out, ranks = run
     _assert_same_lora(torch.load(out / "ddp_lora.pt"), reference)
@@ -99,8 +109,8 @@ def test_fsdp2_each_rank_holds_half_the_packed_bytes(run):
     assert sum(s["local"] for s in sizes) == total
     for s in sizes:
         assert abs(s["local"] - total / 2) <= 32 * s["layers"], s
-    # The sharded state dict holds the same shards (uint8 DTensors).
-    assert [r["sharded_uint8_local_numel"] for r in ranks] == [s["local"] for s in sizes]
+    # The sharded state dict holds the same shards (DTensors of the packed bytes).
+    assert [r["sharded_packed_local_bytes"] for r in ranks] == [s["local"] for s in sizes]
 
 
 def test_state_dict_round_trips_restore_identical_outputs(run):
@@ -153,6 +163,20 @@ def test_mixed_precision_that_would_cast_packed_bytes_is_refused(run):
         # uint8 and a bfloat16 view hold the same bytes: the same training under a bf16 policy.
         a, b = mp["torch.uint8"]["losses"], mp["torch.bfloat16"]["losses"]
         assert all(torch.isfinite(torch.tensor(a))) and a == b
+
+
+def test_float_storage_for_fsdp_follows_the_policy_and_names_a_layer_it_cannot_view():
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    model = W.build(quant_storage=torch.uint8)
+    D._float_storage_for_fsdp(model, MixedPrecisionPolicy(param_dtype=torch.float32))
+    assert {m.weight.dtype for m in model.modules() if isinstance(m, qlora_rs.Linear4bit)} == {torch.float32}
+    model = W.build(quant_storage=torch.uint8)
+    D._float_storage_for_fsdp(model, None)
+    assert {m.weight.dtype for m in model.modules() if isinstance(m, qlora_rs.Linear4bit)} == {torch.bfloat16}
+    odd = nn.Sequential(qlora_rs.Linear4bit.from_linear(nn.Linear(2, 3)))  # 3 packed bytes
+    with pytest.raises(qlora_rs.InvalidArgumentError, match=r"weight of 0 \(3x2\) must be viewed as bfloat16, but its 3 bytes"):
+        D._float_storage_for_fsdp(odd, None)
 
 
 def test_check_mixed_precision_without_process_group():

@@ -155,6 +155,28 @@ def test_float_quant_storage_survives_casts():
     assert torch.equal(q.packed_weight(), ref.weight)
 
 
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32, torch.uint8])
+def test_set_quant_storage_views_the_same_bytes(storage):
+    q = Linear4bit.from_linear(_linear())
+    x = torch.randn(3, 64)
+    want_bytes, want_y = q.packed_weight().clone(), q(x)
+    assert q.set_quant_storage_(storage) is q
+    assert q.weight.dtype == storage and q.quant_storage == storage and not q.weight.requires_grad
+    assert q.weight.numel() * q.weight.element_size() == 48 * 64 // 2
+    assert torch.equal(q.packed_weight(), want_bytes) and torch.equal(q(x), want_y)
+    meta = Linear4bit(64, 48, device="meta").set_quant_storage_(storage)
+    assert meta.weight.is_meta and meta.weight.dtype == storage
+
+
+def test_set_quant_storage_refuses_bytes_that_do_not_divide():
+    q = Linear4bit.from_linear(_linear(out_f=3, in_f=2))  # 6 weights -> 3 bytes
+    with pytest.raises(InvalidArgumentError, match="3 bytes, which is not a whole number of bfloat16"):
+        q.set_quant_storage_(torch.bfloat16)
+    with pytest.raises(InvalidArgumentError, match="quant_storage torch.int32 is not supported"):
+        q.set_quant_storage_(torch.int32)
+    assert q.weight.dtype == torch.uint8
+
+
 def test_meta_construction_and_repr():
     q = Linear4bit(1024, 4096, device="meta")
     assert q.weight.device.type == "meta" and q.weight.shape == (1024 * 4096 // 2, 1)

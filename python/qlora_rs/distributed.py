@@ -9,7 +9,9 @@ PyTorch's, launched by ``torchrun`` or ``accelerate launch``. What makes the 4-b
   mixed dtypes as bytes, and its mixed precision leaves integer parameters alone; a float
   ``quant_storage`` whose dtype differs from ``MixedPrecisionPolicy.param_dtype`` would be
   *converted* (its bytes reinterpreted as numbers and rounded), which :func:`shard_model`
-  refuses.
+  refuses. Where FSDP2 cannot shard integer parameters at all (torch 2.11), :func:`shard_model`
+  views uint8 storage as a float dtype the policy leaves alone (see
+  :func:`fsdp_shards_integer_params`).
 - The quantization state (block scales, code tables) lives in small buffers that FSDP2 leaves
   whole on every rank: 1/64 byte per weight with double quantization, against the 1/2 byte per
   weight of the packed data that is sharded. Each rank loads the same state, and nothing trains it.
@@ -253,6 +255,50 @@ def check_mixed_precision(model: nn.Module, mp_policy: Any) -> None:
         )
 
 
+_fsdp_integer_params: Optional[bool] = None
+
+
+def fsdp_shards_integer_params(mesh: Any) -> bool:
+    """Whether this torch's FSDP2 shards parameters of an integer dtype (with
+    ``requires_grad=False``). Before pytorch/pytorch#177948 (torch 2.11 among them)
+    ``fully_shard`` rebuilds every parameter as ``nn.Parameter(shard)``, which requires a gradient
+    and fails for uint8. Probed once on ``mesh`` with a meta-device parameter: no memory, no
+    collective."""
+    global _fsdp_integer_params
+    if _fsdp_integer_params is None:
+        from torch.distributed.fsdp import fully_shard
+
+        probe = nn.Module()
+        probe.packed = nn.Parameter(torch.zeros(2, 1, dtype=torch.uint8, device="meta"), requires_grad=False)
+        try:
+            fully_shard(probe, mesh=mesh)
+            _fsdp_integer_params = True
+        except RuntimeError as e:
+            if "floating point" not in str(e):
+                raise
+            _fsdp_integer_params = False
+    return _fsdp_integer_params
+
+
+def _float_storage_for_fsdp(model: nn.Module, mp_policy: Any) -> None:
+    """Views the packed bytes of every integer-stored 4-bit weight as a float dtype that the
+    policy does not cast (``param_dtype``, else bfloat16): how bitsandbytes' ``quant_storage``
+    gets 4-bit weights through FSDP. The bytes, and so the layer's output, do not change."""
+    storage = getattr(mp_policy, "param_dtype", None) or torch.bfloat16
+    for name, m in unwrap(model).named_modules():
+        if isinstance(m, Linear4bit) and not m.weight.dtype.is_floating_point:
+            try:
+                m.set_quant_storage_(storage)
+            except InvalidArgumentError:
+                raise InvalidArgumentError(
+                    f"shard_model: FSDP2 in torch {torch.__version__} cannot shard integer parameters, so the packed "
+                    f"4-bit weight of {name} ({m.out_features}x{m.in_features}) must be viewed as {dtype_name(storage)}, "
+                    f"but its {m.packed_weight().numel()} bytes are not a whole number of {dtype_name(storage)} elements; "
+                    "use a torch with pytorch/pytorch#177948 (newer than 2.11), or "
+                    "MixedPrecisionPolicy(param_dtype=None) with a layer size that packs evenly"
+                ) from None
+
+
 def shard_model(
     model: nn.Module,
     mesh: Any = None,
@@ -279,6 +325,8 @@ def shard_model(
     if mesh is None:
         device_type = _model_device_type(model)
         mesh = default_mesh(device_type if device_type not in (None, "meta") else None)
+    if not fsdp_shards_integer_params(mesh):
+        _float_storage_for_fsdp(model, mp_policy)
     blocks = decoder_layers(model) if layers is None else list(layers)
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)

@@ -228,6 +228,23 @@ class Linear4bit(nn.Linear):
             state.nested_code = self.weight_nested_quant_map
         return state
 
+    @torch.no_grad()
+    def set_quant_storage_(self, storage: torch.dtype) -> "Linear4bit":
+        """Views the packed bytes as ``storage`` (no copy; on any device, meta included), e.g. a
+        float dtype for an FSDP2 that cannot shard integer parameters. Raises when the bytes are
+        not a whole number of ``storage`` elements."""
+        if storage not in _STORAGE_DTYPES:
+            raise InvalidArgumentError(
+                f"{self._describe()}: quant_storage {storage} is not supported: expected one of "
+                f"{', '.join(dtype_name(d) for d in _STORAGE_DTYPES)}"
+            )
+        shape = _packed_shape(self.in_features * self.out_features, storage)
+        if storage != self.weight.dtype:
+            flat = self.weight.detach().reshape(-1).view(torch.uint8)
+            self.weight = nn.Parameter(flat.view(storage).reshape(shape), requires_grad=False)
+        self.quant_storage = storage
+        return self
+
     def packed_weight(self) -> torch.Tensor:
         """The packed bytes as uint8 ``[(n + 1) // 2, 1]``, whatever the storage dtype."""
         return self.weight.detach().reshape(-1).view(torch.uint8).reshape(-1, 1)
