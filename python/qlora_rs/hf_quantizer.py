@@ -255,6 +255,13 @@ class QloraHfQuantizer(HfQuantizer):
             if not should_convert_module(name, self.modules_to_not_convert):
                 continue
             layer = _replace_with_linear4bit(model, name, opts, weight_dtype)
+            if not self.pre_quantized:
+                # Until its float weight arrives, the layer holds a float placeholder of the
+                # weight's shape, as bitsandbytes' layers do: transformers before 5.2x casts each
+                # checkpoint tensor to its placeholder's dtype, and a uint8 one would truncate the
+                # weights to integers before _Quantize sees them.
+                layer.weight = nn.Parameter(torch.empty(layer.out_features, layer.in_features, dtype=weight_dtype,
+                                                        device="meta"), requires_grad=False)
             layer.requires_grad_(False)
 
     def _remember(self, module: Linear4bit, weight_name: str, missing_keys: Optional[set]) -> None:
@@ -287,6 +294,19 @@ class QloraHfQuantizer(HfQuantizer):
 
     def get_load_operations(self) -> dict:
         return {"deserialize": _Deserialize}
+
+    def get_weight_conversions(self) -> list:
+        # What newer transformers' base class builds from serialized_names and
+        # get_load_operations; transformers 5.1x's base returns no converter at all.
+        from transformers.core_model_loading import WeightConverter
+
+        if not self.pre_quantized:
+            return []
+        # Longest first: transformers 5.1x matches the alternatives in order, and "weight" would
+        # also match the start of "weight.absmax".
+        return [WeightConverter(source_patterns=sorted(names, key=len, reverse=True), target_patterns=param,
+                                operations=[_Deserialize(self)])
+                for param, names in self.serialized_names.items()]
 
     def _dequantize(self, model: nn.Module, dtype: Any = None) -> nn.Module:
         for name, module in list(model.named_modules()):
