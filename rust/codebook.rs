@@ -5,6 +5,8 @@
 
 /// NF4: the 16 quantiles of N(0, 1) normalised to [-1, 1], index = nibble (from the QLoRA paper,
 /// exactly the float32 values bitsandbytes ships; recomputing them differs in the last bits).
+/// Written with the digits bitsandbytes prints, which round to these float32 values.
+#[allow(clippy::excessive_precision)]
 pub const NF4_CODE: [f32; 16] = [
     -1.0,
     -0.6961928009986877,

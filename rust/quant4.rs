@@ -225,6 +225,7 @@ const LANE_CHUNK: usize = 64;
 
 /// Quantizes one block; returns the absmax to store, or the first non-finite (index, value).
 #[inline(always)]
+#[allow(clippy::manual_clamp)] // max(-1).min(1): only finite values reach it, where it equals clamp
 fn quantize_block<T: Element>(
     xb: &[T],
     encoder: &Encoder4,

@@ -129,6 +129,8 @@ fn row_sum(x: &[f32], w: usize, vec_numel: usize) -> Lanes {
 }
 
 /// PyTorch's `multi_row_sum`: ILP accumulators cascaded through four levels of partial sums.
+// The index loops spell out torch's accumulator order (level j, lane k) one to one.
+#[allow(clippy::needless_range_loop)]
 fn multi_row_sum(size: usize, w: usize, load: impl Fn(usize, usize) -> Lanes) -> [Lanes; ILP] {
     let ceil_log2 = if size <= 1 { 0 } else { usize::BITS - (size - 1).leading_zeros() } as usize;
     let level_power = (ceil_log2 / LEVELS).max(4);
