@@ -13,7 +13,8 @@ them, 2 x 1024 tokens per step. Parts, each with ``passed``:
 
 - ``plain_vs_fsdp2``: the same two AdamW steps unsharded and under ``fully_shard`` on an NCCL
   process group of one: the losses and LoRA weights agree (a world of one all-gathers and
-  reduce-scatters to itself), the packed weights stay uint8 parameters (DTensor shards) and
+  reduce-scatters to itself), the packed weights stay uint8 parameters (DTensor shards; a bfloat16
+  view of the same bytes where FSDP2 cannot shard integers, as in torch 2.11) and
   the CUDA path runs end to end. Step times (median of the steps after the first) with the
   ratio to the unsharded run.
 - ``mixed_precision``: ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` with uint8
@@ -153,6 +154,7 @@ def _part_plain_vs_fsdp2() -> dict:
     from torch.distributed.tensor import DTensor
 
     import qlora_rs
+    from qlora_rs import distributed as D
     from qlora_rs.distributed import packed_bytes, shard_model
 
     batches = _batches()
@@ -162,14 +164,16 @@ def _part_plain_vs_fsdp2() -> dict:
     del plain
     model = shard_model(build())
     weights = [m.weight for m in model.modules() if isinstance(m, qlora_rs.Linear4bit)]
-    sharded = all(isinstance(w, DTensor) and w.dtype == torch.uint8 for w in weights)
+    # uint8, or the bfloat16 view shard_model takes where FSDP2 cannot shard integers (torch 2.11).
+    packed_dtype = torch.uint8 if D._fsdp_integer_params else torch.bfloat16
+    sharded = all(isinstance(w, DTensor) and w.dtype == packed_dtype for w in weights)
     sizes = packed_bytes(model)
     got = _train(model, batches)
     diff = _max_diff(_lora(model), ref_lora)
     loss_diff = max(abs(a - b) for a, b in zip(got["losses"], ref["losses"]))
     return {
         "losses": got["losses"], "loss_max_diff": loss_diff, "lora_max_diff": diff,
-        "packed_uint8_dtensors": sharded, "packed_bytes": sum(v[1] for v in sizes.values()),
+        "packed_dtensors": sharded, "packed_dtype": str(packed_dtype), "packed_bytes": sum(v[1] for v in sizes.values()),
         "plain_step_ms": ref["step_ms"], "fsdp2_step_ms": got["step_ms"],
         "fsdp2_vs_plain": round(got["step_ms"] / ref["step_ms"], 3),
         # A world of one reduces to itself: equal up to (at most) AdamW's sign-like first steps.
