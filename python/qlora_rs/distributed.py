@@ -294,8 +294,7 @@ def _float_storage_for_fsdp(model: nn.Module, mp_policy: Any) -> None:
                     f"shard_model: FSDP2 in torch {torch.__version__} cannot shard integer parameters, so the packed "
                     f"4-bit weight of {name} ({m.out_features}x{m.in_features}) must be viewed as {dtype_name(storage)}, "
                     f"but its {m.packed_weight().numel()} bytes are not a whole number of {dtype_name(storage)} elements; "
-                    "use a torch with pytorch/pytorch#177948 (newer than 2.11), or "
-                    "MixedPrecisionPolicy(param_dtype=None) with a layer size that packs evenly"
+                    "use a torch newer than 2.11 (with pytorch/pytorch#177948), or leave that layer unquantized"
                 ) from None
 
 

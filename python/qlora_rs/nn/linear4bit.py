@@ -49,6 +49,14 @@ class _CompanionKeys:
         return self
 
 
+def _check_storage(where: str, storage: torch.dtype) -> None:
+    if storage not in _STORAGE_DTYPES:
+        raise InvalidArgumentError(
+            f"{where}: quant_storage {storage} is not supported: expected one of "
+            f"{', '.join(dtype_name(d) for d in _STORAGE_DTYPES)}"
+        )
+
+
 def _packed_shape(n: int, storage: torch.dtype) -> tuple[int, int]:
     nbytes = (n + 1) // 2
     size = torch.empty((), dtype=storage).element_size()
@@ -90,11 +98,7 @@ class Linear4bit(nn.Linear):
         if quant_type not in QUANT_TYPES:
             raise InvalidArgumentError(f"Linear4bit: unsupported quant_type {quant_type!r}: expected one of {', '.join(QUANT_TYPES)}")
         _lib.check_blocksize(int(blocksize))
-        if quant_storage not in _STORAGE_DTYPES:
-            raise InvalidArgumentError(
-                f"Linear4bit: quant_storage {quant_storage} is not supported: expected one of "
-                f"{', '.join(dtype_name(d) for d in _STORAGE_DTYPES)}"
-            )
+        _check_storage("Linear4bit", quant_storage)
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         self.quant_type = quant_type
@@ -233,11 +237,7 @@ class Linear4bit(nn.Linear):
         """Views the packed bytes as ``storage`` (no copy; on any device, meta included), e.g. a
         float dtype for an FSDP2 that cannot shard integer parameters. Raises when the bytes are
         not a whole number of ``storage`` elements."""
-        if storage not in _STORAGE_DTYPES:
-            raise InvalidArgumentError(
-                f"{self._describe()}: quant_storage {storage} is not supported: expected one of "
-                f"{', '.join(dtype_name(d) for d in _STORAGE_DTYPES)}"
-            )
+        _check_storage(self._describe(), storage)
         shape = _packed_shape(self.in_features * self.out_features, storage)
         if storage != self.weight.dtype:
             flat = self.weight.detach().reshape(-1).view(torch.uint8)
