@@ -193,7 +193,10 @@ def _run(work: Path, seconds: float, max_steps: int, batch_size: int, r: int, al
         f"{100 * result.trainable_params / fp.params:.2f}% of the model; base frozen in 4 bits")
     acc_after = retrieval_accuracy(result.model, tokenizer, eval_pairs)
     first, last = losses[0][1], _tail_mean([l for _, l in losses])
-    tail = f"mean of the last {_TAIL} of {result.steps} steps" if result.steps > _TAIL else f"mean of all {result.steps} steps"
+    if result.steps > _TAIL:
+        tail = f"mean of the last {_TAIL} of {result.steps} steps"
+    else:
+        tail = "1 step" if result.steps == 1 else f"mean of all {result.steps} steps"
     say()
     say(f"loss       {first:.3f} at step 1 -> {last:.3f} ({tail}), "
         f"{result.seconds:.0f} s, {result.tokens / max(result.seconds, 1e-9):,.0f} tokens/s")
