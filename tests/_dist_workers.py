@@ -12,10 +12,9 @@ import datetime
 import json
 import os
 import socket
-import sys
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -115,6 +115,7 @@ def test_inspect_table_and_compare(model, tmp_path, capsys):
     lines = out.splitlines()
     header, rule = lines[0], lines[1]
     assert header.split() == ["tensor", "shape", "stored", "dtype", "quant", "block", "bits/param"]
+    assert len(rule) == len(header.rstrip()) and set(rule) == {"-", " "}
     # Every row lines up with the header: the bits/param column ends where its title ends.
     end = header.index("bits/param") + len("bits/param")
     rows = lines[2:7]
