@@ -49,8 +49,21 @@ const COMPARE_CHUNK: usize = 1 << 20;
 /// Files of a model directory that hold weights in other formats: not copied to the output.
 const OTHER_WEIGHT_EXTENSIONS: [&str; 10] = ["bin", "pt", "pth", "ckpt", "h5", "msgpack", "onnx", "gguf", "ot", "tflite"];
 
-/// Model types whose linear layers are GPT-2 `Conv1D` modules (weights stored transposed).
+/// Model types whose linear layers are GPT-2 `Conv1D` modules (weights stored [in, out]).
 const CONV1D_MODEL_TYPES: [&str; 4] = ["gpt2", "openai-gpt", "imagegpt", "decision_transformer"];
+
+/// The `Conv1D` modules of those models (GPT-2's attention and MLP projections).
+const CONV1D_MODULES: [&str; 4] = ["c_attn", "c_proj", "c_fc", "q_attn"];
+
+/// Whether a checkpoint's config names a model type whose linear layers are `Conv1D`.
+fn conv1d_model(config: Option<&serde_json::Map<String, Value>>) -> bool {
+    config.and_then(|c| c.get("model_type")).and_then(Value::as_str).is_some_and(|mt| CONV1D_MODEL_TYPES.contains(&mt))
+}
+
+/// Whether tensor `name` of a `Conv1D` model is the [in, out] weight of a `Conv1D` module.
+fn is_conv1d_weight(name: &str) -> bool {
+    name.strip_suffix(".weight").and_then(|m| m.rsplit('.').next()).is_some_and(|m| CONV1D_MODULES.contains(&m))
+}
 
 /// Options of a conversion; the defaults are the QLoRA paper's (NF4, block size 64, double
 /// quantization, bfloat16 compute).
@@ -401,6 +414,9 @@ pub struct TensorPlan {
     pub dtype: TensorDtype,
     pub shape: Vec<usize>,
     pub quantize: bool,
+    /// A GPT-2 `Conv1D` weight, stored [in, out]: quantized as its transpose [out, in], which is
+    /// how transformers' bitsandbytes layers hold it.
+    pub transposed: bool,
     /// Why it is quantized or kept ("linear weight", "embedding", "--exclude *.mlp.*", ...).
     pub reason: String,
     pub bytes_in: u64,
@@ -411,6 +427,15 @@ pub struct TensorPlan {
 impl TensorPlan {
     pub fn numel(&self) -> u64 {
         self.shape.iter().map(|&d| d as u64).product()
+    }
+
+    /// The shape the quantization state records: [out, in].
+    pub fn quantized_shape(&self) -> Vec<usize> {
+        let mut shape = self.shape.clone();
+        if self.transposed {
+            shape.reverse();
+        }
+        shape
     }
 }
 
@@ -525,15 +550,8 @@ pub fn plan(src: &Path, dst: Option<&Path>, opts: &ConvertOptions) -> Result<Pla
         if cfg.get("quantization_config").is_some_and(|q| !q.is_null()) {
             return Err(Error::format(path, "has a quantization_config: the model is already quantized"));
         }
-        if let Some(mt) = cfg.get("model_type").and_then(Value::as_str) {
-            if CONV1D_MODEL_TYPES.contains(&mt) {
-                return Err(Error::unsupported(format!(
-                    "{}: model_type {mt:?} stores its linear layers as transposed Conv1D weights, which this converter does not support",
-                    path.display()
-                )));
-            }
-        }
     }
+    let conv1d = conv1d_model(config.as_ref());
     for (_, t) in checkpoint.tensors() {
         if t.name.contains(&format!(".{QUANT_STATE_PREFIX}")) {
             return Err(Error::format(
@@ -546,7 +564,11 @@ pub fn plan(src: &Path, dst: Option<&Path>, opts: &ConvertOptions) -> Result<Pla
     let mut tensors = Vec::new();
     let mut default_set = HashSet::new();
     for (shard, t) in checkpoint.tensors() {
-        let (quantize, reason) = decide(t, &opts.include, &opts.exclude);
+        let (quantize, mut reason) = decide(t, &opts.include, &opts.exclude);
+        let transposed = quantize && conv1d && is_conv1d_weight(&t.name);
+        if transposed {
+            reason.push_str(" (Conv1D, transposed)");
+        }
         if decide(t, &[], &[]).0 {
             default_set.insert(t.name.clone());
         }
@@ -562,6 +584,7 @@ pub fn plan(src: &Path, dst: Option<&Path>, opts: &ConvertOptions) -> Result<Pla
             dtype: t.dtype,
             shape: t.shape.clone(),
             quantize,
+            transposed,
             reason,
             bytes_in: t.nbytes() as u64,
             bytes_out,
@@ -1370,7 +1393,7 @@ fn quantized_specs(tp: &TensorPlan, opts: &ConvertOptions) -> Vec<TensorSpec> {
         TensorSpec {
             name: names[0].clone(),
             dtype: TensorDtype::U8,
-            extent: Extent::Deferred { max_len: json_max_len(&tp.shape, dtype, opts) },
+            extent: Extent::Deferred { max_len: json_max_len(&tp.quantized_shape(), dtype, opts) },
         },
         TensorSpec { name: names[1].clone(), dtype: TensorDtype::U8, extent: Extent::Shape(vec![quant4::packed_len(n), 1]) },
         TensorSpec {
@@ -1430,11 +1453,38 @@ impl<'a> Floats<'a> {
     }
 }
 
+/// The transpose of a row-major [rows, cols] tensor, in tiles that stay in cache.
+fn transpose(src: FloatSlice<'_>, rows: usize, cols: usize) -> Floats<'static> {
+    fn t<T: Copy + Default>(v: &[T], rows: usize, cols: usize) -> Vec<T> {
+        const TILE: usize = 32;
+        let mut out = vec![T::default(); v.len()];
+        for r0 in (0..rows).step_by(TILE) {
+            for c0 in (0..cols).step_by(TILE) {
+                for r in r0..(r0 + TILE).min(rows) {
+                    for c in c0..(c0 + TILE).min(cols) {
+                        out[c * rows + r] = v[r * cols + c];
+                    }
+                }
+            }
+        }
+        out
+    }
+    match src {
+        FloatSlice::F32(v) => Floats::F32(t(v, rows, cols)),
+        FloatSlice::F16(v) => Floats::F16(t(v, rows, cols)),
+        FloatSlice::BF16(v) => Floats::BF16(t(v, rows, cols)),
+    }
+}
+
 /// Quantizes one tensor into its bitsandbytes components.
 fn quantize_tensor(file: &SafetensorsFile, tp: &TensorPlan, opts: &ConvertOptions) -> Result<Parts> {
     let t = file.get(&tp.name).expect("planned from this file");
     let dtype = t.dtype.as_float().expect("quantizable");
-    let input = Floats::new(file.data(t), dtype);
+    let mut input = Floats::new(file.data(t), dtype);
+    if tp.transposed {
+        input = transpose(input.slice(), t.shape[0], t.shape[1]);
+    }
+    let shape = tp.quantized_shape();
     let n = t.numel();
     let blocks = quant4::num_blocks(n, opts.blocksize);
     let mut packed = vec![0u8; quant4::packed_len(n)];
@@ -1442,7 +1492,8 @@ fn quantize_tensor(file: &SafetensorsFile, tp: &TensorPlan, opts: &ConvertOption
     quant4::quantize_4bit(input.slice(), opts.quant_type, opts.blocksize, opts.allow_nonfinite, &mut packed, &mut absmax)
         .map_err(|e| match e {
             Error::NonFinite { index, value, .. } => Error::NonFinite {
-                what: format!("{}: tensor {:?} (shape {:?})", file.path().display(), t.name, t.shape),
+                what: format!("{}: tensor {:?} (shape {:?}{})", file.path().display(), t.name, t.shape,
+                              if tp.transposed { ", read transposed" } else { "" }),
                 index,
                 value,
             },
@@ -1458,7 +1509,7 @@ fn quantize_tensor(file: &SafetensorsFile, tp: &TensorPlan, opts: &ConvertOption
         let mut q = vec![0u8; blocks];
         let mut nested = vec![0f32; blockwise8::nested_blocks(blocks)];
         let offset = blockwise8::double_quantize(&absmax, &mut q, &mut nested).map_err(|e| e.in_tensor(&t.name))?;
-        let json = quant_state_json(opts.quant_type, opts.blocksize, dtype, &t.shape, Some(offset));
+        let json = quant_state_json(opts.quant_type, opts.blocksize, dtype, &shape, Some(offset));
         parts.push((names[0].clone(), json.into_bytes()));
         parts.push((names[1].clone(), packed));
         parts.push((names[2].clone(), q));
@@ -1466,7 +1517,7 @@ fn quantize_tensor(file: &SafetensorsFile, tp: &TensorPlan, opts: &ConvertOption
         parts.push((names[4].clone(), f32_bytes(&nested)));
         parts.push((names[5].clone(), f32_bytes(&blockwise8::signed_dynamic_map())));
     } else {
-        let json = quant_state_json(opts.quant_type, opts.blocksize, dtype, &t.shape, None);
+        let json = quant_state_json(opts.quant_type, opts.blocksize, dtype, &shape, None);
         parts.push((names[0].clone(), json.into_bytes()));
         parts.push((names[1].clone(), packed));
         parts.push((names[2].clone(), f32_bytes(&absmax)));
@@ -1663,13 +1714,14 @@ pub fn compare(dst: &Path, src: &Path, progress: &mut dyn FnMut(&Progress<'_>) -
     let out = Checkpoint::open(dst)?;
     let reference = Checkpoint::open(src)?;
     let rows = inspect_checkpoint(&out)?;
+    let conv1d = conv1d_model(reference.config()?.as_ref());
     let bytes_total: u64 = rows.iter().map(|r| r.bytes).sum();
     let mut bytes_done = 0u64;
     let mut result = Vec::with_capacity(rows.len());
     let mut seen = HashSet::new();
     for (i, row) in rows.iter().enumerate() {
         seen.insert(row.name.clone());
-        let r = compare_row(&out, &reference, row)?;
+        let r = compare_row(&out, &reference, row, conv1d)?;
         result.push(r);
         bytes_done += row.bytes;
         let p = Progress { bytes_done, bytes_total, tensors_done: i + 1, tensors_total: rows.len(), tensor: &row.name };
@@ -1691,7 +1743,7 @@ pub fn compare(dst: &Path, src: &Path, progress: &mut dyn FnMut(&Progress<'_>) -
     Ok(result)
 }
 
-fn compare_row(out: &Checkpoint, reference: &Checkpoint, row: &InspectRow) -> Result<CompareRow> {
+fn compare_row(out: &Checkpoint, reference: &Checkpoint, row: &InspectRow, conv1d: bool) -> Result<CompareRow> {
     let mut r = CompareRow {
         name: row.name.clone(),
         shape: row.shape.clone(),
@@ -1754,7 +1806,11 @@ fn compare_row(out: &Checkpoint, reference: &Checkpoint, row: &InspectRow) -> Re
     if packed.len() != quant4::packed_len(n) || absmax.len() != blocks {
         return Err(Error::format(pfile.path(), format!("{:?}: packed/absmax sizes do not match shape {:?}", row.name, q.shape)));
     }
-    let src = Floats::new(sfile.data(st), sdtype);
+    let mut src = Floats::new(sfile.data(st), sdtype);
+    if conv1d && is_conv1d_weight(&row.name) && st.shape.len() == 2 {
+        // Stored [in, out]; the 4-bit weight holds its transpose.
+        src = transpose(src.slice(), st.shape[0], st.shape[1]);
+    }
     let src_slice = src.slice();
     let bs = q.blocksize;
     let chunks = n.div_ceil(COMPARE_CHUNK);
@@ -1784,6 +1840,29 @@ fn compare_row(out: &Checkpoint, reference: &Checkpoint, row: &InspectRow) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transpose_crosses_tile_edges() {
+        let (rows, cols) = (37, 70); // not multiples of the 32-element tile
+        let v: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+        let Floats::F32(t) = transpose(FloatSlice::F32(&v), rows, cols) else { panic!("f32 in, f32 out") };
+        for r in 0..rows {
+            for c in 0..cols {
+                assert_eq!(t[c * rows + r], v[r * cols + c]);
+            }
+        }
+    }
+
+    #[test]
+    fn conv1d_weights_are_named_by_module() {
+        assert!(is_conv1d_weight("transformer.h.0.attn.c_attn.weight"));
+        assert!(is_conv1d_weight("transformer.h.11.mlp.c_proj.weight"));
+        assert!(!is_conv1d_weight("transformer.h.0.attn.c_attn.bias"));
+        assert!(!is_conv1d_weight("transformer.wte.weight"));
+        assert!(!is_conv1d_weight("lm_head.weight"));
+        let cfg = |mt: &str| serde_json::json!({ "model_type": mt }).as_object().cloned();
+        assert!(conv1d_model(cfg("gpt2").as_ref()) && !conv1d_model(cfg("llama").as_ref()) && !conv1d_model(None));
+    }
 
     #[test]
     fn python_float_repr_matches_python() {

@@ -178,6 +178,34 @@ def test_all_minilm_l6_v2(work):
     assert {r.status for r in rows} == {"quantized", "identical"}
 
 
+def test_gpt2_conv1d_weights_are_transposed_like_bitsandbytes(work):
+    """GPT-2 stores its attention and MLP weights as Conv1D [in, out]; transformers' bitsandbytes
+    layers hold them as [out, in]. The conversion equals theirs byte for byte, loads in both
+    libraries, and compares against the (transposed) source."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=128, n_positions=32, bos_token_id=0, eos_token_id=0)
+    src = work / "gpt2"
+    GPT2LMHeadModel(cfg).to(torch.bfloat16).save_pretrained(src)
+    ref_dir = work / "gpt2-bnb"
+    ref_model = bnb_reference(src, ref_dir)
+    dst = work / "gpt2-nf4"
+    summary = qlora_rs.convert_checkpoint(src, dst)
+    assert summary.tensors_quantized == 8
+    assert tensor_mismatches(load_all(dst), load_all(ref_dir)) == []
+    plan = {t.name: t for t in plan_conversion(src, work / "gpt2-plan").tensors}
+    assert plan["transformer.h.0.mlp.c_fc.weight"].reason == "linear weight (Conv1D, transposed)"
+    ids = torch.tensor([[1, 5, 9, 100, 17, 3]])
+    with torch.no_grad():
+        assert torch.equal(_logits(dst, ids), ref_model(ids).logits)
+        ours = qlora_rs.from_pretrained(dst, compute_dtype=torch.bfloat16)
+        torch.testing.assert_close(ours(ids).logits.float(), ref_model(ids).logits.float(), rtol=2e-2, atol=2e-2)
+    rows = {r.name: r for r in compare_checkpoints(dst, src)}
+    c_fc = rows["transformer.h.0.mlp.c_fc.weight"]
+    assert c_fc.status == "quantized" and c_fc.sqnr_db > 15 and c_fc.cosine > 0.99
+
+
 def test_include_exclude_and_skip_modules(work, llama):
     dst = work / "ours-mlp-only"
     qlora_rs.convert_checkpoint(llama, dst, include="*.mlp.*", exclude=["*.down_proj.*"])
