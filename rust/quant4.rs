@@ -444,6 +444,8 @@ mod tests {
     use super::*;
     use half::bf16;
 
+    use crate::dtype::DType;
+
     fn quantize(x: &[f32], qt: QuantType, bs: usize) -> Result<(Vec<u8>, Vec<f32>)> {
         let mut packed = vec![0u8; packed_len(x.len())];
         let mut absmax = vec![0f32; num_blocks(x.len(), bs)];
@@ -504,6 +506,35 @@ mod tests {
             for (j, pair) in xs.chunks(2).enumerate() {
                 let want = (enc.encode(pair[0]) << 4) | enc.encode(pair[1]);
                 assert_eq!(got[j], want, "{qt:?}: values {} and {}", pair[0], pair[1]);
+            }
+        }
+    }
+
+    /// Every value of the decode equals `code[nibble] * absmax` rounded once, for
+    /// each output type, block size and length (whole 16-byte groups, partial blocks, odd n).
+    #[test]
+    fn decode_equals_the_table_value_everywhere() {
+        fn check<T: Element + PartialEq + std::fmt::Debug>(n: usize, bs: usize, qt: QuantType) {
+            let packed: Vec<u8> = (0..packed_len(n)).map(|i| (i * 97 + 13) as u8).collect();
+            let absmax: Vec<f32> = (0..num_blocks(n, bs)).map(|b| 0.5 + b as f32 * 0.37).collect();
+            let mut out = vec![T::from_f32(f32::NAN); n];
+            let slice = match T::DTYPE {
+                DType::F32 => FloatSliceMut::F32(unsafe { std::mem::transmute::<&mut [T], &mut [f32]>(&mut out[..]) }),
+                DType::F16 => FloatSliceMut::F16(unsafe { std::mem::transmute::<&mut [T], &mut [half::f16]>(&mut out[..]) }),
+                DType::BF16 => FloatSliceMut::BF16(unsafe { std::mem::transmute::<&mut [T], &mut [bf16]>(&mut out[..]) }),
+            };
+            dequantize_4bit(&packed, &absmax, qt, bs, slice).unwrap();
+            for (i, o) in out.iter().enumerate() {
+                let nib = if i % 2 == 0 { packed[i / 2] >> 4 } else { packed[i / 2] & 15 };
+                let want = T::from_f32(qt.code()[nib as usize] * absmax[i / bs]);
+                assert_eq!(*o, want, "{:?} n={n} bs={bs} i={i}", T::DTYPE);
+            }
+        }
+        for n in [1, 31, 32, 33, 64, 65, 100, 4097, 3 * CHUNK_ELEMENTS + 5] {
+            for bs in [32, 64, 4096] {
+                check::<f32>(n, bs, QuantType::Nf4);
+                check::<half::f16>(n, bs, QuantType::Fp4);
+                check::<bf16>(n, bs, QuantType::Nf4);
             }
         }
     }
