@@ -101,3 +101,22 @@ def test_gpu_check_script_is_ready(tmp_path):
     if not torch.cuda.is_available():
         assert gc.main(["--out", str(tmp_path)]) == 2
         assert (tmp_path / "gpu_check.json").is_file() and "no CUDA device" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_gpu_check_paging_training_loop_runs_on_cpu(monkeypatch):
+    """The paging check's QLoRA loop, shrunk and on the CPU (ordinary memory, nothing paged):
+    its code runs on this torch, and the paged optimizer's losses equal the unpaged ones."""
+    import importlib.util
+
+    from qlora_rs.optim import paging
+
+    spec = importlib.util.spec_from_file_location("gpu_check_paging", ROOT / "benches/gpu_check_paging.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for name, value in dict(DEVICE="cpu", HIDDEN=64, LAYERS=2, RANK=8, TOKENS=32, STEPS=4).items():
+        monkeypatch.setattr(mod, name, value)
+    out = mod._part_training(paging, {"concurrent_managed_access": False, "free": 1 << 40, "total": 1 << 40})
+    assert out["model"].startswith("qlora_rs.nn.LoraLinear4bit"), out["model"]
+    assert out["losses_identical"] and out["passed"], out
+    assert set(out["runs"]) == {"unpaged", "paged_resident", "torch_adamw", "paged_8bit"}
+    assert out["runs"]["torch_adamw"]["max_loss_diff_vs_unpaged"] < 1e-3
