@@ -120,3 +120,30 @@ def test_gpu_check_paging_training_loop_runs_on_cpu(monkeypatch):
     assert out["losses_identical"] and out["passed"], out
     assert set(out["runs"]) == {"unpaged", "paged_resident", "torch_adamw", "paged_8bit"}
     assert out["runs"]["torch_adamw"]["max_loss_diff_vs_unpaged"] < 1e-3
+
+
+_FSDP2_SMOKE = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("gpu_check_fsdp2", sys.argv[1])
+m = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(m)
+m.DEVICE = "cpu"
+m.HIDDEN, m.FFN, m.LAYERS, m.VOCAB, m.RANK, m.BATCH, m.SEQ, m.STEPS = 64, 128, 2, 128, 4, 2, 16, 3
+print(json.dumps(m.check_fsdp2_nccl(sys.argv[2]), default=str))
+"""
+
+
+def test_gpu_check_fsdp2_parts_run_on_cpu_with_gloo(tmp_path):
+    """The FSDP2 check's parts, shrunk, on a gloo group of one in a fresh process (a process
+    group must not outlive it): its code runs on this torch and every part passes."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _FSDP2_SMOKE, str(ROOT / "benches/gpu_check_fsdp2.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for part in ("plain_vs_fsdp2", "mixed_precision", "state_dict"):
+        assert result[part]["passed"] is True, result[part]
+    assert result["backend"] == "gloo" and result["passed"] is True
