@@ -65,6 +65,12 @@ fn is_conv1d_weight(name: &str) -> bool {
     name.strip_suffix(".weight").and_then(|m| m.rsplit('.').next()).is_some_and(|m| CONV1D_MODULES.contains(&m))
 }
 
+/// Whether a rank-2 source tensor is stored [in, out] (a `Conv1D` weight of a `Conv1D` model), so
+/// that its 4-bit form, [out, in], is its transpose.
+fn stored_transposed(conv1d_model: bool, name: &str, shape: &[usize]) -> bool {
+    conv1d_model && shape.len() == 2 && is_conv1d_weight(name)
+}
+
 /// Options of a conversion; the defaults are the QLoRA paper's (NF4, block size 64, double
 /// quantization, bfloat16 compute).
 #[derive(Clone, Debug)]
@@ -565,7 +571,7 @@ pub fn plan(src: &Path, dst: Option<&Path>, opts: &ConvertOptions) -> Result<Pla
     let mut default_set = HashSet::new();
     for (shard, t) in checkpoint.tensors() {
         let (quantize, mut reason) = decide(t, &opts.include, &opts.exclude);
-        let transposed = quantize && conv1d && is_conv1d_weight(&t.name);
+        let transposed = quantize && stored_transposed(conv1d, &t.name, &t.shape);
         if transposed {
             reason.push_str(" (Conv1D, transposed)");
         }
@@ -1807,8 +1813,7 @@ fn compare_row(out: &Checkpoint, reference: &Checkpoint, row: &InspectRow, conv1
         return Err(Error::format(pfile.path(), format!("{:?}: packed/absmax sizes do not match shape {:?}", row.name, q.shape)));
     }
     let mut src = Floats::new(sfile.data(st), sdtype);
-    if conv1d && is_conv1d_weight(&row.name) && st.shape.len() == 2 {
-        // Stored [in, out]; the 4-bit weight holds its transpose.
+    if stored_transposed(conv1d, &row.name, &st.shape) {
         src = transpose(src.slice(), st.shape[0], st.shape[1]);
     }
     let src_slice = src.slice();

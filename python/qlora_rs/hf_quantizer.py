@@ -292,12 +292,9 @@ class QloraHfQuantizer(HfQuantizer):
     def get_quantize_ops(self) -> ConversionOps:
         return _Quantize(self)
 
-    def get_load_operations(self) -> dict:
-        return {"deserialize": _Deserialize}
-
     def get_weight_conversions(self) -> list:
-        # What newer transformers' base class builds from serialized_names and
-        # get_load_operations; transformers 5.1x's base returns no converter at all.
+        # Built here rather than by the base class: newer transformers derive it from
+        # serialized_names and get_load_operations, transformers 5.1x's base returns none.
         from transformers.core_model_loading import WeightConverter
 
         if not self.pre_quantized:
