@@ -44,6 +44,21 @@ def tokens(batch: int = 2, seq: int = 12, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=g)
 
 
+def train_lm(model: nn.Module, steps: int, lr: float = 2e-2) -> list[float]:
+    """``steps`` AdamW steps (train mode) of the causal-LM loss on one fixed batch; the losses."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    ids = tokens(batch=2, seq=16)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def randomize_lora(model: nn.Module, seed: int = 3) -> None:
     """Non-zero A and B everywhere, so the adapters change the output."""
     g = torch.Generator().manual_seed(seed)

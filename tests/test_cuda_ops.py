@@ -23,17 +23,7 @@ def quantized(shape, quant_type="nf4", blocksize=64, double_quant=True, dtype=to
     return packed, state
 
 
-def op_args(packed, state):
-    return (
-        packed,
-        state.absmax,
-        state.nested_absmax if state.nested else None,
-        state.nested_code if state.nested else None,
-        float(state.offset) if state.nested else 0.0,
-        state.quant_type,
-        int(state.blocksize),
-        [int(s) for s in state.shape],
-    )
+op_args = ops.quant_args
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,10 +151,7 @@ def test_registration_behind_the_op_schemas():
 
 
 def test_the_qlora_rs_ops_get_the_cuda_kernels():
-    if not cuda_ops._op_defined("qlora_rs", "dequantize_4bit"):
-        pytest.skip("qlora_rs.ops is not importable in this checkout")
-    import qlora_rs.ops  # noqa: F401  (defines the ops; the package imports cuda_ops after it)
-
+    assert cuda_ops._op_defined("qlora_rs", "dequantize_4bit")  # defined by qlora_rs.ops (imported above)
     cuda_ops.register()
     has = torch._C._dispatch_has_kernel_for_dispatch_key("qlora_rs::dequantize_4bit", "CUDA")
     assert has == cuda_ops.KERNELS_COMPILED
@@ -292,8 +279,6 @@ def test_side_streams_and_graph_capture():
 @pytest.mark.gpu
 @NEEDS_KERNELS
 def test_ops_dispatch_to_the_kernels():
-    import qlora_rs.ops  # noqa: F401
-
     cuda_ops.register()
     packed, state = quantized((64, 128), "nf4", 64, True, seed=5)
     args = cuda_args(packed, state)

@@ -13,7 +13,7 @@ import qlora_rs
 from qlora_rs import InvalidArgumentError, Linear4bit, LoraLinear, LoraLinear4bit
 
 pytest.importorskip("transformers")
-from _lora_helpers import one_torch_thread, randomize_lora, tiny_llama, tokens  # noqa: E402, F401
+from _lora_helpers import one_torch_thread, randomize_lora, tiny_llama, tokens, train_lm  # noqa: E402, F401
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -81,24 +81,11 @@ def test_add_lora_unmatched_target_lists_available_layers():
         qlora_rs.add_lora(model, target_modules="q_proj(")
 
 
-def _train(model, steps=6, lr=2e-2):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    ids = tokens(batch=2, seq=16)
-    losses = []
-    for _ in range(steps):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
-
-
 def test_training_reduces_the_loss():
     model = qlora_rs.quantize_model(tiny_llama())
     qlora_rs.add_lora(model, r=8, alpha=16, dropout=0.05)
     model.train()
-    losses = _train(model)
+    losses = train_lm(model, steps=6)
     assert losses[-1] < losses[0] - 0.05, losses
 
 

@@ -16,7 +16,7 @@ import qlora_rs
 peft = pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("transformers")
-from _lora_helpers import one_torch_thread, randomize_lora, tiny_llama, to_bnb, tokens  # noqa: E402, F401
+from _lora_helpers import one_torch_thread, randomize_lora, tiny_llama, to_bnb, tokens, train_lm  # noqa: E402, F401
 from qlora_rs.peft_integration import PeftLoraLinear4bit, register  # noqa: E402
 
 
@@ -119,20 +119,6 @@ def test_load_adapter_errors(tmp_path):
         qlora_rs.save_adapter(tiny_llama(), tmp_path / "none")
 
 
-def _train_peft(model, steps=5):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-    ids = tokens(batch=2, seq=16)
-    losses = []
-    model.train()
-    for _ in range(steps):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
-
-
 def test_get_peft_model_on_a_qlora_rs_model_trains():
     model = qlora_rs.quantize_model(tiny_llama())
     pm = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
@@ -140,7 +126,7 @@ def test_get_peft_model_on_a_qlora_rs_model_trains():
     wrapped = pm.base_model.model.model.layers[0].self_attn.q_proj
     assert isinstance(wrapped.base_layer, qlora_rs.Linear4bit)
     assert "lm_head" not in {n.split(".")[-1] for n, m in pm.named_modules() if hasattr(m, "lora_A")}
-    losses = _train_peft(pm)
+    losses = train_lm(pm, steps=5)
     assert losses[-1] < losses[0] - 0.05, losses
 
 
@@ -169,7 +155,7 @@ def test_registered_peft_layer_is_fused_and_merges(monkeypatch):
     with torch.no_grad():
         fused, generic = pm.eval()(ids).logits, plain.eval()(ids).logits
     assert _rel(fused, generic) < 1e-2 and len(calls) == 14
-    losses = _train_peft(pm, steps=3)
+    losses = train_lm(pm, steps=3)
     assert losses[-1] < losses[0]
     with torch.no_grad():
         before = pm.eval()(ids).logits
