@@ -128,9 +128,26 @@ pub fn double_quantize_with(
     nested_absmax: &mut [f32],
 ) -> Result<f32> {
     let offset = torch_mean_f32(absmax, order);
-    let centered: Vec<f32> = absmax.par_iter().map(|&a| a - offset).collect();
-    quantize_blockwise_8bit(&centered, &signed_dynamic_map(), NESTED_BLOCKSIZE, quantized, nested_absmax)?;
+    double_quantize_with_offset(absmax, offset, quantized, nested_absmax)?;
     Ok(offset)
+}
+
+/// [`double_quantize`] around a given offset: callers with torch at hand pass `absmax.mean()` as
+/// torch computes it, which is bitsandbytes' offset on every CPU by construction.
+pub fn double_quantize_with_offset(
+    absmax: &[f32],
+    offset: f32,
+    quantized: &mut [u8],
+    nested_absmax: &mut [f32],
+) -> Result<()> {
+    if !offset.is_finite() {
+        return Err(Error::unsupported(format!(
+            "double quantization: the offset (mean of the block scales) is {offset}; it must be finite \
+             (block scales this large overflow a float32 sum: quantize without double quantization)"
+        )));
+    }
+    let centered: Vec<f32> = absmax.par_iter().map(|&a| a - offset).collect();
+    quantize_blockwise_8bit(&centered, &signed_dynamic_map(), NESTED_BLOCKSIZE, quantized, nested_absmax)
 }
 
 /// Inverse of [`double_quantize`]: `map[q] * nested_absmax + offset`, two float32 roundings

@@ -4,8 +4,13 @@
 //! `torch.mean`, whose cascade summation (SIMD lanes, 4-way interleave, 4 levels of partial sums,
 //! one chunk per thread above 32768 elements) rounds differently from an exact sum in about a
 //! third of the tensors. Following the same order makes the offset, and so every nested code,
-//! identical. The order depends on the SIMD width torch uses (8 floats for AVX2, 16 for AVX-512)
-//! and on its intra-op thread count, so both are parameters.
+//! identical. Callers that have torch at hand take the offset from torch itself; this emulation
+//! serves the paths without torch (`qlora-rs convert`).
+//!
+//! The order depends on the SIMD width of torch's float32 sum kernel and on its intra-op thread
+//! count. On x86-64 the width is 8 lanes whatever the CPU: torch's sum gives the same bits with
+//! `ATEN_CPU_CAPABILITY=avx2` and on AVX-512 (measured for 2,545 vectors and 1-8 threads, the
+//! fixture `tests/data/torch_mean_f32.json`), so the width is not taken from the CPU's features.
 
 /// How PyTorch would sum: SIMD width in float32 lanes and intra-op threads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,18 +25,17 @@ const ILP: usize = 4;
 const LEVELS: usize = 4;
 const MAX_WIDTH: usize = 16;
 
+/// float32 lanes of torch's CPU sum kernel on this architecture.
+#[cfg(target_arch = "x86_64")]
+pub const TORCH_SUM_WIDTH: usize = 8;
+#[cfg(not(target_arch = "x86_64"))]
+pub const TORCH_SUM_WIDTH: usize = 4;
+
 impl SumOrder {
-    /// The order of a default PyTorch build on this machine: AVX-512 width when the CPU has the
-    /// instructions torch requires for it, else AVX2's; one thread per available CPU.
-    /// `QLORA_RS_TORCH_THREADS` overrides the thread count (torch.get_num_threads() of the run
-    /// whose bytes should be matched).
+    /// The order of a default PyTorch process on this machine: torch's sum width and its default
+    /// intra-op thread count (see [`torch_default_threads`]).
     pub fn detect() -> Self {
-        let threads = std::env::var("QLORA_RS_TORCH_THREADS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
-            .unwrap_or(1);
-        SumOrder { vec_width: detect_width(), threads }
+        SumOrder { vec_width: TORCH_SUM_WIDTH, threads: torch_default_threads() }
     }
 
     pub fn new(vec_width: usize, threads: usize) -> Self {
@@ -39,22 +43,42 @@ impl SumOrder {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-fn detect_width() -> usize {
-    if is_x86_feature_detected!("avx512f")
-        && is_x86_feature_detected!("avx512bw")
-        && is_x86_feature_detected!("avx512vl")
-        && is_x86_feature_detected!("avx512dq")
-    {
-        16
-    } else {
-        8
-    }
+/// The intra-op thread count a fresh torch process would use: `QLORA_RS_TORCH_THREADS` (ours: the
+/// `torch.get_num_threads()` of the run whose bytes should be matched), else `OMP_NUM_THREADS` or
+/// `MKL_NUM_THREADS` as torch reads them, else the number of physical cores (torch's default), else
+/// the CPUs this process may use.
+pub fn torch_default_threads() -> usize {
+    let from_env = |name: &str| std::env::var(name).ok().and_then(|v| v.trim().parse::<usize>().ok()).filter(|&n| n > 0);
+    from_env("QLORA_RS_TORCH_THREADS")
+        .or_else(|| from_env("OMP_NUM_THREADS"))
+        .or_else(|| from_env("MKL_NUM_THREADS"))
+        .or_else(physical_cores)
+        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+        .unwrap_or(1)
 }
 
-#[cfg(not(target_arch = "x86_64"))]
-fn detect_width() -> usize {
-    4
+/// Physical cores (distinct package/core id pairs of the online CPUs), as torch counts them.
+#[cfg(target_os = "linux")]
+fn physical_cores() -> Option<usize> {
+    let mut cores = std::collections::HashSet::new();
+    for entry in std::fs::read_dir("/sys/devices/system/cpu").ok()?.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if !name.strip_prefix("cpu").is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit())) {
+            continue;
+        }
+        let topo = entry.path().join("topology");
+        let read = |f: &str| std::fs::read_to_string(topo.join(f)).ok().map(|s| s.trim().to_string());
+        if let (Some(pkg), Some(core)) = (read("physical_package_id"), read("core_id")) {
+            cores.insert((pkg, core));
+        }
+    }
+    (!cores.is_empty()).then_some(cores.len())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn physical_cores() -> Option<usize> {
+    None
 }
 
 /// `torch.sum` of a contiguous float32 vector.

@@ -70,8 +70,25 @@ def bnb_reference(src: Path, dst: Path, *, quant_type: str = "nf4", double_quant
     if auto_cls is None:
         from transformers import AutoModelForCausalLM as auto_cls
     model = auto_cls.from_pretrained(src, quantization_config=bnb_config(quant_type, double_quant), device_map="cpu")
+    bnb_portable_path(model)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(dst, **kwargs)
+    return model
+
+
+def bnb_portable_path(model):
+    """Keeps bitsandbytes' 4-bit layers on their portable CPU path (``dequantize_4bit`` + ``F.linear``),
+    so the reference does not depend on the CPU. On CPUs with AVX512-BF16, bitsandbytes 0.50 in
+    eval mode repacks each weight for its own CPU kernel, which rounds differently and asserts
+    ``out_features % 32 == 0``. Returns the model."""
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers, "no bitsandbytes 4-bit layers in the reference model"
+    for m in layers:
+        # A bitsandbytes release without this switch must fail here, not pick a CPU-dependent path.
+        assert hasattr(m, "support_avx512bf16_for_cpu"), "bitsandbytes' CPU fast-path switch has moved"
+        m.support_avx512bf16_for_cpu = False
     return model
 
 

@@ -214,6 +214,10 @@ def fsdp_training(rank: int, world: int, out: Path, info: dict, ckpt_dirs: dict)
     info["fsdp_losses"] = train(model, make_optimizer(model), range(STEPS), rank, world)
     _save(out, "fsdp_lora", lora_weights(model), rank)
     save_adapter(model, out / "adapter_fsdp")
+    # The top-level function, as PyTorch's FSDP2 examples would call it: on every rank.
+    import qlora_rs
+
+    info["toplevel_save_returned"] = str(qlora_rs.save_adapter(model, out / "adapter_fsdp_toplevel"))
 
 
 def fsdp_float_storage(rank: int, world: int, out: Path, info: dict, ckpt_dirs: dict) -> None:
@@ -245,6 +249,8 @@ def ddp_training(rank: int, world: int, out: Path, info: dict, ckpt_dirs: dict) 
                                      for n, m in inner.named_modules() if isinstance(m, qlora_rs.Linear4bit))
     _save(out, "ddp_lora", lora_weights(model), rank)
     save_adapter(model, out / "adapter_ddp")
+    if rank == 0:  # the usual DDP pattern: the top-level function on rank 0 alone, on the wrapper
+        qlora_rs.save_adapter(model, out / "adapter_ddp_toplevel")
 
 
 def state_dicts(rank: int, world: int, out: Path, info: dict, ckpt_dirs: dict) -> None:
@@ -378,6 +384,12 @@ def sharded_loading(rank: int, world: int, out: Path, info: dict, ckpt_dirs: dic
     finally:
         D._RowReader.rows, Checkpoint.read = rows, read
     info["sharded_loading"] = results
+    if "q4_malformed" in ckpt_dirs:  # a stored state whose 'shape' field is an object
+        try:
+            D.load_sharded(ckpt_dirs["q4_malformed"], compute_dtype=torch.float32, dtype=torch.float32)
+            info["malformed_error"] = None
+        except Exception as e:  # the test checks the type and the message
+            info["malformed_error"] = [type(e).__name__, str(e)]
 
 
 

@@ -25,6 +25,7 @@ from qlora_rs.convert import (
 )
 
 from _convert_helpers import (
+    bnb_portable_path,
     bnb_reference,
     load_all,
     read_header,
@@ -82,7 +83,7 @@ def reference(work, llama, llama_sharded):
 def _logits(directory: Path, ids: torch.Tensor) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(directory, device_map="cpu")
+    model = bnb_portable_path(AutoModelForCausalLM.from_pretrained(directory, device_map="cpu"))
     assert getattr(model, "is_loaded_in_4bit", False)
     with torch.no_grad():
         return model(ids).logits
@@ -165,7 +166,7 @@ def test_all_minilm_l6_v2(work):
     assert cfg["quantization_config"] == json.loads((bnb_dir / "config.json").read_text())["quantization_config"]
     assert cfg["dtype"] == "float32"
 
-    model = AutoModel.from_pretrained(dst, device_map="cpu")
+    model = bnb_portable_path(AutoModel.from_pretrained(dst, device_map="cpu"))
     ids = torch.tensor([[101, 7592, 2088, 102]])
     with torch.no_grad():
         assert torch.equal(model(ids).last_hidden_state, bnb_model(ids).last_hidden_state)

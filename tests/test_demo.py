@@ -27,3 +27,11 @@ def test_demo_converts_compares_and_trains(tmp_path, capsys):
     assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
     run = tmp_path / "run"
     assert (run / "adapter_config.json").is_file() and (run / "adapter_model.safetensors").is_file()
+    assert f"Everything this demo wrote is in {tmp_path.resolve()}" in out  # and it is still there
+
+
+def test_demo_writes_to_a_visible_folder_by_default(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(demo, "run", lambda work, seconds: seen.setdefault("work", work) and 0)
+    assert demo.main([]) == 0
+    assert str(seen["work"]) == "demo-out"

@@ -47,16 +47,44 @@ def run(tmp_path_factory):
     torch.manual_seed(3)
     LlamaForCausalLM(W.llama_config()).float().save_pretrained(str(out / "float"))
     save_model(from_pretrained(out / "float", compute_dtype=torch.float32, dtype=torch.float32), out / "q4")
+    _write_malformed(out / "q4", out / "q4_malformed")
     LlamaForCausalLM(W.llama_config(tie=True)).float().save_pretrained(str(out / "tied"))
     data = out / "data.jsonl"
     rng = random.Random(0)
     data.write_text("".join(json.dumps({"prompt": f"add {NUMBERS[a]} and {NUMBERS[b]} =", "response": NUMBERS[a + b]}) + "\n"
                             for a, b in ((rng.randrange(7), rng.randrange(6)) for _ in range(24))))
     make_tiny_llama(out / "train_model", words=["add", "and", "="] + NUMBERS, seed=1, dtype=torch.float32)
-    W.launch("all_scenarios", out, {"q4": str(out / "q4"), "float": str(out / "float"), "tied": str(out / "tied"),
+    W.launch("all_scenarios", out, {"q4": str(out / "q4"), "q4_malformed": str(out / "q4_malformed"),
+                                    "float": str(out / "float"), "tied": str(out / "tied"),
                                     "train_model": str(out / "train_model"), "train_data": str(data)})
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     return out, ranks
+
+
+MALFORMED_KEY = "model.layers.1.mlp.down_proj.weight.quant_state.bitsandbytes__nf4"
+
+
+def _write_malformed(src, dst):
+    """A copy of the 4-bit checkpoint whose stored state for one weight has an object for 'shape'."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    meta = json.loads(bytes(tensors[MALFORMED_KEY].tolist()))
+    meta["shape"] = {"rows": 64}
+    tensors[MALFORMED_KEY] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_sharded_loading_of_a_malformed_state_names_file_tensor_and_field(run):
+    out, ranks = run
+    for r in ranks:
+        kind, message = r["malformed_error"]
+        assert kind == "FormatError"
+        for part in (str(out / "q4_malformed" / "model.safetensors"), "model.layers.1.mlp.down_proj.weight", "'shape'"):
+            assert part in message
 
 
 @pytest.fixture(scope="module")
@@ -133,12 +161,16 @@ def test_resume_with_the_same_world_size(run):
     _assert_same_lora(torch.load(out / "resume_lora.pt"), torch.load(out / "fsdp_lora.pt"))
 
 
-@pytest.mark.parametrize("kind", ["fsdp", "ddp"])
-def test_adapter_written_once_in_peft_layout(run, kind):
+@pytest.mark.parametrize("kind,saved_by", [("fsdp", ""), ("ddp", ""), ("fsdp", "_toplevel"), ("ddp", "_toplevel")])
+def test_adapter_written_once_in_peft_layout(run, kind, saved_by):
+    """By qlora_rs.distributed.save_adapter on every rank, and by the top-level qlora_rs.save_adapter
+    (FSDP2: on every rank, the shards gathered; DDP: on rank 0, the wrapper unwrapped)."""
     from safetensors.torch import load_file
 
-    out, _ = run
-    directory = out / f"adapter_{kind}"
+    out, ranks = run
+    if kind == "fsdp" and saved_by:
+        assert [r["toplevel_save_returned"] for r in ranks] == [str(out / "adapter_fsdp_toplevel"), "None"]
+    directory = out / f"adapter_{kind}{saved_by}"
     assert sorted(p.name for p in directory.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     keys = load_file(str(directory / "adapter_model.safetensors"))
     assert all(k.startswith("base_model.model.model.layers.") for k in keys)

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import qlora_rs
+from _convert_helpers import bnb_portable_path
 from _loading_helpers import make_tiny_llama, tiny_llama_config, write_synthetic_checkpoint
 from qlora_rs.errors import FormatError, InvalidArgumentError
 from qlora_rs.loading import Checkpoint, from_pretrained, memory_footprint
@@ -86,6 +87,7 @@ def test_bitsandbytes_checkpoint_matches_bitsandbytes(float_dir, tokens, tmp_pat
                                 bnb_4bit_compute_dtype=torch.float32)
     bnb_model = AutoModelForCausalLM.from_pretrained(str(float_dir), quantization_config=config, dtype=torch.float32,
                                                      device_map="cpu")
+    bnb_portable_path(bnb_model)
     bnb_model.save_pretrained(str(tmp_path / "bnb"))
     ours = from_pretrained(tmp_path / "bnb", **F32)
     assert ours.qlora_rs_checkpoint["quantization"]["quant_type"] == quant_type

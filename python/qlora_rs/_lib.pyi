@@ -61,10 +61,11 @@ def double_quantize(
     blocks: int,
     q_ptr: int,
     nested_ptr: int,
-    vec_width: int | None = None,
+    offset: float | None = None,
     threads: int | None = None,
 ) -> float:
-    """Double-quantize `blocks` float32 absmax values; returns the offset (torch's float32 mean)."""
+    """Double-quantize `blocks` float32 absmax values around `offset` (default: their mean summed in
+    torch's order with `threads` threads); returns the offset."""
 
 def double_dequantize(
     q_ptr: int, nested_ptr: int, blocks: int, offset: float, map: list[float], out_ptr: int

@@ -72,6 +72,24 @@ def _task_type(model: torch.nn.Module) -> Optional[str]:
     return None
 
 
+def _unwrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    while isinstance(model, DistributedDataParallel):
+        model = model.module
+    return model
+
+
+def _has_sharded_lora(model: torch.nn.Module) -> bool:
+    """Whether any LoRA matrix is a distributed tensor (FSDP2 shards), which only a gather can save."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(getattr(layer, part).weight, DTensor)
+               for layer in lora_layers(model).values() for part in ("lora_A", "lora_B"))
+
+
 def save_adapter(
     model: torch.nn.Module,
     directory: Union[str, os.PathLike],
@@ -81,7 +99,17 @@ def save_adapter(
 ) -> Path:
     """Writes the model's LoRA adapters to ``directory`` in PEFT's layout (see the module
     docstring); returns the directory. Each file is written to a temporary file next to its
-    destination, synced and renamed into place."""
+    destination, synced and renamed into place.
+
+    A model sharded with FSDP2 is handled as :func:`qlora_rs.distributed.save_adapter` does: call
+    it on every rank; the shards are gathered and rank 0 writes (the other ranks return None).
+    A DDP-wrapped model is unwrapped (it may be saved from rank 0 alone)."""
+    model = _unwrap_ddp(model)
+    if _has_sharded_lora(model):
+        # Gathering shards is a collective; distributed builds on this module, hence the late import.
+        from .distributed import save_adapter as save_gathered
+
+        return save_gathered(model, directory, base_model_name_or_path=base_model_name_or_path, task_type=task_type)
     layers = lora_layers(model)
     if not layers:
         raise InvalidArgumentError("save_adapter: the model has no LoRA layers; call qlora_rs.add_lora first")

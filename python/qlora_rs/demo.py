@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import tempfile
 from pathlib import Path
 
 from . import cli
@@ -23,12 +22,10 @@ from .models import minilm_dir
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m qlora_rs.demo", description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", type=Path, help="keep the converted model and the run here (default: a temporary directory)")
+    ap.add_argument("--workdir", type=Path, default=Path("demo-out"),
+                    help="where the converted model, the adapter, metrics.jsonl and loss.png go (default: ./demo-out)")
     ap.add_argument("--seconds", type=float, default=60.0, help="training time budget (default 60)")
     args = ap.parse_args(argv)
-    if args.workdir is None:
-        with tempfile.TemporaryDirectory(prefix="qlora-rs-demo-") as tmp:
-            return run(Path(tmp), args.seconds)
     return run(args.workdir, args.seconds)
 
 
@@ -51,6 +48,7 @@ def run(work: Path, seconds: float) -> int:
     from .train_demo import run_demo_training
 
     run_demo_training(work, seconds=seconds, converted=converted)
+    print(f"\nEverything this demo wrote is in {work.resolve()}", flush=True)
     return 0
 
 

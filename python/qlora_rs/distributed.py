@@ -848,12 +848,11 @@ def _fill_4bit(layer, local, start, stop, ckpt, reader, quant, key, model_key, d
     size = local.element_size()
     if quant is not None:
         weight, p = quant
-        state = QuantState.from_dict({part: ckpt.read(k) for part, k in p.items()}, device=device)
+        state = ckpt.quant_state(weight, p).to(device)  # checked, sizes included
+        if tuple(state.shape) != (layer.out_features, layer.in_features):
+            raise FormatError(f"{ckpt.entries[weight].file}: {weight}: field 'shape' says a quantized {list(state.shape)} "
+                              f"weight; the model's layer is [{layer.out_features}, {layer.in_features}]")
         _set_quant_state(layer, state, device)
-        entry = ckpt.entries[weight]
-        if entry.nbytes != (state.numel + 1) // 2:
-            raise FormatError(f"{entry.file}: {weight} has {entry.nbytes} bytes; shape {list(state.shape)} needs "
-                              f"{(state.numel + 1) // 2}")
         # The stored tensor is uint8 [(n+1)//2, 1]; param row i holds bytes [i*size, (i+1)*size).
         raw = reader.rows(weight, start * size, stop * size).reshape(-1)
         local.view(-1).copy_(raw.view(local.dtype) if local.dtype != torch.uint8 else raw)

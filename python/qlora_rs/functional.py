@@ -6,7 +6,6 @@ the outputs with torch and keeps every tensor alive for the duration of the call
 
 from __future__ import annotations
 
-import platform
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -89,22 +88,12 @@ def _double_quantize_into(state: QuantState) -> None:
     blocks = absmax.numel()
     q = torch.empty(blocks, dtype=torch.uint8)
     nested = torch.empty(-(-blocks // 256), dtype=torch.float32)
-    # The mean is summed in the order torch would use here, so the offset equals bitsandbytes'.
-    offset = _lib.double_quantize(
-        absmax.data_ptr(), blocks, q.data_ptr(), nested.data_ptr(), _torch_simd_width(), torch.get_num_threads()
-    )
-    state.absmax, state.offset = q, float(offset)
+    # bitsandbytes subtracts torch's float32 mean; taking it from torch makes the offset, and so
+    # every nested code, identical on every CPU and torch version.
+    offset = float(absmax.mean()) if blocks else 0.0
+    _lib.double_quantize(absmax.data_ptr(), blocks, q.data_ptr(), nested.data_ptr(), offset)
+    state.absmax, state.offset = q, offset
     state.nested_absmax, state.nested_code = nested, nested_code_table()
-
-
-def _torch_simd_width() -> int:
-    """float32 lanes of torch's CPU vectorization (its reductions sum lane-wise)."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability.startswith("AVX512"):
-        return 16
-    if capability == "SVE256" or platform.machine().lower() in ("x86_64", "amd64"):
-        return 8
-    return 4
 
 
 def absmax_float(state: QuantState) -> torch.Tensor:

@@ -35,7 +35,7 @@ from torch import nn
 
 from .errors import FormatError, InvalidArgumentError
 from .nn.linear4bit import Linear4bit
-from .quant_state import QUANT_TYPES, dtype_name, parse_dtype
+from .quant_state import QUANT_TYPES, QuantState, dtype_name, parse_dtype
 
 __all__ = ["from_pretrained", "save_model", "Checkpoint", "TensorEntry", "QuantOptions", "Footprint", "memory_footprint"]
 
@@ -141,6 +141,7 @@ class Checkpoint:
                     raise FormatError(f"{file}: tensor {name!r} is also in {self.entries[name].file}")
                 self.entries[name] = entry
         self._handles: dict[Path, Any] = {}
+        self._states: dict[str, QuantState] = {}  # parsed 4-bit states (small), by weight
 
     @staticmethod
     def _files_from_index(index: Path) -> list[Path]:
@@ -225,6 +226,37 @@ class Checkpoint:
             if m:
                 out.setdefault(m["weight"], {})[m["part"]] = key
         return out
+
+    def quant_state(self, weight: str, parts: dict[str, str]) -> QuantState:
+        """The stored quantization state of the 4-bit ``weight`` (its ``parts`` as
+        :meth:`quantized_weights` lists them), every field checked: a FormatError names the file,
+        the weight and the field."""
+        if weight in self._states:
+            return self._states[weight]
+        name = f"{self.entries[next(iter(parts.values()))].file}: {weight}"
+        if not any(p.startswith("quant_state") for p in parts):
+            raise FormatError(f"{name} has quantization tensors but no {weight}.quant_state.bitsandbytes__<type> entry")
+        state = QuantState.from_dict({part: self.read(k) for part, k in parts.items()}, name=name)
+        if weight in self.entries and self.entries[weight].nbytes != (state.numel + 1) // 2:
+            raise FormatError(f"{name}: the packed weight has {self.entries[weight].nbytes} bytes; field 'shape' "
+                              f"{list(state.shape)} needs {(state.numel + 1) // 2}")
+        self._states[weight] = state
+        return state
+
+    def check_quant_states(self, model: nn.Module) -> None:
+        """Checks every stored 4-bit state against itself and against ``model``'s 4-bit layers
+        before any weight is loaded (transformers' loader would otherwise turn a malformed file into
+        a generic conversion report)."""
+        for weight, parts in self.quantized_weights().items():
+            state = self.quant_state(weight, parts)
+            try:
+                layer = model.get_submodule(weight.rsplit(".", 1)[0])
+            except AttributeError:
+                continue  # a checkpoint key the model does not have: reported as unexpected later
+            expected = (getattr(layer, "out_features", None), getattr(layer, "in_features", None))
+            if isinstance(layer, Linear4bit) and tuple(state.shape) != expected:
+                raise FormatError(f"{self.entries[weight].file}: {weight}: field 'shape' says a quantized "
+                                  f"{list(state.shape)} weight; the model's layer is {list(expected)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -510,19 +542,10 @@ def from_pretrained(
 
 def _checkpoint_options(ckpt: Checkpoint, quantized: dict[str, dict[str, str]]) -> tuple[str, int, bool]:
     """quant type, block size and double quantization of a 4-bit checkpoint (from its first
-    weight's JSON state; every weight carries its own, so mixed files still load)."""
-    for weight, parts in quantized.items():
-        meta_key = next((k for p, k in parts.items() if p.startswith("quant_state")), None)
-        if meta_key is None:
-            raise FormatError(f"{_file_of(ckpt, weight + '.absmax' if 'absmax' in parts else next(iter(parts.values())))}: "
-                              f"{weight} has quantization tensors but no {weight}.quant_state.bitsandbytes__<type> entry")
-        raw = ckpt.read(meta_key)
-        try:
-            meta = json.loads(bytes(raw.flatten().tolist()).decode("utf-8"))
-            return str(meta["quant_type"]), int(meta["blocksize"]), "nested_absmax" in parts
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise FormatError(f"{_file_of(ckpt, meta_key)}: {meta_key} is not bitsandbytes' JSON quantization state ({e})") from None
-    raise AssertionError("no quantized weights")
+    weight's stored state; every weight carries its own, so mixed files still load)."""
+    weight, parts = next(iter(quantized.items()))
+    state = ckpt.quant_state(weight, parts)
+    return state.quant_type, state.blocksize, state.nested
 
 
 def _load(ckpt, config, quantization, compute_dtype, device, dtype, model_class, strict) -> nn.Module:
@@ -661,10 +684,10 @@ def _load(ckpt, config, quantization, compute_dtype, device, dtype, model_class,
 def _fill_linear4bit(ckpt: Checkpoint, layer: Linear4bit, key: str, parts: Optional[dict[str, str]], device) -> None:
     weight = ckpt.read(key)
     if parts:
-        state = {"weight": weight}
-        state.update({"weight." + part: ckpt.read(k) for part, k in parts.items()})
         try:
-            layer.load_state_dict(state, strict=False)
+            layer.load_weight_(weight, {part: ckpt.read(k) for part, k in parts.items()}, key)
+        except FormatError as e:  # names the tensor and the field already
+            raise FormatError(f"{_file_of(ckpt, key)}: {e}") from None
         except (RuntimeError, ValueError) as e:
             raise FormatError(f"{_file_of(ckpt, key)}: {key}: {e}") from None
     else:

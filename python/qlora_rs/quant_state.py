@@ -4,6 +4,7 @@ exact serialized form bitsandbytes uses (so state dicts and safetensors files in
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -111,15 +112,19 @@ class QuantState:
         return out
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], device: Any = "cpu") -> "QuantState":
+    def from_dict(cls, d: dict[str, Any], device: Any = "cpu", *, name: Optional[str] = None) -> "QuantState":
         """Rebuilds a state from :meth:`as_dict` output, packed or not, or from the matching
-        entries of a bitsandbytes state dict (prefixes such as ``weight.`` are stripped)."""
+        entries of a bitsandbytes state dict (prefixes such as ``weight.`` are stripped).
+
+        Every field is checked: a missing or malformed one raises :class:`FormatError` naming
+        ``name`` (say ``"model.safetensors: model.layers.0.mlp.up_proj.weight"``) and the field."""
+        where = f"{name}: " if name else ""
         d = dict(d)
         packed_keys = [k for k, v in d.items() if "quant_state" in k and isinstance(v, torch.Tensor)]
         if "quant_type" not in {k.split(".")[-1] for k in d}:
             if len(packed_keys) != 1:
                 raise FormatError(
-                    f"expected exactly one packed '{_PACKED_PREFIX}<nf4|fp4|int4>' entry or unpacked fields, "
+                    f"{where}expected exactly one packed '{_PACKED_PREFIX}<nf4|fp4|int4>' entry or unpacked fields, "
                     f"found {sorted(d)}"
                 )
         for k in packed_keys:
@@ -127,49 +132,52 @@ class QuantState:
             try:
                 meta = json.loads(bytes(raw.to("cpu", torch.uint8).flatten().tolist()).decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise FormatError(f"{k}: not UTF-8 JSON quantization metadata ({e})") from None
+                raise FormatError(f"{where}{k}: not UTF-8 JSON quantization metadata ({e})") from None
+            if not isinstance(meta, dict):
+                raise FormatError(f"{where}{k}: the quantization metadata is a JSON {type(meta).__name__}; expected an object")
+            key_type = k.rsplit("__", 1)[-1] if "__" in k else None
+            if key_type is not None and meta.get("quant_type", key_type) != key_type:
+                raise FormatError(f"{where}{k}: field 'quant_type' is {meta.get('quant_type')!r} but the key says {key_type!r}")
             d.update(meta)
         d = {k.split(".")[-1]: v for k, v in d.items()}
         missing = [k for k in ("quant_type", "absmax", "blocksize", "quant_map", "dtype", "shape") if k not in d]
         if missing:
-            raise FormatError(f"quantization state lacks {missing}; it has {sorted(d)}")
-        quant_type = str(d["quant_type"])
-        if quant_type not in QUANT_TYPES:
-            raise FormatError(f"unsupported quant_type {quant_type!r}: expected one of {QUANT_TYPES}")
-        code = d["quant_map"].to(device=device, dtype=torch.float32)
+            raise FormatError(f"{where}quantization state lacks {missing}; it has {sorted(d)}")
+        fields = _Fields(d, where)
+        quant_type = fields.choice("quant_type", QUANT_TYPES)
+        code = fields.tensor("quant_map").to(device=device, dtype=torch.float32)
         if not torch.equal(code.cpu(), code_table(quant_type)):
-            raise FormatError(f"quant_map does not match the {quant_type} code table; custom maps are not supported")
-        nested = "nested_absmax" in d
-        absmax = d["absmax"].to(device)
-        blocksize = int(d["blocksize"])
-        _lib.check_blocksize(blocksize)
+            raise FormatError(f"{where}quant_map does not match the {quant_type} code table; custom maps are not supported")
+        blocksize = fields.choice("blocksize", tuple(_lib.BLOCKSIZES))
         state = cls(
-            absmax=absmax,
-            shape=torch.Size(d["shape"]),
-            dtype=parse_dtype(d["dtype"]),
+            absmax=fields.tensor("absmax").to(device),
+            shape=torch.Size(fields.shape("shape")),
+            dtype=_DTYPES[fields.choice("dtype", tuple(_DTYPES))],
             blocksize=blocksize,
             quant_type=quant_type,
             code=code,
         )
-        if nested:
-            state.offset = float(d["nested_offset"])
-            state.nested_absmax = d["nested_absmax"].to(device=device, dtype=torch.float32)
-            state.nested_code = d["nested_quant_map"].to(device=device, dtype=torch.float32)
-            state.nested_blocksize = int(d.get("nested_blocksize", 256))
-            state.nested_dtype = parse_dtype(d.get("nested_dtype", "float32"))
-            if state.nested_blocksize != 256:
-                raise FormatError(f"nested_blocksize {state.nested_blocksize} is not supported: expected 256")
-        state.validate()
+        if "nested_absmax" in d:
+            state.offset = fields.number("nested_offset")
+            state.nested_absmax = fields.tensor("nested_absmax").to(device=device, dtype=torch.float32)
+            state.nested_code = fields.tensor("nested_quant_map").to(device=device, dtype=torch.float32)
+            state.nested_blocksize = fields.choice("nested_blocksize", (256,), default=256)
+            state.nested_dtype = _DTYPES[fields.choice("nested_dtype", ("float32",), default="float32")]
+        try:
+            state.validate()
+        except FormatError as e:
+            raise FormatError(f"{where}{e}") from None
         return state
 
     def validate(self) -> None:
-        """Checks that the sizes agree with each other; raises FormatError naming the mismatch."""
+        """Checks that the sizes agree with each other; raises FormatError naming the fields that
+        disagree."""
         blocks = self.blocks
         want = torch.uint8 if self.nested else torch.float32
         if self.absmax.dtype != want or self.absmax.numel() != blocks:
             raise FormatError(
-                f"absmax is {dtype_name(self.absmax.dtype)} with {self.absmax.numel()} entries; shape "
-                f"{list(self.shape)} in blocks of {self.blocksize} needs {dtype_name(want)} with {blocks}"
+                f"absmax is {dtype_name(self.absmax.dtype)} with {self.absmax.numel()} entries; 'shape' "
+                f"{list(self.shape)} in blocks of 'blocksize' {self.blocksize} needs {dtype_name(want)} with {blocks}"
             )
         if self.nested:
             nb = -(-blocks // self.nested_blocksize)
@@ -196,3 +204,50 @@ class QuantState:
             f"QuantState({self.quant_type}, shape={list(self.shape)}, dtype={dtype_name(self.dtype)}, "
             f"blocksize={self.blocksize}{dq})"
         )
+
+
+class _Fields:
+    """Typed reads of a quantization state's fields, each failing with a FormatError that names the
+    field, what it holds and what was expected (the JSON of a stored state is untrusted input)."""
+
+    def __init__(self, d: dict[str, Any], where: str) -> None:
+        self.d, self.where = d, where
+
+    def _bad(self, key: str, expected: str) -> FormatError:
+        value = repr(self.d[key]) if not isinstance(self.d[key], torch.Tensor) else "a tensor"
+        if len(value) > 60:
+            value = value[:57] + "..."
+        return FormatError(f"{self.where}field {key!r} is {value}; expected {expected}")
+
+    def _get(self, key: str, default: Any) -> Any:
+        if key not in self.d:
+            if default is None:
+                raise FormatError(f"{self.where}quantization state lacks field {key!r}")
+            return default
+        return self.d[key]
+
+    def choice(self, key: str, allowed: tuple[Any, ...], default: Any = None) -> Any:
+        value = self._get(key, default)
+        # Types compared too: JSON true is not 1, 64.0 is not the block size 64.
+        if not any(type(value) is type(a) and value == a for a in allowed):
+            raise self._bad(key, "one of " + ", ".join(map(repr, allowed)))
+        return value
+
+    def number(self, key: str) -> float:
+        value = self._get(key, None)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self._bad(key, "a finite number")
+        return float(value)
+
+    def shape(self, key: str) -> list[int]:
+        value = self._get(key, None)
+        if (not isinstance(value, (list, tuple))
+                or any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**62 for v in value)):
+            raise self._bad(key, "a list of non-negative integers")
+        return list(value)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        value = self._get(key, None)
+        if not isinstance(value, torch.Tensor):
+            raise self._bad(key, "a tensor")
+        return value

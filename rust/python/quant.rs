@@ -3,7 +3,7 @@
 use pyo3::prelude::*;
 
 use super::to_pyerr;
-use crate::reduce::SumOrder;
+use crate::reduce::{torch_default_threads, SumOrder, TORCH_SUM_WIDTH};
 use crate::{blockwise8, codebook, quant4, DType, FloatSlice, FloatSliceMut, QuantType};
 
 /// A slice over memory owned by a torch tensor the caller keeps alive for the call.
@@ -186,29 +186,29 @@ fn dequantize_blockwise_8bit(
     .map_err(to_pyerr)
 }
 
-/// Double-quantize `blocks` float32 absmax values: writes `blocks` bytes and
-/// ceil(blocks/256) nested absmax floats; returns the offset. `vec_width`/`threads` give the
-/// summation order of the mean (torch's SIMD width and intra-op threads); default: detected.
+/// Double-quantize `blocks` float32 absmax values: writes `blocks` bytes and ceil(blocks/256)
+/// nested absmax floats; returns the offset. `offset` is the mean to subtract (pass torch's
+/// `absmax.mean()`: bitsandbytes' offset on every CPU); without it the mean is summed in torch's
+/// order with `threads` intra-op threads (default: a fresh torch process's).
 #[pyfunction]
-#[pyo3(signature = (absmax_ptr, blocks, q_ptr, nested_ptr, vec_width=None, threads=None))]
+#[pyo3(signature = (absmax_ptr, blocks, q_ptr, nested_ptr, offset=None, threads=None))]
 fn double_quantize(
     py: Python<'_>,
     absmax_ptr: usize,
     blocks: usize,
     q_ptr: usize,
     nested_ptr: usize,
-    vec_width: Option<usize>,
+    offset: Option<f32>,
     threads: Option<usize>,
 ) -> PyResult<f32> {
-    let detected = SumOrder::detect();
-    let order = SumOrder::new(vec_width.unwrap_or(detected.vec_width), threads.unwrap_or(detected.threads));
+    let order = SumOrder::new(TORCH_SUM_WIDTH, threads.unwrap_or_else(torch_default_threads));
     py.detach(|| unsafe {
-        blockwise8::double_quantize_with(
-            slice(absmax_ptr, blocks),
-            order,
-            slice_mut(q_ptr, blocks),
-            slice_mut(nested_ptr, blockwise8::nested_blocks(blocks)),
-        )
+        let absmax = slice(absmax_ptr, blocks);
+        let (q, nested) = (slice_mut(q_ptr, blocks), slice_mut(nested_ptr, blockwise8::nested_blocks(blocks)));
+        match offset {
+            Some(offset) => blockwise8::double_quantize_with_offset(absmax, offset, q, nested).map(|()| offset),
+            None => blockwise8::double_quantize_with(absmax, order, q, nested),
+        }
     })
     .map_err(to_pyerr)
 }

@@ -27,7 +27,7 @@ from torch import nn
 
 from .. import _lib
 from ..autograd import Linear4bitFunction
-from ..errors import InvalidArgumentError
+from ..errors import FormatError, InvalidArgumentError
 from ..functional import quantize
 from ..ops import dequantize_4bit as _dequantize_op
 from ..quant_state import QUANT_TYPES, QuantState, code_table, dtype_name, nested_code_table, parse_dtype
@@ -300,7 +300,9 @@ class Linear4bit(nn.Linear):
             missing_keys.append(wkey)
         else:
             try:
-                self._load_weight(state_dict[wkey], {k[len(wkey) + 1:]: state_dict[k] for k in quant_keys}, wkey)
+                self.load_weight_(state_dict[wkey], {k[len(wkey) + 1:]: state_dict[k] for k in quant_keys}, wkey)
+            except FormatError:
+                raise  # a malformed stored state is a broken file, not a key mismatch to collect
             except (InvalidArgumentError, ValueError, RuntimeError) as e:
                 error_msgs.append(f"While loading {wkey}: {e}")
         bkey = prefix + "bias"
@@ -326,7 +328,11 @@ class Linear4bit(nn.Linear):
                 if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0] not in ("weight", "bias")
             )
 
-    def _load_weight(self, weight: torch.Tensor, quant: dict, key: str) -> None:
+    def load_weight_(self, weight: torch.Tensor, quant: dict, key: str = "weight") -> None:
+        """Fills the layer from a stored weight: packed 4-bit bytes with their quantization tensors in
+        ``quant`` (keyed ``absmax``, ``quant_map``, ``quant_state.bitsandbytes__nf4``, ... as in a state
+        dict after ``weight.``), or a float weight to quantize when ``quant`` is empty. ``key`` names
+        the weight in errors."""
         device = self.weight.device if self.weight.device.type != "meta" else weight.device
         if not quant:
             if not weight.is_floating_point() or tuple(weight.shape) != (self.out_features, self.in_features):
@@ -337,10 +343,10 @@ class Linear4bit(nn.Linear):
                 )
             self.quantize_weight_(weight.to(device))
             return
-        state = QuantState.from_dict(quant, device=device)
+        state = QuantState.from_dict(quant, device=device, name=key)
         if tuple(state.shape) != (self.out_features, self.in_features):
-            raise InvalidArgumentError(
-                f"{key} holds a quantized [{', '.join(map(str, state.shape))}] weight; this layer is "
+            raise FormatError(
+                f"{key}: field 'shape' says a quantized [{', '.join(map(str, state.shape))}] weight; this layer is "
                 f"[{self.out_features}, {self.in_features}]"
             )
         nbytes = weight.numel() * weight.element_size()
