@@ -33,8 +33,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL_DIR", help="the base model directory the adapter was trained on")
     p.add_argument("adapter", metavar="ADAPTER_DIR", help="a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("-o", "--output", dest="output", required=True, metavar="OUT", help="the merged model directory")
-    p.add_argument("--requantize", action="store_true", help="store the merged linear weights in 4 bits again")
-    p.add_argument("--force", action="store_true", help="replace an existing OUT")
+    p.add_argument("--requantize", action="store_true",
+                   help="store the merged linear weights in 4 bits again (rounds the adapter; the output says by how "
+                        "much); without it they are stored in the base checkpoint's 16-bit dtype")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT; without it an existing OUT is refused")
     p.set_defaults(func=run)
     return p
 
@@ -78,11 +80,13 @@ def merge_checkpoint(
     """Loads ``model_dir`` in 4 bits (as training did: ``quantization`` or the options recorded
     by the training run, else the QLoRA defaults), applies the adapter, merges it and writes
     ``output`` (see the module docstring). Returns ``{"output", "layers", "max_abs",
-    "relative_rms", "dtype"}`` with the worst merge error over the layers."""
+    "relative_rms", "dtype"}`` with the worst merge error over the layers, and with ``requantize`` what
+    re-quantizing did to the adapter (``adapter_change``, ``adapter_lost``, ``adapter_rounded_away``:
+    see :class:`qlora_rs.model.RequantizedMerge`)."""
     from .adapter import load_adapter
     from .hf_quantizer import QloraConfig
     from .loading import from_pretrained, save_model
-    from .model import merge
+    from .model import merge_layers
 
     model_dir, adapter_dir, output = Path(model_dir), Path(adapter_dir), Path(output)
     if output.exists() and not force:
@@ -94,7 +98,7 @@ def merge_checkpoint(
     model = from_pretrained(model_dir, quantization=quantization, compute_dtype=torch.float32, dtype=dtype)
     opts = model.qlora_rs_checkpoint["quantization"]
     load_adapter(model, adapter_dir)
-    report = merge(model, requantize=requantize)
+    report, rounding = merge_layers(model, requantize=requantize)
     if not report:
         raise ValueError(f"{adapter_dir}: the adapter adapts no layer of {model_dir}")
     qconfig = None
@@ -106,8 +110,12 @@ def merge_checkpoint(
             qconfig["llm_int8_skip_modules"] = skipped
     save_model(model, output, source_dir=model_dir, quantization_config=qconfig, force=force)
     worst = max(report.values(), key=lambda e: e.relative_rms)
-    return {"output": str(output), "layers": len(report), "max_abs": max(e.max_abs for e in report.values()),
-            "relative_rms": worst.relative_rms, "dtype": str(dtype).removeprefix("torch.")}
+    result = {"output": str(output), "layers": len(report), "max_abs": max(e.max_abs for e in report.values()),
+              "relative_rms": worst.relative_rms, "dtype": str(dtype).removeprefix("torch.")}
+    if rounding.layers:
+        result.update(adapter_change=rounding.adapter_change, adapter_lost=rounding.lost,
+                      adapter_rounded_away=rounding.unchanged)
+    return result
 
 
 def run(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
@@ -117,6 +125,11 @@ def run(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
     print(f"merged     {r['layers']} LoRA layers of {args.adapter} into {args.model}", file=out)
     print(f"error      max |merged - exact| {r['max_abs']:.3g}, worst relative RMS {r['relative_rms']:.3g} "
           f"(rounding to {kind})", file=out)
+    if "adapter_lost" in r:
+        away = f"; {r['adapter_rounded_away']} layers came out unchanged" if r["adapter_rounded_away"] else ""
+        print(f"rounding   the adapter changes the weights by {100 * r['adapter_change']:.3g}% (RMS); re-quantizing "
+              f"misses base + adapter by {100 * r['adapter_lost']:.3g}% of that change{away} (without --requantize "
+              "the rounding is bf16's, far smaller)", file=out)
     print(f"wrote      {r['output']} ({kind}); loads with transformers' from_pretrained", file=out)
     return 0
 

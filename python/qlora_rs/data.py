@@ -156,7 +156,7 @@ def read_records(
                 record = json.loads(line)
                 kind = record_kind(record)
             except json.JSONDecodeError as e:
-                _bad(path, n, f"not valid JSON ({e.msg} at column {e.colno})", skip_bad_lines, report)
+                _bad(path, n, f"not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})", skip_bad_lines, report)
                 continue
             except _BadRecord as e:
                 _bad(path, n, str(e), skip_bad_lines, report)

@@ -16,11 +16,25 @@ with transformers. A bitsandbytes checkpoint carries a bitsandbytes ``quantizati
 transformers would refuse to combine with another config class; the registration therefore also
 teaches ``AutoHfQuantizer.merge_quantization_configs`` that a :class:`QloraConfig` passed by the
 caller takes over a 4-bit bitsandbytes checkpoint (its stored format is kept; the caller's
-``compute_dtype`` applies). Nothing else in transformers is changed.
+``compute_dtype`` applies).
+
+A model loaded this way says it is 4-bit the way one loaded with ``BitsAndBytesConfig`` does, so
+that code written for bitsandbytes takes the same paths (see :data:`BNB_4BIT_CHECKS`): it has
+``is_loaded_in_4bit = True``, ``is_quantized = True`` and an ``hf_quantizer`` whose
+``is_trainable`` is True; its ``quantization_method`` stays ``"qlora_rs"`` (see the table for the
+checks that compare it with ``"bitsandbytes"``). When PEFT is installed, loading also makes PEFT
+wrap our layers in :class:`qlora_rs.peft_integration.PeftLoraLinear4bit` by itself, as it picks its
+own layer for bitsandbytes' (``PeftModel.from_pretrained(...).merge_and_unload()`` then works).
 """
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
+import logging
+import sys
+import types
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -41,9 +55,10 @@ from .errors import InvalidArgumentError
 from .nn.linear4bit import Linear4bit
 from .quant_state import QUANT_TYPES, dtype_name, parse_dtype
 
-__all__ = ["QloraConfig", "QloraHfQuantizer", "QUANT_METHOD"]
+__all__ = ["QloraConfig", "QloraHfQuantizer", "QUANT_METHOD", "BNB_4BIT_CHECKS", "mark_loaded_in_4bit"]
 
 QUANT_METHOD = "qlora_rs"
+_log = logging.getLogger("qlora_rs")
 _QUANT_BUFFERS = ("weight_absmax", "weight_quant_map", "weight_nested_absmax", "weight_nested_quant_map")
 _QUANT_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map") + tuple(
     f"quant_state.bitsandbytes__{t}" for t in QUANT_TYPES
@@ -263,6 +278,15 @@ class QloraHfQuantizer(HfQuantizer):
                 layer.weight = nn.Parameter(torch.empty(layer.out_features, layer.in_features, dtype=weight_dtype,
                                                         device="meta"), requires_grad=False)
             layer.requires_grad_(False)
+        files = kwargs.get("checkpoint_files")
+        if self.pre_quantized and files and all(str(f).endswith(".safetensors") for f in files):
+            # A malformed stored state must be a FormatError naming the file, the weight and the field,
+            # not one line of transformers' conversion report: check every state before loading.
+            from .loading import Checkpoint
+
+            # (transformers builds the skeleton under a meta default device; the states are read on the CPU)
+            with torch.device("cpu"), Checkpoint(files[0] if len(files) == 1 else Path(files[0]).parent) as ckpt:
+                ckpt.check_quant_states(model)
 
     def _remember(self, module: Linear4bit, weight_name: str, missing_keys: Optional[set]) -> None:
         """Keeps the layer's quantization buffers: transformers resets every non-persistent
@@ -280,6 +304,8 @@ class QloraHfQuantizer(HfQuantizer):
             for attr, value in saved.items():
                 setattr(module, attr, value)
         self._states.clear()
+        mark_loaded_in_4bit(model)
+        _dispatch_peft_layers()
         return model
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
@@ -306,6 +332,7 @@ class QloraHfQuantizer(HfQuantizer):
                 for param, names in self.serialized_names.items()]
 
     def _dequantize(self, model: nn.Module, dtype: Any = None) -> nn.Module:
+        unmark_loaded_in_4bit(model)
         for name, module in list(model.named_modules()):
             if isinstance(module, Linear4bit):
                 w = module.dequantize(dtype or module.weight_dtype)
@@ -317,6 +344,146 @@ class QloraHfQuantizer(HfQuantizer):
                         linear.bias.copy_(module.bias)
                 model.set_submodule(name, linear)
         return model
+
+
+BNB_4BIT_CHECKS = """
+Every place in transformers 5.17-5.24, PEFT 0.21, TRL 1.16 and accelerate 1.15 that tells a
+bitsandbytes 4-bit model from others (found by reading their sources for is_loaded_in_4bit,
+is_quantized, quantization_method, QuantizationMethod.BITS_AND_BYTES, Linear4bit, Params4bit and
+bnb), what it does for bitsandbytes, and how a model loaded through QloraConfig meets it.
+
+reads model.is_loaded_in_4bit (set by mark_loaded_in_4bit: taken exactly as for bitsandbytes)
+  peft/utils/other.py  prepare_model_for_kbit_training   gradient checkpointing on + input-grad hook
+  peft/peft_model.py, peft/mixed_model.py  _prepare_model_for_gradient_checkpointing   no extra hook
+  peft/tuners/lora/model.py, peft/tuners/adalora/model.py, peft/tuners/ia3/model.py,
+  peft/tuners/vera/model.py, peft/tuners/pvera/model.py, peft/tuners/randlora/model.py,
+  peft/tuners/road/model.py, peft/tuners/hira/model.py  loaded_in_4bit passed to the layer
+      dispatchers (for LoRA ours answers first: PeftLoraLinear4bit, see below)
+  peft/tuners/ia3/model.py  refuses to merge IA3 into a 4-bit model   same refusal
+  trl/trainer/sft_trainer.py, trl/trainer/dpo_trainer.py, trl/trainer/kto_trainer.py,
+  trl/trainer/reward_trainer.py, trl/trainer/grpo_trainer.py, trl/trainer/rloo_trainer.py,
+  trl/trainer/distillation_trainer.py  _is_quantized_model: the trainable parameters (the LoRA
+      adapters) cast to bfloat16 (QLoRA recipe); no ZeRO-3 autocast override
+  trl/experimental/utils.py  prepare_model_for_kbit_training / prepare_peft_model (QLoRA
+      preparation, bf16 cast); trl/experimental/cpo/cpo_trainer.py,
+      trl/experimental/orpo/orpo_trainer.py, trl/experimental/tpo/tpo_trainer.py,
+      trl/experimental/iw_opd/iw_opd_trainer.py  the same flags
+  transformers/trainer.py  _wrap_model: no nn.DataParallel over several GPUs
+  transformers/modeling_utils.py  num_parameters: imports bitsandbytes and counts a Params4bit as
+      2 x its packed size. We cannot be a Params4bit; the model gets a num_parameters of its own
+      that counts a 4-bit weight as in_features x out_features (the same count, no bitsandbytes
+      import; Trainer.floating_point_ops calls it every step)
+  accelerate/accelerator.py  prepare_model: a 4-bit model with an hf_device_map must sit on the
+      training device; with "cpu" in the map it is refused unless bitsandbytes' multi-backend is
+      installed (a bitsandbytes limit that applies to ours only through this flag: load without
+      device_map for CPU training)
+  accelerate/big_modeling.py  dispatch_model: forces device hooks for bitsandbytes < 0.43.2;
+      guarded by quantization_method == "bitsandbytes", so not for ours (ours moves with .to())
+
+reads model.is_quantized / model.hf_quantizer (set by transformers for every quantizer)
+  transformers/trainer_utils.py  validate_quantization_for_training: needs adapters and
+      hf_quantizer.is_trainable (True for ours, as for bitsandbytes 4-bit)
+  transformers/modeling_utils.py  half() / float() refused   same refusal
+  peft/peft_model.py, peft/mixed_model.py  as above
+
+compares model.quantization_method with "bitsandbytes" (ours stays "qlora_rs")
+  transformers/trainer.py  skips model.to(args.device) because bitsandbytes layers cannot move;
+      ours can and are moved (with bitsandbytes the loader already placed the model there)
+  transformers/modeling_utils.py  to(dtype) refused for bitsandbytes: ours keeps its 4-bit codes
+      and scales through a dtype cast, so it is allowed; cuda() refusal is for 8-bit only
+  transformers/distributed/fsdp.py  FSDP mixed precision set to a float quant_storage; ours
+      stores uint8, for which bitsandbytes does nothing either
+  accelerate/big_modeling.py  as above
+
+inspects the layer or parameter class (cannot match without being bitsandbytes)
+  peft/tuners/lora/bnb.py  dispatch_bnb_4bit (isinstance bnb.nn.Linear4bit) -> our own dispatch:
+      qlora_rs.peft_integration makes LoRA wrap every qlora_rs Linear4bit in PeftLoraLinear4bit
+      (fused forward, merge/unmerge by re-quantizing); installed when a model loads through
+      QloraConfig: at once if PEFT is imported, else as soon as it is
+  peft/tuners/<adalora, ia3, vera, pvera, randlora, road, hira>/bnb.py  not matched: those tuners
+      wrap our layer in their generic Linear (forward and training work; merging them does not)
+  peft/peft_model.py  get_nb_trainable_parameters counts a Params4bit twice: ours count their
+      packed bytes, so "all params" reads lower (trainable params are equal)
+  peft/utils/integrations.py dequantize_module_weight, peft/helpers.py, peft/utils/
+      quantization_utils.py  not matched: DoRA, PiSSA/OLoRA init and the layer-status backend name
+      do not know our layer
+  peft/utils/other.py  no fp32 cast for Params4bit: our weight is uint8 and is not cast either
+  trl/experimental/utils.py  prepare_peft_model: a Params4bit on cpu/meta means sharded QLoRA;
+      never true for ours
+  trl/experimental/online_dpo/online_dpo_trainer.py  vLLM quantization for bnb layers: not matched (no vLLM path)
+  accelerate/utils/fsdp_utils.py, accelerate/utils/modeling.py  Params4bit special cases for FSDP
+      sharding and device moves: ours is a plain uint8 parameter and takes the ordinary path
+  transformers/quantizers/base.py  MODULES_TO_PATCH_FOR_QUANTIZATION (Llama 4 experts in
+      pre-quantized bitsandbytes checkpoints): not matched
+"""
+
+
+def mark_loaded_in_4bit(model: nn.Module) -> None:
+    """Sets the flags that transformers' bitsandbytes 4-bit quantizer sets (``is_loaded_in_4bit``),
+    and gives the model a ``num_parameters`` that counts 4-bit weights without bitsandbytes (see
+    :data:`BNB_4BIT_CHECKS`)."""
+    model.is_loaded_in_4bit = True
+    if hasattr(type(model), "num_parameters"):
+        # An instance attribute, so that only models holding our layers change.
+        model.num_parameters = types.MethodType(_num_parameters, model)
+
+
+def unmark_loaded_in_4bit(model: nn.Module) -> None:
+    for attr in ("is_loaded_in_4bit", "num_parameters"):
+        model.__dict__.pop(attr, None)
+
+
+def _num_parameters(self: nn.Module, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+    """transformers' ``PreTrainedModel.num_parameters`` for a model with qlora_rs 4-bit layers: a
+    packed 4-bit weight counts as the ``in_features x out_features`` parameters it holds."""
+    embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings else set()
+    packed = {id(m.weight): m.in_features * m.out_features for m in self.modules() if isinstance(m, Linear4bit)}
+    return sum(packed.get(id(p), p.numel()) for p in self.parameters()
+               if id(p) not in embeddings and (p.requires_grad or not only_trainable))
+
+
+_num_parameters.__name__ = "num_parameters"  # pickles as getattr(model, "num_parameters")
+
+
+def _dispatch_peft_layers() -> None:
+    """Makes PEFT pick PeftLoraLinear4bit for our layers: now if PEFT is imported, else right after
+    it is (importing PEFT takes seconds; a user who never does should not pay for it)."""
+    if "peft" in sys.modules:
+        _install_peft_dispatch()
+    elif importlib.util.find_spec("peft") is not None and not any(
+            isinstance(f, AfterImport) and f.name == "peft" for f in sys.meta_path):
+        sys.meta_path.insert(0, AfterImport("peft", _install_peft_dispatch))
+
+
+def _install_peft_dispatch() -> None:
+    try:
+        from . import peft_integration  # noqa: F401  (importing it installs the dispatch)
+    except Exception as e:  # an incompatible PEFT must not break loading or `import peft`
+        _log.warning("qlora_rs: PEFT will wrap qlora_rs 4-bit layers in its generic LoRA layer (no merging): %s", e)
+
+
+class AfterImport(importlib.abc.MetaPathFinder):
+    """A one-shot import hook: once the top-level module ``name`` has been imported (its code has
+    run), calls ``then()``."""
+
+    def __init__(self, name: str, then: Any) -> None:
+        self.name, self.then = name, then
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module, then = spec.loader.exec_module, self.then
+
+        def exec_then(module: Any) -> None:
+            exec_module(module)
+            then()
+
+        spec.loader.exec_module = exec_then  # this spec's own loader instance
+        return spec
 
 
 def _is_bnb_4bit(config: Any) -> bool:

@@ -6,7 +6,11 @@ output embedding skipped and their gradient-checkpointing switch used.
 from __future__ import annotations
 
 import logging
+import math
+import os
 import re
+import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, NamedTuple, Optional, Sequence, Union
 
@@ -24,6 +28,8 @@ __all__ = [
     "merge",
     "LoraSummary",
     "MergeError",
+    "MergeRoundingWarning",
+    "RequantizedMerge",
     "lora_layers",
 ]
 
@@ -312,15 +318,92 @@ class MergeError(NamedTuple):
     relative_rms: float
 
 
+class MergeRoundingWarning(UserWarning):
+    """LoRA adapters were merged into 4-bit weights, which re-quantizes them: the merged model
+    differs from the model with its adapters by the measured amount."""
+
+
+class RequantizedMerge:
+    """What merging adapters into 4-bit layers did to them, over the layers of one merge.
+
+    ``add(before, delta, after)`` per layer: the decoded 4-bit weight before, the adapter's
+    change ``B @ A * scaling`` and the decoded weight after re-quantizing (float32).
+    ``adapter_change``: RMS of the adapters' changes relative to RMS of the weights;
+    ``rounding``: RMS of ``after - (before + delta)`` relative to RMS of the weights; ``lost``:
+    the same relative to RMS of the changes (0: merged exactly; 1 or more: the rounding is as large
+    as the adapters, which then hardly count); ``unchanged``: layers whose 4-bit weight came out
+    identical, the adapter rounded away entirely.
+    """
+
+    def __init__(self, verb: str = "merging") -> None:
+        self.verb = verb
+        self.layers = 0
+        self.unchanged = 0
+        self._weight_sq = 0.0
+        self._delta_sq = 0.0
+        self._error_sq = 0.0
+
+    def add(self, before: torch.Tensor, delta: torch.Tensor, after: torch.Tensor) -> None:
+        self.layers += 1
+        self.unchanged += bool(torch.equal(after, before))
+        self._weight_sq += float(before.double().pow(2).sum())
+        self._delta_sq += float(delta.double().pow(2).sum())
+        self._error_sq += float((after.double() - before.double() - delta.double()).pow(2).sum())
+
+    @property
+    def adapter_change(self) -> float:
+        return math.sqrt(self._delta_sq / self._weight_sq) if self._weight_sq > 0 else 0.0
+
+    @property
+    def lost(self) -> float:
+        return math.sqrt(self._error_sq / self._delta_sq) if self._delta_sq > 0 else 0.0
+
+    @property
+    def rounding(self) -> float:
+        """RMS of ``after - (before + delta)`` relative to RMS of the weights."""
+        return math.sqrt(self._error_sq / self._weight_sq) if self._weight_sq > 0 else 0.0
+
+    def message(self, hint: str) -> str:
+        share = (f"{self.lost:.3g} times the adapters' own change: the adapters are lost in the rounding" if self.lost >= 1
+                 else f"{100 * self.lost:.3g}% of the adapters' own change")
+        away = (f"; in {self.unchanged} of the layers the 4-bit weight came out unchanged, the adapter rounded away "
+                "entirely" if self.unchanged else "")
+        return (
+            f"{self.verb} LoRA adapters into {self.layers} 4-bit layers re-quantized their weights: the adapters change "
+            f"those weights by {100 * self.adapter_change:.3g}% (RMS), and re-quantizing leaves them "
+            f"{100 * self.rounding:.3g}% (RMS) away from base + adapter, {share}{away}. The model now computes "
+            f"something other than the model with its adapters. {hint}."
+        )
+
+    def warn(self, hint: str, via: Sequence[str] = ()) -> None:
+        """Warns at the first caller outside qlora_rs and the packages named in ``via`` (the user's
+        call to merge, however deep inside PEFT the merge ran)."""
+        skip = tuple(os.path.dirname(sys.modules[m].__file__) + os.sep for m in ("qlora_rs", *via) if m in sys.modules)
+        level, frame = 1, sys._getframe(0)
+        while frame is not None and frame.f_code.co_filename.startswith(skip):
+            frame, level = frame.f_back, level + 1
+        warnings.warn(self.message(hint), MergeRoundingWarning, stacklevel=level)
+
+
 def merge(model: nn.Module, requantize: bool = False) -> dict[str, MergeError]:
     """Folds every LoRA adapter into its base weight, in place.
 
     Each LoRA layer becomes a plain ``nn.Linear`` holding ``W + B @ A * scaling`` in the base's
     original dtype (bf16 for a model quantized from bf16), or with ``requantize`` a
     :class:`Linear4bit` with the base's quantization options. Returns the merge error per layer
-    (:class:`MergeError`); the rounding to bf16 or 4 bits is the only loss.
+    (:class:`MergeError`); the rounding to bf16 or 4 bits is the only loss. Re-quantizing can
+    round small adapters away: it warns (:class:`MergeRoundingWarning`) with the change measured.
     """
+    report, rounding = merge_layers(model, requantize)
+    if rounding.layers:
+        rounding.warn("Merging into 16-bit weights (without requantize=True) rounds far more finely")
+    return report
+
+
+def merge_layers(model: nn.Module, requantize: bool) -> tuple[dict[str, MergeError], RequantizedMerge]:
+    """:func:`merge` without the warning: returns the report and what re-quantizing did."""
     report: dict[str, MergeError] = {}
+    rounding = RequantizedMerge()
     for name, layer in list(lora_layers(model).items()):
         base = layer.base_layer
         with torch.no_grad():
@@ -330,7 +413,8 @@ def merge(model: nn.Module, requantize: bool = False) -> dict[str, MergeError]:
             else:
                 w = base.weight.detach().float()
                 dtype = base.weight.dtype
-            exact = w + layer.delta_weight().to(w.device)
+            delta = layer.delta_weight().to(w.device).float()
+            exact = w + delta
             bias = base.bias
             if requantize and isinstance(base, Linear4bit):
                 new = Linear4bit(
@@ -341,6 +425,7 @@ def merge(model: nn.Module, requantize: bool = False) -> dict[str, MergeError]:
                 new.quantize_weight_(exact.to(dtype))
                 new._qlora_name = name
                 stored = new.dequantize(torch.float32)
+                rounding.add(w, delta, stored)
             else:
                 new = nn.Linear(base.in_features, base.out_features, bias=False, device="meta", dtype=dtype)
                 new.weight = nn.Parameter(exact.to(dtype), requires_grad=False)
@@ -360,5 +445,5 @@ def merge(model: nn.Module, requantize: bool = False) -> dict[str, MergeError]:
             delattr(model, ADAPTER_CONFIG_ATTR)
         except AttributeError:
             pass
-    return report
+    return report, rounding
 

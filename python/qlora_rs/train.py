@@ -119,6 +119,8 @@ class TrainConfig:
     threads: Optional[int] = None
     progress: Optional[bool] = None
     plot: bool = True
+    # Write into an output_dir that holds files of something else (they are left as they are).
+    force: bool = False
 
     def validate(self) -> None:
         if self.task not in TASKS:
@@ -358,9 +360,16 @@ def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
     from .quant_state import parse_dtype
 
     if name == "auto":
-        # bf16 as in the paper on GPUs; float32 on CPUs, where bf16 matmuls are slower on most.
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        # bf16 as in the paper on GPUs and on CPUs with bf16 matrix instructions (AMX, AVX512-BF16);
+        # float32 on other CPUs, where torch's bf16 matmuls are several times slower than float32.
+        return torch.bfloat16 if device.type == "cuda" or cpu_has_native_bf16() else torch.float32
     return parse_dtype(name)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AMX tiles or AVX512-BF16), as torch sees it."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(torch.cpu, p, lambda: False)()) for p in probes)
 
 
 def make_optimizer(name: str, params: list, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
@@ -455,27 +464,40 @@ def train(
 ) -> TrainResult:
     """Runs (or resumes) a training run; see the module docstring. ``callbacks`` are called
     after every optimizer step with ``(step, metrics)``; one that returns True ends the run
-    there (it is then checkpointed and saved as if it were the last step)."""
-    from transformers import AutoTokenizer
-
-    from . import add_lora, prepare_for_training
-    from .hf_quantizer import QloraConfig
-    from .loading import Checkpoint, memory_footprint
-    from .loading import from_pretrained as load_model
-
+    there (it is then checkpointed and saved as if it were the last step). Wrong paths fail at once
+    (:func:`check_paths`); a run that fails before its first checkpoint leaves no output directory
+    behind if it created it."""
     from .distributed import DistributedTraining
 
     config.validate()
+    check_paths(config)
     # Under torchrun every process runs this function; rank 0 alone writes files and output.
     run = DistributedTraining(config.distributed, resolve_device(config.device))
     out = (sys.stdout if out is None else out) if run.is_main else io.StringIO()
     progress_stream = sys.stderr if progress_stream is None else progress_stream
     say = lambda line: print(line, file=out, flush=True)
     output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    # Created only once the run starts, and removed again if it fails before its first checkpoint.
+    created = _first_missing(output_dir)
     if run.is_main:
         _remove_stale_temporaries(output_dir)
     resume_dir = _check_resume(config, output_dir)
+    try:
+        return _run(config, run, output_dir, resume_dir, callbacks, out, say, progress_stream)
+    except BaseException:
+        if created is not None and run.is_main and latest_checkpoint(output_dir) is None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def _run(config: TrainConfig, run: Any, output_dir: Path, resume_dir: Optional[Path], callbacks: Sequence[Callable],
+         out: TextIO, say: Callable[[str], None], progress_stream: TextIO) -> TrainResult:
+    from transformers import AutoTokenizer
+
+    from . import add_lora, prepare_for_training
+    from .hf_quantizer import QloraConfig
+    from .loading import Checkpoint, memory_footprint
+    from .loading import from_pretrained as load_model
 
     if config.threads is not None:
         if int(config.threads) < 1:
@@ -555,6 +577,7 @@ def train(
         f"max grad norm {config.max_grad_norm:g}")
 
     step, tokens_seen, elapsed_before, resumed_from = 0, 0, 0.0, None
+    output_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = output_dir / METRICS_FILE
     if resume_dir is not None:
         state = torch.load(resume_dir / STATE_FILE, map_location="cpu", weights_only=True)
@@ -657,6 +680,67 @@ def train(
     return TrainResult(str(output_dir), step, first_loss if first_loss is not None else float("nan"), final_loss,
                        eval_loss, tokens_seen, elapsed, summary.trainable, footprint, resumed_from, history, model,
                        stopped_early)
+
+
+def check_paths(config: TrainConfig) -> None:
+    """What can be checked before anything loads: MODEL_DIR is a local model directory, the data
+    files exist, and ``output_dir`` is new, empty or a run of ours (unless ``force``). Raises
+    FileNotFoundError / FileExistsError naming the path."""
+    model = Path(config.model)
+    if not model.exists():
+        raise FileNotFoundError(f"MODEL_DIR {model}: no such directory{_did_you_mean(model)}")
+    if not model.is_dir():
+        raise FileNotFoundError(f"MODEL_DIR {model} is a file; expected a transformers model directory "
+                                "(config.json, safetensors weights, tokenizer)")
+    if not (model / "config.json").is_file():
+        raise FileNotFoundError(f"MODEL_DIR {model} has no config.json: not a transformers model directory")
+    for what, path in (("DATA.jsonl", config.data), ("--eval-file", config.eval_file)):
+        if path is not None and not Path(path).is_file():
+            kind = "a directory, not a JSONL file" if Path(path).is_dir() else f"no such file{_did_you_mean(Path(path))}"
+            raise FileNotFoundError(f"{what} {path}: {kind}")
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"OUT_DIR {out} is a file; expected a directory for the run")
+    if out.is_dir() and not config.force and not config.resume and not _is_run(out) and any(out.iterdir()):
+        shown = ", ".join(sorted(p.name for p in out.iterdir())[:4])
+        raise FileExistsError(
+            f"OUT_DIR {out} is not empty ({shown}, ...) and holds no qlora-rs run: choose a new or empty directory, "
+            "or pass --force to write the run into it (its other files are left alone)"
+        )
+
+
+def _is_run(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file() or any(_CHECKPOINT.match(p.name) for p in path.glob("checkpoint-*"))
+
+
+def _first_missing(path: Path) -> Optional[Path]:
+    """The topmost directory of ``path`` that does not exist yet (what creating it would add)."""
+    if path.exists():
+        return None
+    while not path.parent.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _did_you_mean(path: Path) -> str:
+    """'; did you mean X?' for the directory nearest to a missing path, or ''."""
+    import difflib
+
+    parent, missing = path.parent, [path.name]
+    while not parent.exists() and parent != parent.parent:
+        missing.insert(0, parent.name)
+        parent = parent.parent
+    try:
+        names = sorted(p.name for p in parent.iterdir() if not p.name.startswith("."))
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(missing[0], names, n=1, cutoff=0.6)
+    if close:
+        guess = parent.joinpath(close[0], *missing[1:])
+        return f"; did you mean {guess if guess.exists() else parent / close[0]}?"
+    if len(missing) > 1:
+        return f" (the nearest existing directory is {parent})"
+    return ""
 
 
 def _mib(n: float) -> str:
