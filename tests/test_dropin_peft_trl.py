@@ -102,6 +102,20 @@ def test_prepare_model_for_kbit_training_reaches_the_bitsandbytes_state(tiny_dir
     assert layers["bitsandbytes"].__module__ == "peft.tuners.lora.bnb" and layers["qlora_rs"] is PeftLoraLinear4bit
 
 
+@pytest.mark.parametrize("load", ["from_pretrained", "quantize_model"])
+def test_qlora_rs_own_loaders_reach_the_same_state(tiny_dir, load):
+    """Models made 4-bit by qlora_rs.from_pretrained or qlora_rs.quantize_model say so too."""
+    if load == "from_pretrained":
+        model = qlora_rs.from_pretrained(tiny_dir)
+    else:
+        model = qlora_rs.quantize_model(AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.bfloat16))
+    model = peft.prepare_model_for_kbit_training(model)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    state = _state(model)
+    assert state["is_loaded_in_4bit"] and state["checkpointing"] and state["embedding output requires grad"]
+    assert type(model.base_model.model.model.layers[0].self_attn.q_proj) is PeftLoraLinear4bit
+
+
 def test_sft_trainer_casts_the_adapters_as_for_bitsandbytes(tiny_dir, tmp_path):
     data = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
                                        for q, a in CHATS])

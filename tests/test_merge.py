@@ -87,3 +87,23 @@ def test_cli_merge(trained, tmp_path, capsys):
     assert main(["merge", str(base), str(tmp_path), "-o", str(tmp_path / "x")]) == 1
     assert "no adapter_config.json" in capsys.readouterr().err
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left behind
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_merge_keeps_the_model_runnable_in_its_own_dtype(trained, dtype):
+    """qlora_rs.merge on a model loaded in float32 from a bf16 checkpoint: the merged layers take the
+    model's dtype (not the checkpoint's), so it runs and computes what it computed with the adapter."""
+    base, adapter, tokens, expected = trained
+    model = from_pretrained(base, compute_dtype=dtype, dtype=dtype)
+    qlora_rs.load_adapter(model, adapter, lora_dtype=dtype)
+    with torch.no_grad():
+        before = model.eval()(tokens).logits.float()
+    qlora_rs.merge(model)
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == dtype
+    with torch.no_grad():
+        after = model(tokens).logits.float()
+    if dtype == torch.float32:
+        torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-4)
+    else:  # one rounding of the merged weights to bf16
+        assert (after - before).abs().max() < 0.05 * before.abs().max()

@@ -305,7 +305,6 @@ class QloraHfQuantizer(HfQuantizer):
                 setattr(module, attr, value)
         self._states.clear()
         mark_loaded_in_4bit(model)
-        _dispatch_peft_layers()
         return model
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
@@ -420,8 +419,10 @@ inspects the layer or parameter class (cannot match without being bitsandbytes)
 
 def mark_loaded_in_4bit(model: nn.Module) -> None:
     """Sets the flags that transformers' bitsandbytes 4-bit quantizer sets (``is_loaded_in_4bit``),
-    and gives the model a ``num_parameters`` that counts 4-bit weights without bitsandbytes (see
-    :data:`BNB_4BIT_CHECKS`)."""
+    gives the model a ``num_parameters`` that counts 4-bit weights without bitsandbytes (see
+    :data:`BNB_4BIT_CHECKS`), and makes PEFT wrap our layers in its merge-capable LoRA layer. Every
+    way of getting a 4-bit model calls it: ``QloraConfig``, ``from_pretrained``, ``quantize_model``."""
+    _dispatch_peft_layers()
     model.is_loaded_in_4bit = True
     if hasattr(type(model), "num_parameters"):
         # An instance attribute, so that only models holding our layers change.

@@ -669,6 +669,10 @@ def _load(ckpt, config, quantization, compute_dtype, device, dtype, model_class,
         _log.warning("from_pretrained: ignored %d checkpoint tensors unknown to %s: %s",
                      len(unexpected), type(model).__name__, _list(unexpected))
     model.eval()
+    if layers:
+        from .hf_quantizer import mark_loaded_in_4bit
+
+        mark_loaded_in_4bit(model)
     model.qlora_rs_checkpoint = {
         "kind": "4bit" if quantized else "float",
         "path": str(ckpt.directory),

@@ -103,6 +103,10 @@ def quantize_model(
         layer._qlora_name = name
         setattr(parent, attr, layer)
         del linear
+    if any(isinstance(m, Linear4bit) for m in model.modules()) and hasattr(model, "config"):
+        from .hf_quantizer import mark_loaded_in_4bit  # a transformers model: tell PEFT, TRL, the Trainer
+
+        mark_loaded_in_4bit(model)
     return model
 
 
@@ -388,8 +392,9 @@ class RequantizedMerge:
 def merge(model: nn.Module, requantize: bool = False) -> dict[str, MergeError]:
     """Folds every LoRA adapter into its base weight, in place.
 
-    Each LoRA layer becomes a plain ``nn.Linear`` holding ``W + B @ A * scaling`` in the base's
-    original dtype (bf16 for a model quantized from bf16), or with ``requantize`` a
+    Each LoRA layer becomes a plain ``nn.Linear`` holding ``W + B @ A * scaling`` in the dtype of
+    the model's other weights (its embeddings, norms: bf16 for a model loaded in bf16), so the merged
+    model runs as it is; or with ``requantize`` a
     :class:`Linear4bit` with the base's quantization options. Returns the merge error per layer
     (:class:`MergeError`); the rounding to bf16 or 4 bits is the only loss. Re-quantizing can
     round small adapters away: it warns (:class:`MergeRoundingWarning`) with the change measured.
@@ -400,16 +405,27 @@ def merge(model: nn.Module, requantize: bool = False) -> dict[str, MergeError]:
     return report
 
 
+def _plain_float_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """The dtype holding most of the model's floating parameters outside 4-bit and LoRA layers."""
+    skip = {id(p) for m in model.modules() if isinstance(m, (Linear4bit, _LoraLayer)) for p in m.parameters()}
+    counts: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if id(p) not in skip and p.is_floating_point():
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.get) if counts else None
+
+
 def merge_layers(model: nn.Module, requantize: bool) -> tuple[dict[str, MergeError], RequantizedMerge]:
     """:func:`merge` without the warning: returns the report and what re-quantizing did."""
     report: dict[str, MergeError] = {}
     rounding = RequantizedMerge()
+    model_dtype = _plain_float_dtype(model)
     for name, layer in list(lora_layers(model).items()):
         base = layer.base_layer
         with torch.no_grad():
             if isinstance(base, Linear4bit):
                 w = base.dequantize(torch.float32)
-                dtype = base.weight_dtype
+                dtype = base.weight_dtype if requantize or model_dtype is None else model_dtype
             else:
                 w = base.weight.detach().float()
                 dtype = base.weight.dtype
