@@ -4,7 +4,7 @@
 
 BIN := .venv/bin
 
-.PHONY: setup build demo test test-oldest-torch bench bench-rust wheel clean
+.PHONY: setup build demo test test-oldest-torch bench bench-rust replicate replicate-quick wheel clean
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -25,10 +25,23 @@ test: build
 test-oldest-torch: build
 	bash scripts/test-oldest-torch.sh
 
+# OMP_WAIT_POLICY=PASSIVE: OpenMP threads that spin while waiting would take the cores the CPU
+# inference benchmarks share with the Rust pool (and, on a shared machine, with other work).
 bench: build
 	$(BIN)/python benches/quantize_bench.py
 	$(BIN)/python benches/convert_bench.py
 	$(BIN)/python benches/train_step_bench.py
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benches/cpu_matmul_bench.py
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benches/cpu_matmul_bench.py --crossover
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benches/generate_bench.py
+
+# The QLoRA paper's claims on SmolLM2-135M-Instruct: the whole grid (about 30 minutes) or a subset
+# (about 5). make cannot take --quick itself: `make replicate-quick` or `make replicate ARGS=--quick`.
+replicate: build
+	$(BIN)/python benches/replicate_paper.py $(ARGS)
+
+replicate-quick: build
+	$(BIN)/python benches/replicate_paper.py --quick $(ARGS)
 
 bench-rust:
 	cargo bench --bench core

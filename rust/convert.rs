@@ -1,7 +1,9 @@
 //! Checkpoint conversion: a float safetensors checkpoint (one file, or a model directory with
 //! `model.safetensors` or a sharded `model.safetensors.index.json`) to a 4-bit checkpoint in
 //! bitsandbytes' layout, which transformers + bitsandbytes load unchanged; and the inspection of
-//! such checkpoints (sizes, and fidelity against the source).
+//! such checkpoints (sizes, and fidelity against the source). A GGUF model is another kind of source
+//! ([`crate::gguf::GgufSource`], read through [`TensorFile`]): its tensors are decoded on demand to
+//! the float tensors transformers loads from it, then follow the same pipeline.
 //!
 //! The conversion streams: inputs are memory-mapped, linear weights are quantized a window of
 //! tensors at a time (rayon across and within tensors), results go straight to their final offset
@@ -28,6 +30,7 @@ use crate::dtype::{DType, Element, FloatSlice, FloatSliceMut};
 use crate::error::{Error, Result};
 use crate::quant4::{self, QuantType};
 use crate::safetensors::{Extent, SafetensorsFile, SafetensorsWriter, TensorDtype, TensorInfo, TensorSpec};
+use crate::tensor_file::TensorFile;
 
 /// File names of a transformers model directory.
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -93,6 +96,10 @@ pub struct ConvertOptions {
     pub allow_nonfinite: bool,
     /// fsync the output before renaming it into place.
     pub sync: bool,
+    /// For a GGUF source: the float type its tensors decode to (default bfloat16).
+    pub dtype: Option<DType>,
+    /// For a GGUF source: write the decoded float model, without quantizing anything.
+    pub dequantize_only: bool,
 }
 
 impl Default for ConvertOptions {
@@ -108,6 +115,8 @@ impl Default for ConvertOptions {
             force: false,
             allow_nonfinite: false,
             sync: true,
+            dtype: None,
+            dequantize_only: false,
         }
     }
 }
@@ -122,6 +131,9 @@ impl ConvertOptions {
         quant4::check_blocksize(self.blocksize)?;
         if self.threads == Some(0) {
             return Err(Error::unsupported("threads must be at least 1"));
+        }
+        if self.dequantize_only && !(self.include.is_empty() && self.exclude.is_empty()) {
+            return Err(Error::unsupported("--dequantize-only quantizes nothing, so --include/--exclude do not apply"));
         }
         Ok(())
     }
@@ -160,9 +172,11 @@ impl Source {
         }
         let index_path = src.join(INDEX_FILE);
         if !index_path.is_file() {
+            let gguf = fs::read_dir(src).into_iter().flatten().flatten().map(|e| e.path()).find(|p| crate::gguf::is_gguf(p));
+            let hint = gguf.map(|p| format!(" (to convert the GGUF file here, pass {} itself)", p.display())).unwrap_or_default();
             return Err(Error::format(
                 src,
-                format!("no {SINGLE_FILE} or {INDEX_FILE} in this directory; expected a model directory or a .safetensors file"),
+                format!("no {SINGLE_FILE} or {INDEX_FILE} in this directory; expected a model directory, a .safetensors or a .gguf file{hint}"),
             ));
         }
         let text = fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
@@ -216,14 +230,26 @@ fn file_name(p: &Path) -> String {
 #[derive(Debug)]
 pub struct Checkpoint {
     pub source: Source,
-    pub files: Vec<SafetensorsFile>,
+    pub files: Vec<TensorFile>,
     names: HashMap<String, (usize, usize)>,
 }
 
 impl Checkpoint {
+    /// Opens a safetensors checkpoint, or a GGUF model decoding to bfloat16.
     pub fn open(path: &Path) -> Result<Checkpoint> {
-        let source = Source::resolve(path)?;
-        let files = source.shards.iter().map(|p| SafetensorsFile::open(p)).collect::<Result<Vec<_>>>()?;
+        Self::open_with(path, DType::BF16)
+    }
+
+    /// Opens a safetensors checkpoint, or a GGUF model whose tensors decode to `gguf_dtype`.
+    pub fn open_with(path: &Path, gguf_dtype: DType) -> Result<Checkpoint> {
+        let mut source = Source::resolve(path)?;
+        let files = if source.dir.is_none() && crate::gguf::is_gguf(path) {
+            // A GGUF carries its own config; a config.json that happens to lie beside it is not its.
+            source.config = None;
+            vec![TensorFile::Gguf(crate::gguf::GgufSource::open(path, gguf_dtype)?)]
+        } else {
+            source.shards.iter().map(|p| SafetensorsFile::open(p).map(TensorFile::Safetensors)).collect::<Result<Vec<_>>>()?
+        };
         let mut names = HashMap::new();
         for (fi, f) in files.iter().enumerate() {
             for (ti, t) in f.tensors().iter().enumerate() {
@@ -253,8 +279,13 @@ impl Checkpoint {
     }
 
     /// A tensor by name: its file and header entry.
-    pub fn tensor(&self, name: &str) -> Option<(&SafetensorsFile, &TensorInfo)> {
+    pub fn tensor(&self, name: &str) -> Option<(&TensorFile, &TensorInfo)> {
         self.names.get(name).map(|&(fi, ti)| (&self.files[fi], &self.files[fi].tensors()[ti]))
+    }
+
+    /// The GGUF model this checkpoint is, if it is one.
+    pub fn gguf(&self) -> Option<&crate::gguf::GgufSource> {
+        self.files.first().and_then(TensorFile::as_gguf)
     }
 
     /// All tensors, shard by shard in data order, with their shard index.
@@ -418,6 +449,8 @@ pub struct TensorPlan {
     /// Index into `Plan::source.shards`.
     pub shard: usize,
     pub dtype: TensorDtype,
+    /// How the source stores it: its safetensors dtype, or its ggml type in a GGUF file.
+    pub stored: &'static str,
     pub shape: Vec<usize>,
     pub quantize: bool,
     /// A GPT-2 `Conv1D` weight, stored [in, out]: quantized as its transpose [out, in], which is
@@ -433,6 +466,11 @@ pub struct TensorPlan {
 impl TensorPlan {
     pub fn numel(&self) -> u64 {
         self.shape.iter().map(|&d| d as u64).product()
+    }
+
+    /// Bytes of the float tensor quantization reads (more than `bytes_in` for a GGUF source).
+    fn float_bytes(&self) -> u64 {
+        self.numel() * (self.dtype.bits() / 8) as u64
     }
 
     /// The shape the quantization state records: [out, in].
@@ -462,6 +500,11 @@ pub struct Plan {
     /// `llm_int8_skip_modules` for config.json: None (null) for the default selection.
     pub skip_modules: Option<Vec<String>>,
     pub options: ConvertOptions,
+    /// Weights computed elsewhere (calibration, `crate::calibrate`), written instead of
+    /// quantizing the source tensor of that name; empty for a plain conversion.
+    pub precomputed: HashMap<String, PrecomputedWeight>,
+    /// Keys merged into the output config.json (the calibration record).
+    pub config_extra: Map<String, Value>,
 }
 
 impl Plan {
@@ -478,6 +521,11 @@ impl Plan {
 /// The default destination: a sibling directory `<name>-<quant type>` of a model directory,
 /// or `<stem>-<quant type>` next to a `.safetensors` file.
 pub fn default_destination(src: &Path, quant_type: QuantType) -> PathBuf {
+    sibling_destination(src, quant_type.name())
+}
+
+/// `<name>-<suffix>` next to a model directory, `<stem>-<suffix>` next to a file.
+fn sibling_destination(src: &Path, suffix: &str) -> PathBuf {
     let src = if src.as_os_str().is_empty() { Path::new(".") } else { src };
     let abs = if src.is_absolute() {
         src.to_path_buf()
@@ -491,7 +539,7 @@ pub fn default_destination(src: &Path, quant_type: QuantType) -> PathBuf {
         abs.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
     };
     let parent = abs.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-    parent.join(format!("{stem}-{}", quant_type.name()))
+    parent.join(format!("{stem}-{suffix}"))
 }
 
 /// Lexically removes `.` and `..` components.
@@ -549,7 +597,12 @@ fn quantized_bytes(numel: usize, json_len: usize, opts: &ConvertOptions) -> u64 
 /// Validates every input header, the options and the destination path; writes nothing.
 pub fn plan(src: &Path, dst: Option<&Path>, opts: &ConvertOptions) -> Result<Plan> {
     opts.validate()?;
-    let checkpoint = Checkpoint::open(src)?;
+    let checkpoint = Checkpoint::open_with(src, opts.dtype.unwrap_or(DType::BF16))?;
+    if checkpoint.gguf().is_none() && (opts.dtype.is_some() || opts.dequantize_only) {
+        return Err(Error::unsupported(
+            "--dtype and --dequantize-only apply to GGUF sources; a safetensors checkpoint keeps its dtype",
+        ));
+    }
     let config = checkpoint.config()?;
     if let Some(cfg) = &config {
         let path = checkpoint.source.config.as_ref().expect("config present");
@@ -570,7 +623,10 @@ pub fn plan(src: &Path, dst: Option<&Path>, opts: &ConvertOptions) -> Result<Pla
     let mut tensors = Vec::new();
     let mut default_set = HashSet::new();
     for (shard, t) in checkpoint.tensors() {
-        let (quantize, mut reason) = decide(t, &opts.include, &opts.exclude);
+        let (quantize, mut reason) = match opts.dequantize_only {
+            true => (false, "--dequantize-only".to_string()),
+            false => decide(t, &opts.include, &opts.exclude),
+        };
         let transposed = quantize && stored_transposed(conv1d, &t.name, &t.shape);
         if transposed {
             reason.push_str(" (Conv1D, transposed)");
@@ -584,15 +640,17 @@ pub fn plan(src: &Path, dst: Option<&Path>, opts: &ConvertOptions) -> Result<Pla
         } else {
             t.nbytes() as u64
         };
+        let file = &checkpoint.files[shard];
         tensors.push(TensorPlan {
             name: t.name.clone(),
             shard,
             dtype: t.dtype,
+            stored: file.stored_type(t),
             shape: t.shape.clone(),
             quantize,
             transposed,
             reason,
-            bytes_in: t.nbytes() as u64,
+            bytes_in: file.stored_bytes(t) as u64,
             bytes_out,
         });
     }
@@ -625,7 +683,8 @@ pub fn plan(src: &Path, dst: Option<&Path>, opts: &ConvertOptions) -> Result<Pla
     }
 
     let quantized: HashSet<&str> = tensors.iter().filter(|t| t.quantize).map(|t| t.name.as_str()).collect();
-    let skip_modules = if quantized.len() == default_set.len() && default_set.iter().all(|n| quantized.contains(n.as_str())) {
+    let same_as_default = quantized.len() == default_set.len() && default_set.iter().all(|n| quantized.contains(n.as_str()));
+    let skip_modules = if same_as_default || opts.dequantize_only {
         None
     } else {
         // transformers converts every nn.Linear not listed here; an explicit list replaces its
@@ -655,6 +714,7 @@ pub fn plan(src: &Path, dst: Option<&Path>, opts: &ConvertOptions) -> Result<Pla
     }
     let dst = match dst {
         Some(d) => d.to_path_buf(),
+        None if opts.dequantize_only => sibling_destination(src, opts.dtype.unwrap_or(DType::BF16).name()),
         None => default_destination(src, opts.quant_type),
     };
     // Never let the output (or --force) clobber the input.
@@ -684,6 +744,8 @@ pub fn plan(src: &Path, dst: Option<&Path>, opts: &ConvertOptions) -> Result<Pla
         skipped_files,
         skip_modules,
         options: opts.clone(),
+        precomputed: HashMap::new(),
+        config_extra: Map::new(),
     })
 }
 
@@ -969,6 +1031,21 @@ pub fn convert(
 
 /// Runs a plan built by [`plan`].
 pub fn execute(plan: &Plan, progress: &mut dyn FnMut(&Progress<'_>) -> bool, start: Instant) -> Result<Summary> {
+    execute_with(plan, progress, None, start)
+}
+
+/// Adds files to an output directory before it appears: called with the hidden staging directory
+/// once every tensor is written. A `config.json` it writes there is completed like a source's
+/// (`quantization_config`, `dtype`); an error removes the whole output.
+pub type AddFiles<'a> = &'a mut dyn FnMut(&Path) -> Result<()>;
+
+/// [`execute`], with `add_files` run before the output is renamed into place (directories only).
+pub fn execute_with(
+    plan: &Plan,
+    progress: &mut dyn FnMut(&Progress<'_>) -> bool,
+    add_files: Option<AddFiles<'_>>,
+    start: Instant,
+) -> Result<Summary> {
     let opts = &plan.options;
     let pool = match opts.threads {
         Some(n) => Some(
@@ -994,7 +1071,7 @@ pub fn execute(plan: &Plan, progress: &mut dyn FnMut(&Progress<'_>) -> bool, sta
         },
         other => other,
     };
-    let mut summary = write_output(plan, pool.as_ref(), progress, &staging).map_err(shown)?;
+    let mut summary = write_output(plan, pool.as_ref(), progress, add_files, &staging).map_err(shown)?;
     staging.commit(opts.sync)?;
     summary.seconds = start.elapsed().as_secs_f64();
     Ok(summary)
@@ -1004,6 +1081,7 @@ fn write_output(
     plan: &Plan,
     pool: Option<&rayon::ThreadPool>,
     progress: &mut dyn FnMut(&Progress<'_>) -> bool,
+    add_files: Option<AddFiles<'_>>,
     staging: &Staging,
 ) -> Result<Summary> {
     let opts = &plan.options;
@@ -1047,7 +1125,15 @@ fn write_output(
             index.insert("weight_map".into(), Value::Object(weight_map));
             write_text(&staging.tmp.join(INDEX_FILE), &(python_json_dumps(&Value::Object(index)) + "\n"))?;
         }
-        if let Some(cfg) = ckpt.config()? {
+        let mut config = ckpt.config()?;
+        if let Some(add) = add_files {
+            let before = staged_files(&staging.tmp)?;
+            add(&staging.tmp)?;
+            let added = staged_files(&staging.tmp)?.into_iter().filter(|f| !before.contains(f));
+            run.summary.files_copied.extend(added);
+            config = config.or(take_json_object(&staging.tmp.join(CONFIG_FILE))?);
+        }
+        if let Some(cfg) = config {
             let cfg = output_config(cfg, plan);
             write_text(&staging.tmp.join(CONFIG_FILE), &(python_json_dumps(&Value::Object(cfg)) + "\n"))?;
         }
@@ -1063,10 +1149,35 @@ fn write_output(
                 fs::File::open(&to).and_then(|f| f.sync_all()).map_err(|e| Error::io(&to, e))?;
             }
         }
-        run.summary.files_copied = plan.copy_files.clone();
+        run.summary.files_copied.extend(plan.copy_files.iter().cloned());
         run.summary.files_skipped = plan.skipped_files.clone();
     }
     Ok(run.summary)
+}
+
+/// Names of the files directly in `dir`, sorted.
+fn staged_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut names = Vec::new();
+    for e in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let e = e.map_err(|e| Error::io(dir, e))?;
+        names.push(PathBuf::from(e.file_name()));
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Reads and removes a JSON object file, if there is one.
+fn take_json_object(path: &Path) -> Result<Option<Map<String, Value>>> {
+    let text = match fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    fs::remove_file(path).map_err(|e| Error::io(path, e))?;
+    match serde_json::from_str(&text) {
+        Ok(Value::Object(m)) => Ok(Some(m)),
+        _ => Err(Error::format(path, "expected a JSON object")),
+    }
 }
 
 fn write_text(path: &Path, text: &str) -> Result<()> {
@@ -1077,7 +1188,12 @@ fn write_text(path: &Path, text: &str) -> Result<()> {
 
 /// config.json of the output: the source's, plus `quantization_config` and `dtype`.
 fn output_config(mut cfg: Map<String, Value>, plan: &Plan) -> Map<String, Value> {
-    cfg.insert("quantization_config".into(), quantization_config(&plan.options, &plan.skip_modules));
+    if !plan.options.dequantize_only {
+        cfg.insert("quantization_config".into(), quantization_config(&plan.options, &plan.skip_modules));
+    }
+    for (k, v) in &plan.config_extra {
+        cfg.insert(k.clone(), v.clone());
+    }
     if !cfg.contains_key("dtype") {
         // transformers 5 writes `dtype` (the dtype of the unquantized parameters); keep a legacy
         // `torch_dtype` as it is for older readers.
@@ -1255,7 +1371,7 @@ impl Run<'_, '_> {
     }
 
     /// Converts shard `i` into `out`; returns the output tensor names with their byte sizes.
-    fn shard(&mut self, i: usize, file: &SafetensorsFile, out: &Path) -> Result<(Vec<String>, u64)> {
+    fn shard(&mut self, i: usize, file: &TensorFile, out: &Path) -> Result<(Vec<String>, u64)> {
         let opts = &self.plan.options;
         let tensors: Vec<&TensorPlan> = self.plan.tensors.iter().filter(|t| t.shard == i).collect();
         let mut specs = Vec::new();
@@ -1272,20 +1388,20 @@ impl Run<'_, '_> {
             metadata.insert(0, ("format".into(), "pt".into()));
         }
         let mut w = SafetensorsWriter::create(out, metadata, specs)?;
-        let budget = tensors.iter().filter(|t| t.quantize).map(|t| t.bytes_in).max().unwrap_or(0).max(MIN_WINDOW_BYTES);
+        let budget = tensors.iter().filter(|t| t.quantize).map(|t| t.float_bytes()).max().unwrap_or(0).max(MIN_WINDOW_BYTES);
         let mut window: Vec<&TensorPlan> = Vec::new();
         let mut window_bytes = 0u64;
         let mut pending: Parts = Vec::new();
         let mut pending_copies: Vec<&TensorPlan> = Vec::new();
         for tp in &tensors {
             if tp.quantize {
-                if !window.is_empty() && window_bytes + tp.bytes_in > budget {
+                if !window.is_empty() && window_bytes + tp.float_bytes() > budget {
                     self.window(file, &window, &mut w, &mut pending)?;
                     window.clear();
                     window_bytes = 0;
                 }
                 window.push(tp);
-                window_bytes += tp.bytes_in;
+                window_bytes += tp.float_bytes();
             } else if w.is_placed(&tp.name) {
                 self.copy(file, tp, &mut w)?;
             } else {
@@ -1307,18 +1423,24 @@ impl Run<'_, '_> {
     }
 
     /// Quantizes a window of tensors in parallel and writes the results.
-    fn window(&mut self, file: &SafetensorsFile, window: &[&TensorPlan], w: &mut SafetensorsWriter, pending: &mut Parts) -> Result<()> {
+    fn window(&mut self, file: &TensorFile, window: &[&TensorPlan], w: &mut SafetensorsWriter, pending: &mut Parts) -> Result<()> {
         let opts = &self.plan.options;
         // Let the kernel read the next window while this one is computed.
         if let (Some(last), Some(first)) = (window.last(), window.first()) {
-            let (b, e) = (file.get(&first.name).map(|t| t.begin), file.get(&last.name).map(|t| t.end));
-            if let (Some(b), Some(e)) = (b, e) {
-                let data_len = file.tensors().last().map_or(0, |t| t.end);
-                file.prefetch(e, (e + e.saturating_sub(b)).min(data_len));
+            if let (Some(first), Some(last)) = (file.get(&first.name), file.get(&last.name)) {
+                file.prefetch_after(first, last);
             }
         }
         let results: Vec<Result<Parts>> =
-            self.install(|| window.par_iter().map(|tp| quantize_tensor(file, tp, opts)).collect());
+            self.install(|| {
+                window
+                    .par_iter()
+                    .map(|tp| match self.plan.precomputed.get(&tp.name) {
+                        Some(w) => precomputed_parts(file, tp, w, opts),
+                        None => quantize_tensor(file, tp, opts),
+                    })
+                    .collect()
+            });
         for (tp, r) in window.iter().zip(results) {
             let parts = r?;
             let (json_name, json) = &parts[0];
@@ -1348,14 +1470,14 @@ impl Run<'_, '_> {
         *pending = still;
         for tp in window {
             if let Some(t) = file.get(&tp.name) {
-                file.release(t.begin, t.end);
+                file.release(t);
             }
         }
         Ok(())
     }
 
     /// Copies a kept tensor in pieces, releasing the source pages as it goes.
-    fn copy(&mut self, file: &SafetensorsFile, tp: &TensorPlan, w: &mut SafetensorsWriter) -> Result<()> {
+    fn copy(&mut self, file: &TensorFile, tp: &TensorPlan, w: &mut SafetensorsWriter) -> Result<()> {
         let t = file.get(&tp.name).expect("planned from this file");
         let len = t.nbytes();
         if len == 0 {
@@ -1364,10 +1486,12 @@ impl Run<'_, '_> {
         let mut at = 0;
         while at < len {
             let n = COPY_CHUNK.min(len - at);
-            w.write_at(&tp.name, at, file.data_range(t.begin + at, t.begin + at + n))?;
-            file.release(t.begin + at, t.begin + at + n);
+            w.write_at(&tp.name, at, &file.bytes(t, at, n)?)?;
+            file.release_range(t, at, n);
+            // Progress counts source bytes (a GGUF tensor's blocks, not the floats written).
+            let read = |at: usize| tp.bytes_in * at as u64 / len as u64;
+            self.tick(read(at + n) - read(at), &tp.name, at + n == len)?;
             at += n;
-            self.tick(n as u64, &tp.name, at == len)?;
         }
         self.summary.tensors_kept += 1;
         self.summary.params_kept += tp.numel();
@@ -1428,8 +1552,8 @@ fn f32_from_le(bytes: &[u8]) -> Vec<f32> {
     bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
-/// Elements of a float tensor, viewed in place when aligned, else copied.
-enum Floats<'a> {
+/// Elements of a float tensor, viewed in place when aligned, else copied (or decoded).
+pub(crate) enum Floats<'a> {
     View(FloatSlice<'a>),
     F32(Vec<f32>),
     F16(Vec<half::f16>),
@@ -1437,7 +1561,7 @@ enum Floats<'a> {
 }
 
 impl<'a> Floats<'a> {
-    fn new(bytes: &'a [u8], dtype: DType) -> Floats<'a> {
+    pub(crate) fn new(bytes: &'a [u8], dtype: DType) -> Floats<'a> {
         if let Ok(v) = FloatSlice::from_bytes(bytes, dtype) {
             return Floats::View(v);
         }
@@ -1483,10 +1607,10 @@ fn transpose(src: FloatSlice<'_>, rows: usize, cols: usize) -> Floats<'static> {
 }
 
 /// Quantizes one tensor into its bitsandbytes components.
-fn quantize_tensor(file: &SafetensorsFile, tp: &TensorPlan, opts: &ConvertOptions) -> Result<Parts> {
+fn quantize_tensor(file: &TensorFile, tp: &TensorPlan, opts: &ConvertOptions) -> Result<Parts> {
     let t = file.get(&tp.name).expect("planned from this file");
     let dtype = t.dtype.as_float().expect("quantizable");
-    let mut input = Floats::new(file.data(t), dtype);
+    let mut input = file.floats(t, dtype)?;
     if tp.transposed {
         input = transpose(input.slice(), t.shape[0], t.shape[1]);
     }
@@ -1528,6 +1652,55 @@ fn quantize_tensor(file: &SafetensorsFile, tp: &TensorPlan, opts: &ConvertOption
         parts.push((names[1].clone(), packed));
         parts.push((names[2].clone(), f32_bytes(&absmax)));
         parts.push((names[3].clone(), code));
+    }
+    Ok(parts)
+}
+
+/// A 4-bit weight computed elsewhere (by calibration): packed codes and block scales in
+/// bitsandbytes' layout, written instead of quantizing the source tensor to nearest.
+#[derive(Clone, Debug)]
+pub struct PrecomputedWeight {
+    pub packed: Vec<u8>,
+    /// The `absmax` tensor's bytes: float32 (little-endian) per block, or one 8-bit code per
+    /// block with double quantization.
+    pub absmax: Vec<u8>,
+    /// With double quantization: float32 per 256 blocks, and the offset.
+    pub nested_absmax: Vec<f32>,
+    pub offset: Option<f32>,
+}
+
+/// The output tensors of a precomputed weight (as [`quantize_tensor`] makes them).
+fn precomputed_parts(file: &TensorFile, tp: &TensorPlan, w: &PrecomputedWeight, opts: &ConvertOptions) -> Result<Parts> {
+    let n = tp.numel() as usize;
+    let blocks = quant4::num_blocks(n, opts.blocksize);
+    let (absmax_len, nested_len) =
+        if opts.double_quant { (blocks, blockwise8::nested_blocks(blocks)) } else { (4 * blocks, 0) };
+    if w.packed.len() != quant4::packed_len(n)
+        || w.absmax.len() != absmax_len
+        || w.nested_absmax.len() != nested_len
+        || w.offset.is_some() != opts.double_quant
+    {
+        return Err(Error::shape(format!(
+            "the precomputed 4-bit weight of {:?} (shape {:?}) does not fit {}, blocksize {}, double quant {}: \
+             {} packed bytes, {} absmax bytes, {} nested scales",
+            tp.name, tp.shape, opts.quant_type.name(), opts.blocksize, opts.double_quant,
+            w.packed.len(), w.absmax.len(), w.nested_absmax.len()
+        )));
+    }
+    let t = file.get(&tp.name).expect("planned from this file");
+    let dtype = t.dtype.as_float().expect("quantizable");
+    let names = quantized_names(&tp.name, opts);
+    let code: Vec<f32> = opts.quant_type.code().iter().map(|&c| c + 0.0).collect();
+    let json = quant_state_json(opts.quant_type, opts.blocksize, dtype, &tp.quantized_shape(), w.offset);
+    let mut parts = vec![
+        (names[0].clone(), json.into_bytes()),
+        (names[1].clone(), w.packed.clone()),
+        (names[2].clone(), w.absmax.clone()),
+        (names[3].clone(), f32_bytes(&code)),
+    ];
+    if opts.double_quant {
+        parts.push((names[4].clone(), f32_bytes(&w.nested_absmax)));
+        parts.push((names[5].clone(), f32_bytes(&blockwise8::signed_dynamic_map())));
     }
     Ok(parts)
 }
@@ -1606,7 +1779,7 @@ fn inspect_checkpoint(ckpt: &Checkpoint) -> Result<Vec<InspectRow>> {
     for (fi, t) in ckpt.tensors() {
         let Some((base, qt)) = t.name.rsplit_once(&format!(".{QUANT_STATE_PREFIX}")) else { continue };
         let file = &ckpt.files[fi];
-        let state = StoredQuantState::read(file.path(), &t.name, file.data(t))?;
+        let state = StoredQuantState::read(file.path(), &t.name, &file.bytes(t, 0, t.nbytes())?)?;
         let (packed_file, packed) = ckpt.tensor(base).ok_or_else(|| {
             Error::format(file.path(), format!("quantization state {:?} has no packed weight {base:?}", t.name))
         })?;
@@ -1763,10 +1936,10 @@ fn compare_row(out: &Checkpoint, reference: &Checkpoint, row: &InspectRow, conv1
     };
     let Some(q) = &row.quant else {
         let (ofile, ot) = out.tensor(&row.name).expect("row from this checkpoint");
-        let same = ot.dtype == st.dtype && ot.shape == st.shape && ofile.data(ot) == sfile.data(st);
+        let same = ot.dtype == st.dtype && ot.shape == st.shape && ofile.bytes(ot, 0, ot.nbytes())? == sfile.bytes(st, 0, st.nbytes())?;
         r.status = if same { "identical".into() } else { "changed".into() };
-        ofile.release(ot.begin, ot.end);
-        sfile.release(st.begin, st.end);
+        ofile.release(ot);
+        sfile.release(st);
         return Ok(r);
     };
     let Some(sdtype) = st.dtype.as_float() else {
@@ -1781,7 +1954,7 @@ fn compare_row(out: &Checkpoint, reference: &Checkpoint, row: &InspectRow, conv1
     let qt = q.quant_type.name();
     let (pfile, pt) = get("").expect("row from this checkpoint");
     let (mfile, mt) = get(".quant_map").ok_or_else(|| Error::format(pfile.path(), format!("{:?} has no quant_map", row.name)))?;
-    if f32_from_le(mfile.data(mt)) != q.quant_type.code().to_vec() {
+    if f32_from_le(&mfile.bytes(mt, 0, mt.nbytes())?) != q.quant_type.code().to_vec() {
         r.status = format!("custom {qt} quant_map (not supported)");
         return Ok(r);
     }
@@ -1794,25 +1967,25 @@ fn compare_row(out: &Checkpoint, reference: &Checkpoint, row: &InspectRow, conv1
                 .ok_or_else(|| Error::format(pfile.path(), format!("{:?} has no nested_absmax", row.name)))?;
             let (cfile, ct) = get(".nested_quant_map")
                 .ok_or_else(|| Error::format(pfile.path(), format!("{:?} has no nested_quant_map", row.name)))?;
-            let map: [f32; 256] = f32_from_le(cfile.data(ct)).try_into().map_err(|_| {
+            let map: [f32; 256] = f32_from_le(&cfile.bytes(ct, 0, ct.nbytes())?).try_into().map_err(|_| {
                 Error::format(cfile.path(), format!("{:?}.nested_quant_map must hold 256 float32", row.name))
             })?;
-            let codes = afile.data(at);
-            let nested = f32_from_le(nfile.data(nt));
+            let codes = afile.bytes(at, 0, at.nbytes())?;
+            let nested = f32_from_le(&nfile.bytes(nt, 0, nt.nbytes())?);
             if codes.len() != blocks || nested.len() != blockwise8::nested_blocks(blocks) {
                 return Err(Error::format(afile.path(), format!("{:?}: absmax sizes do not match shape {:?}", row.name, q.shape)));
             }
             let mut a = vec![0f32; blocks];
-            blockwise8::double_dequantize(codes, &nested, offset, &map, &mut a)?;
+            blockwise8::double_dequantize(&codes, &nested, offset, &map, &mut a)?;
             a
         }
-        None => f32_from_le(afile.data(at)),
+        None => f32_from_le(&afile.bytes(at, 0, at.nbytes())?),
     };
-    let packed = pfile.data(pt);
+    let packed = pfile.bytes(pt, 0, pt.nbytes())?;
     if packed.len() != quant4::packed_len(n) || absmax.len() != blocks {
         return Err(Error::format(pfile.path(), format!("{:?}: packed/absmax sizes do not match shape {:?}", row.name, q.shape)));
     }
-    let mut src = Floats::new(sfile.data(st), sdtype);
+    let mut src = sfile.floats(st, sdtype)?;
     if stored_transposed(conv1d, &row.name, &st.shape) {
         src = transpose(src.slice(), st.shape[0], st.shape[1]);
     }
@@ -1831,8 +2004,8 @@ fn compare_row(out: &Checkpoint, reference: &Checkpoint, row: &InspectRow, conv1
         })
         .try_reduce(Stats::default, |a, b| Ok(Stats::merge(a, b)))?;
     drop(src);
-    pfile.release(pt.begin, pt.end);
-    sfile.release(st.begin, st.end);
+    pfile.release(pt);
+    sfile.release(st);
     r.signal = stats.signal;
     r.noise = stats.noise;
     r.decoded = stats.decoded;

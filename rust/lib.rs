@@ -4,15 +4,20 @@
 //! The core knows nothing of Python; `python.rs` (feature `python`) is the thin PyO3 layer.
 
 pub mod blockwise8;
+pub mod calibrate;
 pub mod codebook;
 pub mod convert;
+pub mod cpu_isa;
 pub mod cuda;
 pub mod dtype;
 pub mod error;
+pub mod matmul4;
+pub mod gguf;
 pub mod paging;
 pub mod quant4;
 pub mod reduce;
 pub mod safetensors;
+pub mod tensor_file;
 pub mod threads;
 
 #[cfg(feature = "python")]

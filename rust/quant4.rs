@@ -8,9 +8,12 @@
 
 use rayon::prelude::*;
 
+use crate::blockwise8::NESTED_BLOCKSIZE;
 use crate::codebook::{Encoder4, FP4_CODE, FP4_ENCODER, INT4_CODE, INT4_ENCODER, NF4_CODE, NF4_ENCODER};
+use crate::cpu_isa::Isa;
 use crate::dtype::{Element, FloatSlice, FloatSliceMut};
 use crate::error::{Error, Result};
+use crate::matmul4;
 
 /// Block sizes bitsandbytes supports for 4-bit quantization.
 pub const BLOCKSIZES: [usize; 8] = [32, 64, 128, 256, 512, 1024, 2048, 4096];
@@ -397,8 +400,59 @@ mod avx2 {
     }
 }
 
+/// The scale of each block of a packed 4-bit tensor.
+#[derive(Clone, Copy, Debug)]
+pub enum BlockScales<'a> {
+    /// One float32 absmax per block.
+    F32(&'a [f32]),
+    /// Double quantization: block `b` has the scale `nested_map[codes[b]] * nested_absmax[b / 256]
+    /// + offset` (two float32 roundings, no fused multiply-add: bitsandbytes' decode).
+    Double { codes: &'a [u8], nested_absmax: &'a [f32], nested_map: &'a [f32; 256], offset: f32 },
+}
+
+impl BlockScales<'_> {
+    /// Number of blocks described.
+    pub fn len(&self) -> usize {
+        match self {
+            BlockScales::F32(a) => a.len(),
+            BlockScales::Double { codes, .. } => codes.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Errors unless the nested absmax has one entry per 256 block scales.
+    pub fn check(&self) -> Result<()> {
+        if let BlockScales::Double { codes, nested_absmax, .. } = self {
+            let want = codes.len().div_ceil(NESTED_BLOCKSIZE);
+            if nested_absmax.len() != want {
+                return Err(Error::shape(format!(
+                    "nested_absmax has {} entries; {} double-quantized block scales in groups of {NESTED_BLOCKSIZE} need {want}",
+                    nested_absmax.len(),
+                    codes.len()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The float32 scale of block `b`.
+    #[inline(always)]
+    pub fn get(&self, b: usize) -> f32 {
+        match self {
+            BlockScales::F32(a) => a[b],
+            BlockScales::Double { codes, nested_absmax, nested_map, offset } => {
+                nested_map[codes[b] as usize] * nested_absmax[b / NESTED_BLOCKSIZE] + offset
+            }
+        }
+    }
+}
+
 /// Dequantizes `packed`/`absmax` into `out` (its length is the element count n).
 /// Each value is `code[nibble] * absmax` in float32, rounded once to the output type.
+/// Runs the widest kernels this CPU has (capped by `QLORA_RS_CPU_ISA`, see [`crate::cpu_isa`]).
 pub fn dequantize_4bit(
     packed: &[u8],
     absmax: &[f32],
@@ -406,37 +460,46 @@ pub fn dequantize_4bit(
     blocksize: usize,
     out: FloatSliceMut<'_>,
 ) -> Result<()> {
-    check_buffers(out.len(), blocksize, packed.len(), absmax.len())?;
+    dequantize_4bit_with(packed, BlockScales::F32(absmax), quant_type, blocksize, out, Isa::current()?)
+}
+
+/// [`dequantize_4bit`] with any [`BlockScales`] (double quantization decoded block by block, no
+/// float32 copy of the scales), on the kernels of `isa` (an error if this CPU lacks it).
+/// Every level gives bit-identical results.
+pub fn dequantize_4bit_with(
+    packed: &[u8],
+    scales: BlockScales<'_>,
+    quant_type: QuantType,
+    blocksize: usize,
+    out: FloatSliceMut<'_>,
+    isa: Isa,
+) -> Result<()> {
+    check_buffers(out.len(), blocksize, packed.len(), scales.len())?;
+    scales.check()?;
+    isa.check_supported()?;
     match out {
-        FloatSliceMut::F32(o) => dequantize_typed(packed, absmax, quant_type, blocksize, o),
-        FloatSliceMut::F16(o) => dequantize_typed(packed, absmax, quant_type, blocksize, o),
-        FloatSliceMut::BF16(o) => dequantize_typed(packed, absmax, quant_type, blocksize, o),
+        FloatSliceMut::F32(o) => dequantize_typed(packed, scales, quant_type, blocksize, o, isa),
+        FloatSliceMut::F16(o) => dequantize_typed(packed, scales, quant_type, blocksize, o, isa),
+        FloatSliceMut::BF16(o) => dequantize_typed(packed, scales, quant_type, blocksize, o, isa),
     }
     Ok(())
 }
 
-fn dequantize_typed<T: Element>(packed: &[u8], absmax: &[f32], quant_type: QuantType, blocksize: usize, out: &mut [T]) {
+fn dequantize_typed<T: Element>(
+    packed: &[u8],
+    scales: BlockScales<'_>,
+    quant_type: QuantType,
+    blocksize: usize,
+    out: &mut [T],
+    isa: Isa,
+) {
     let code = quant_type.code();
     let chunk = chunk_elements(blocksize);
-    out.par_chunks_mut(chunk)
-        .zip(packed.par_chunks(chunk / 2))
-        .zip(absmax.par_chunks(chunk / blocksize))
-        .for_each(|((os, ps), ams)| {
-            for ((ob, pb), &am) in os.chunks_mut(blocksize).zip(ps.chunks(blocksize / 2)).zip(ams) {
-                let mut lut = [T::from_f32(0.0); 16];
-                for (l, c) in lut.iter_mut().zip(code) {
-                    *l = T::from_f32(c * am);
-                }
-                let mut pairs = ob.chunks_exact_mut(2);
-                for (o, &byte) in (&mut pairs).zip(pb) {
-                    o[0] = lut[(byte >> 4) as usize];
-                    o[1] = lut[(byte & 0x0f) as usize];
-                }
-                if let [last] = pairs.into_remainder() {
-                    *last = lut[(pb[pb.len() - 1] >> 4) as usize];
-                }
-            }
-        });
+    out.par_chunks_mut(chunk).zip(packed.par_chunks(chunk / 2)).enumerate().for_each(|(c, (os, ps))| {
+        let first = c * (chunk / blocksize);
+        // SAFETY: `isa` was checked to be supported by this CPU (dequantize_4bit_with).
+        unsafe { matmul4::decode_chunk(isa, ps, os, code, blocksize, |b| scales.get(first + b)) }
+    });
 }
 
 #[cfg(test)]

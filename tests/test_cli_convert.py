@@ -133,6 +133,15 @@ def test_inspect_table_and_compare(model, tmp_path, capsys):
     assert "identical" in next(r for r in out.splitlines() if r.startswith("model.norm."))
     assert "fidelity   SQNR" in out and "worst" in out
 
+    rc, out, err = run(capsys, "inspect", dst, "--compare", model, "--summary")
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "lowest SQNR:" and lines[1].split()[0] == "tensor"
+    shown = [r for r in lines[3:] if r.startswith("model.")]
+    assert len(shown) == 3  # the three 4-bit weights (at most five are listed), lowest SQNR first
+    sqnrs = [float(r.split()[-3]) for r in shown]
+    assert sqnrs == sorted(sqnrs) and "model.norm.weight" not in out and "fidelity   SQNR" in out
+
     rc, out, err = run(capsys, "inspect", dst, "--compare", model, "--json")
     data = {d["name"]: d for d in json.loads(out)}
     assert data["model.layers.0.mlp.up_proj.weight"]["status"] == "quantized"

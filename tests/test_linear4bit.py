@@ -125,7 +125,7 @@ def test_load_state_dict_reports_missing_unexpected_and_bad_shapes():
     result = q.load_state_dict(sd, strict=False)
     assert result.missing_keys == ["bias"] and result.unexpected_keys == ["extra"]
     other = Linear4bit.from_linear(_linear(out_f=32)).state_dict()
-    with pytest.raises(RuntimeError, match=r"holds a quantized \[32, 64\] weight; this layer is \[48, 64\]"):
+    with pytest.raises(RuntimeError, match=r"field 'shape' says a quantized \[32, 64\] weight; this layer is \[48, 64\]"):
         q.load_state_dict(other)
 
 

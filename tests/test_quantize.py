@@ -202,7 +202,7 @@ def test_quant_state_from_dict_errors():
         qlora_rs.QuantState.from_dict(bad)
     bad = dict(d)
     bad["absmax"] = d["absmax"][:-1]
-    with pytest.raises(qlora_rs.FormatError, match=r"absmax is uint8 with 3 entries; shape \[256\] in blocks of 64 needs uint8 with 4"):
+    with pytest.raises(qlora_rs.FormatError, match=r"absmax is uint8 with 3 entries; 'shape' \[256\] in blocks of 'blocksize' 64 needs uint8 with 4"):
         qlora_rs.QuantState.from_dict(bad)
     with pytest.raises(qlora_rs.FormatError, match="exactly one packed"):
         qlora_rs.QuantState.from_dict({"absmax": d["absmax"]})

@@ -40,6 +40,7 @@ _LAZY = {
     "QuantState": ".quant_state",
     # conversion
     "convert_checkpoint": ".convert",
+    "Calibration": ".calibrate",
     # training: 4-bit linear layers, LoRA, model surgery, PEFT-layout adapters
     "Linear4bit": ".nn",
     "LoraLinear4bit": ".nn",
@@ -63,6 +64,7 @@ _LAZY = {
     "train": ".train",
     "TrainConfig": ".train",
     "merge_checkpoint": ".cli_merge",
+    "plan": ".memory_plan",
 }
 _SUBMODULES = ("optim", "functional", "ops", "nn", "distributed")
 

@@ -81,6 +81,100 @@ def dynamic_map(signed: bool) -> list[float]:
 def check_blocksize(blocksize: int) -> None:
     """Validates a block size, raising the error that lists the supported ones."""
 
+# -- CPU kernels over packed 4-bit weights (host memory; rust/matmul4) -------------------------------
+
+def cpu_gemm_4bit(
+    x_ptr: int,
+    m: int,
+    n: int,
+    k: int,
+    dtype: str,
+    packed_ptr: int,
+    absmax_ptr: int,
+    nested_absmax_ptr: int | None,
+    nested_code_ptr: int | None,
+    offset: float,
+    quant_type: str,
+    blocksize: int,
+    out_ptr: int,
+    isa: str | None = None,
+) -> None:
+    """Fused out[m, n] = x[m, k] @ dequant(W[n, k])^T on the CPU, never decoding W to memory; x and
+    out of `dtype`. `isa`: a level from `cpu_isas()` (default: `cpu_isa()`)."""
+
+def cpu_dequantize_4bit(
+    packed_ptr: int,
+    absmax_ptr: int,
+    nested_absmax_ptr: int | None,
+    nested_code_ptr: int | None,
+    offset: float,
+    n: int,
+    quant_type: str,
+    blocksize: int,
+    out_ptr: int,
+    out_dtype: str,
+    isa: str | None = None,
+) -> None:
+    """Dequantize n elements into `out_ptr` of `out_dtype` on the CPU, decoding double-quantized
+    scales block by block. `isa`: a level from `cpu_isas()` (default: `cpu_isa()`)."""
+
+def cpu_isa() -> str:
+    """The instruction-set level the CPU kernels use in this process: the widest this CPU runs,
+    capped by the environment variable QLORA_RS_CPU_ISA (read once)."""
+
+def cpu_isas() -> list[str]:
+    """The instruction-set levels this CPU runs, widest first ("avx512bf16", "avx512", "avx2",
+    "portable"); each can be passed as `isa` to the cpu_* kernels."""
+
+# -- calibrated 4-bit quantization (rust/calibrate; qlora_rs.calibrate is the Python API) -------------
+
+def hessian_factor(h_ptr: int, n: int, relative_damp: float, u_ptr: int) -> dict[str, Any]:
+    """Factors the damped Hessian: reads `H` (float64 n x n at `h_ptr`), writes `U` (float32 n x n,
+    upper triangular, `Uᵀ U = (H + λI)⁻¹`) at `u_ptr`. Returns `{"damp", "dead_columns",
+    "damp_raised"}`."""
+
+def calibrate_4bit(
+    w_ptr: int,
+    rows: int,
+    cols: int,
+    u_ptr: int,
+    quant_type: str,
+    blocksize: int,
+    double_quant: bool,
+    fixed_scales: bool,
+    packed_ptr: int,
+    absmax_ptr: int,
+    nested_ptr: int,
+) -> dict[str, Any]:
+    """Quantizes the float32 `[rows, cols]` weight at `w_ptr` with the column sweep against the
+    factor `U` at `u_ptr` (float32 cols x cols). Writes the packed codes ((n+1)//2 bytes) at
+    `packed_ptr` and the scales at `absmax_ptr`: float32 per block, or with `double_quant` uint8
+    per block plus float32 per 256 blocks at `nested_ptr`. Returns `{"offset", "sweep_scales",
+    "loss", "negative_scales"}`."""
+
+def convert_calibrated(
+    src: _Path,
+    dst: _Path | None,
+    quant_type: str,
+    blocksize: int,
+    double_quant: bool,
+    compute_dtype: str,
+    include: list[str],
+    exclude: list[str],
+    threads: int | None,
+    force: bool,
+    allow_nonfinite: bool,
+    sync: bool,
+    weights: dict[str, tuple[int, int, int, int, int, int, float | None]],
+    config_extra: str,
+    progress: _Progress = None,
+    dtype: str | None = None,
+    add_files: Callable[[str], object] | None = None,
+) -> dict[str, Any]:
+    """`convert_checkpoint` with some weights computed beforehand (`weights`: tensor name ->
+    `(packed_ptr, packed_len, absmax_ptr, absmax_bytes, nested_ptr, nested_len, offset)`) and
+    `config_extra` (a JSON object) merged into the output config.json."""
+
 # -- checkpoint conversion ---------------------------------------------------------------------------
 
 def convert_checkpoint(
@@ -97,8 +191,13 @@ def convert_checkpoint(
     allow_nonfinite: bool,
     sync: bool,
     progress: _Progress = None,
+    dtype: str | None = None,
+    dequantize_only: bool = False,
+    add_files: Callable[[str], object] | None = None,
 ) -> dict[str, Any]:
-    """Converts a safetensors checkpoint to bitsandbytes 4-bit; returns the summary as a dict."""
+    """Converts a safetensors checkpoint or a GGUF model to bitsandbytes 4-bit (or, for a GGUF with
+    `dequantize_only`, to floats); returns the summary as a dict. `add_files(staging_dir)` is called
+    before a directory output is renamed into place, to add files to it."""
 
 def plan_checkpoint(
     src: _Path,
@@ -113,6 +212,8 @@ def plan_checkpoint(
     force: bool,
     allow_nonfinite: bool,
     sync: bool,
+    dtype: str | None = None,
+    dequantize_only: bool = False,
 ) -> dict[str, Any]:
     """The plan of a conversion (what `--dry-run` prints); reads headers only, writes nothing."""
 
@@ -127,6 +228,15 @@ def default_destination(src: _Path, quant_type: str) -> str:
 
 def python_float_repr(x: float) -> str:
     """`json.dumps(float(x))` as the converter writes it into quantization state (for tests)."""
+
+def gguf_header(path: _Path) -> dict[str, Any]:
+    """The header of a GGUF file: version, alignment, metadata (key -> value, in file order) and the
+    tensors (name, torch-order shape, ggml type, transformers name, bytes, file offset). Reads no
+    tensor data."""
+
+def gguf_tensor(path: _Path, name: str, dtype: str) -> tuple[bytes, list[int]]:
+    """One tensor of a GGUF model, named as transformers names it, decoded to `dtype` as transformers
+    loads it: (little-endian bytes, shape)."""
 
 # -- unified-memory page manager --------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import math
 import os
 import pkgutil
@@ -130,16 +131,18 @@ def _terminal_columns(stream: TextIO) -> int:
 def _add_convert(sub: Any) -> None:
     p = sub.add_parser(
         "convert",
-        help="convert a safetensors checkpoint to bitsandbytes 4-bit (NF4/FP4)",
+        help="convert a safetensors checkpoint or a GGUF model to bitsandbytes 4-bit (NF4/FP4)",
         description=(
             "Convert a float safetensors checkpoint (a .safetensors file, or a model directory with "
-            "model.safetensors or a sharded model.safetensors.index.json) to a bitsandbytes 4-bit "
-            "checkpoint that transformers + bitsandbytes load unchanged. Streams: memory stays at about "
-            "the largest tensor. The output appears atomically (written to a hidden temporary, renamed at "
-            "the end)."
+            "model.safetensors or a sharded model.safetensors.index.json) or a GGUF model (llama, qwen2, "
+            "qwen3; F32/F16/BF16, Q4_0..Q8_0 and K-quant tensors) to a bitsandbytes 4-bit checkpoint that "
+            "transformers + bitsandbytes load unchanged. A GGUF is decoded exactly as transformers' GGUF "
+            "loader does; its config and tokenizer need pip install 'qlora-rs[gguf]'. Streams: memory stays "
+            "at about the largest tensor. The output appears atomically (written to a hidden temporary, "
+            "renamed at the end)."
         ),
     )
-    p.add_argument("src", help="a .safetensors file or a model directory")
+    p.add_argument("src", help="a .safetensors file, a model directory, or a .gguf file")
     p.add_argument("-o", "--output", dest="dst", help="output directory (default: <src>-<quant type> next to SRC), "
                    "or a .safetensors file for a single-file source")
     p.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4", help="4-bit data type (default: nf4)")
@@ -154,11 +157,25 @@ def _add_convert(sub: Any) -> None:
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                    help="keep tensors whose full name matches a glob, e.g. '*.mlp.down_proj.*' (repeatable)")
     p.add_argument("--threads", type=int, help="worker threads (default: QLORA_RS_NUM_THREADS or all cores)")
-    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument("--force", action="store_true", help="replace an existing output; without it an existing output is "
+                   "refused")
     p.add_argument("--dry-run", action="store_true", help="print the plan (tensors, sizes before/after) and exit")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="quantize weights holding NaN/inf (NaN -> 0, inf saturates) instead of failing")
-    p.add_argument("--no-sync", dest="sync", action="store_false", help="skip the fsync before the final rename")
+    p.add_argument("--no-sync", dest="sync", action="store_false",
+                   help="skip the fsync before the final rename; without it the output is on disk before it appears")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                   help="GGUF sources: the float type tensors decode to, as transformers' dtype= (default: bfloat16)")
+    p.add_argument("--dequantize-only", action="store_true",
+                   help="GGUF sources: write the float model (no 4-bit), e.g. for 16-bit fine-tuning")
+    p.add_argument("--calibrate", metavar="DATA",
+                   help="choose the 4-bit codes of the decoder blocks' linear layers to minimise their output error "
+                        "on DATA (JSONL in a training format, or plain text) instead of rounding to nearest: same "
+                        "format and size; runs the model (needs transformers)")
+    p.add_argument("--calib-samples", type=int, default=32, metavar="N",
+                   help="calibration sequences taken from DATA (default: 32)")
+    p.add_argument("--calib-seq", type=int, default=512, metavar="N",
+                   help="tokens per calibration sequence (default: 512)")
     p.set_defaults(func=_run_convert)
 
 
@@ -166,7 +183,8 @@ def _convert_kwargs(args: argparse.Namespace) -> dict:
     return dict(
         quant_type=args.quant_type, blocksize=args.blocksize, double_quant=args.double_quant,
         compute_dtype=args.compute_dtype, include=args.include, exclude=args.exclude, threads=args.threads,
-        force=args.force, allow_nonfinite=args.allow_nonfinite, sync=args.sync,
+        force=args.force, allow_nonfinite=args.allow_nonfinite, sync=args.sync, dtype=args.dtype,
+        dequantize_only=args.dequantize_only,
     )
 
 
@@ -179,6 +197,8 @@ def _run_convert(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
         plan = plan_conversion(args.src, args.dst, **_convert_kwargs(args))
         _print_plan(plan, args, out)
         return 0
+    if getattr(args, "calibrate", None) is not None:
+        return _run_calibrated_convert(args, out)
     bar = ProgressBar("converting")
     try:
         summary = convert_checkpoint(args.src, args.dst, progress=bar, **_convert_kwargs(args))
@@ -192,17 +212,74 @@ def _run_convert(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
     return 0
 
 
+def _run_calibrated_convert(args: argparse.Namespace, out: TextIO) -> int:
+    from .calibrate import convert_calibrated
+    from .errors import InvalidArgumentError
+
+    kwargs = _convert_kwargs(args)
+    if kwargs.pop("dequantize_only"):
+        raise InvalidArgumentError("--calibrate quantizes; it does not combine with --dequantize-only")
+    tty = sys.stderr.isatty()
+    start = time.monotonic()
+
+    def blocks(done: int, total: int, message: str) -> None:
+        if tty:
+            sys.stderr.write(f"\rcalibrating {message} ({_seconds(time.monotonic() - start)})\x1b[K")
+            sys.stderr.flush()
+
+    bar = ProgressBar("writing")
+    try:
+        summary = convert_calibrated(args.src, args.dst, args.calibrate, samples=args.calib_samples,
+                                     seq_len=args.calib_seq, progress=bar, calibration_progress=blocks, **kwargs)
+    except KeyboardInterrupt:
+        print(f"\n{PROG} convert: interrupted; no output was written", file=sys.stderr)
+        return 130
+    finally:
+        bar.close()
+        if tty:
+            sys.stderr.write("\r\x1b[K")
+    _print_summary(summary, args, out)
+    for line in _calibration_lines(summary.calibration or {}):
+        print(line, file=out)
+    return 0
+
+
+def _calibration_lines(record: dict) -> list[str]:
+    """What a calibration record (config.json's qlora_rs_calibration) says, for people."""
+    tensors = record.get("tensors") or {}
+    ratios = sorted(float(t["error_ratio"]) for t in tensors.values() if isinstance(t, dict) and "error_ratio" in t)
+    lines = [f"calibrated {len(tensors)} weights on {record.get('sequences')} x {record.get('seq_len')} tokens of "
+             f"{record.get('data') or 'given tokens'} in {_seconds(float(record.get('seconds') or 0))}"]
+    if ratios:
+        median = ratios[len(ratios) // 2]
+        lines.append(f"out. error {median:.2f}x round-to-nearest's (median over weights; "
+                     f"{ratios[0]:.2f}x..{ratios[-1]:.2f}x)")
+    rtn = record.get("round_to_nearest") or {}
+    if rtn:
+        lines.append(f"rounded    {len(rtn)} 4-bit weights to nearest: {_file_list(sorted(rtn), 3)}")
+    return lines
+
+
 def _quant_label(quant_type: str, blocksize: int, double_quant: bool) -> str:
     return f"{quant_type}, block {blocksize}" + (", double quant" if double_quant else "")
+
+
+def _size_change(before: float, after: float) -> str:
+    if not before or not after:
+        return ""
+    return f" ({before / after:.1f}x smaller)" if after <= before else f" ({after / before:.1f}x larger)"
 
 
 def _print_plan(plan: Any, args: argparse.Namespace, out: TextIO) -> None:
     tensors = sorted(plan.tensors, key=lambda t: _natural_key(t.name))
     multi = len({t.shard for t in tensors}) > 1
-    headers = ["tensor", "shape", "dtype", "action", "why", "before", "after"] + (["shard"] if multi else [])
+    gguf = plan.architecture is not None
+    headers = ["tensor", "shape", "stored" if gguf else "dtype", "action", "why", "before", "after"]
+    headers += ["shard"] if multi else []
     rows = []
     for t in tensors:
-        row = [t.name, _shape(t.shape), t.dtype, "quantize" if t.quantize else "keep", t.reason,
+        action = "quantize" if t.quantize else (f"-> {t.dtype}" if gguf else "keep")
+        row = [t.name, _shape(t.shape), t.stored if gguf else t.dtype, action, t.reason,
                _bytes(t.bytes_in), _bytes(t.bytes_out)]
         rows.append(row + ([t.shard] if multi else []))
     _table(headers, rows, [False, False, False, False, False, True, True] + [False] * multi, out)
@@ -213,8 +290,11 @@ def _print_plan(plan: Any, args: argparse.Namespace, out: TextIO) -> None:
     print(f"plan       {len(q)} tensors quantized ({_quant_label(args.quant_type, args.blocksize, args.double_quant)}), "
           f"{len(tensors) - len(q)} kept", file=out)
     print(f"params     {_count(qp)} quantized, {_count(sum(t.numel for t in tensors) - qp)} kept", file=out)
-    ratio = f" ({before / after:.1f}x smaller)" if after else ""
-    print(f"size       {_bytes(before)} -> {_bytes(after)}{ratio} (estimate)", file=out)
+    print(f"size       {_bytes(before)} -> {_bytes(after)}{_size_change(before, after)} (estimate)", file=out)
+    if gguf:
+        print(f"source     GGUF, architecture {plan.architecture}; tensors decoded as transformers loads them", file=out)
+        if plan.dropped:
+            print(f"drops      {_file_list(plan.dropped)} (transformers does not load them)", file=out)
     where = plan.dst + (" (exists: pass --force to replace it)" if plan.dst_exists else "")
     print(f"output     {where}", file=out)
     if plan.copy_files:
@@ -233,13 +313,19 @@ def _file_list(files: Sequence[str], limit: int = 6) -> str:
 def _print_summary(s: Any, args: argparse.Namespace, out: TextIO) -> None:
     params = s.params_quantized + s.params_kept
     print(f"converted  {args.src} -> {s.dst}", file=out)
-    print(f"tensors    {s.tensors_quantized} quantized ({_quant_label(args.quant_type, args.blocksize, args.double_quant)}), "
-          f"{s.tensors_kept} kept" + (f", {s.shards} shards" if s.shards > 1 else ""), file=out)
+    shards = f", {s.shards} shards" if s.shards > 1 else ""
+    if getattr(args, "dequantize_only", False):
+        print(f"tensors    {s.tensors_kept} decoded to {args.dtype or 'bfloat16'}{shards}", file=out)
+    else:
+        label = _quant_label(args.quant_type, args.blocksize, args.double_quant)
+        print(f"tensors    {s.tensors_quantized} quantized ({label}), {s.tensors_kept} kept{shards}", file=out)
     print(f"params     {_count(s.params_quantized)} quantized, {_count(s.params_kept)} kept", file=out)
-    ratio = f" ({s.bytes_in / s.bytes_out:.1f}x smaller)" if s.bytes_out else ""
-    print(f"size       {_bytes(s.bytes_in)} -> {_bytes(s.bytes_out)}{ratio}", file=out)
+    print(f"size       {_bytes(s.bytes_in)} -> {_bytes(s.bytes_out)}{_size_change(s.bytes_in, s.bytes_out)}", file=out)
     overall = 8 * s.bytes_out / params if params else math.nan
-    print(f"bits/param {s.bits_per_param:.3f} in quantized weights, {overall:.2f} overall", file=out)
+    if s.params_quantized:
+        print(f"bits/param {s.bits_per_param:.3f} in quantized weights, {overall:.2f} overall", file=out)
+    else:
+        print(f"bits/param {overall:.2f} overall", file=out)
     print(f"time       {s.seconds:.2f} s, {s.gb_per_s:.2f} GB/s", file=out)
     if s.files_copied:
         print(f"copied     {_file_list(s.files_copied)}", file=out)
@@ -254,16 +340,21 @@ def _print_summary(s: Any, args: argparse.Namespace, out: TextIO) -> None:
 def _add_inspect(sub: Any) -> None:
     p = sub.add_parser(
         "inspect",
-        help="list the tensors of a checkpoint; with --compare, their fidelity against the source",
+        help="list the tensors of a checkpoint or GGUF file; with --compare, their fidelity against the source",
         description=(
             "Per-tensor table of a safetensors checkpoint (file or model directory): shape, stored dtype, "
-            "quant type, block size, bits per parameter, and totals. With --compare SRC, decodes every 4-bit "
-            "weight and reports SQNR (dB), max abs error and cosine similarity against SRC."
+            "quant type, block size, bits per parameter, and totals; of a GGUF file: shape, ggml type, bits "
+            "per parameter and the transformers name each tensor loads as. With --compare SRC, decodes every "
+            "4-bit weight and reports SQNR (dB), max abs error and cosine similarity against SRC (a "
+            "checkpoint, or the GGUF file it was converted from)."
         ),
     )
-    p.add_argument("path", help="a .safetensors file or a model directory")
-    p.add_argument("--compare", metavar="SRC", help="the source checkpoint to measure fidelity against")
+    p.add_argument("path", help="a .safetensors file, a model directory, or a .gguf file")
+    p.add_argument("--compare", metavar="SRC", help="the source checkpoint (or GGUF file) to measure fidelity against")
     p.add_argument("--json", action="store_true", help="print JSON records instead of a table")
+    p.add_argument("--summary", action="store_true",
+                   help="print the totals only (with --compare: and the five tensors of lowest SQNR), not a row "
+                        "per tensor")
     p.set_defaults(func=_run_inspect)
 
 
@@ -278,11 +369,22 @@ def _fmt_float(x: float, digits: int = 2) -> str:
 def _run_inspect(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
     import json
 
-    from .convert import compare_checkpoints, fidelity_totals, inspect_checkpoint
+    from .convert import calibration_record, compare_checkpoints, fidelity_totals, inspect_checkpoint, is_gguf
 
     out = out if out is not None else sys.stdout
+    if is_gguf(args.path):
+        if args.compare:
+            from .errors import InvalidArgumentError
+
+            raise InvalidArgumentError(
+                f"{args.path} is a GGUF file: --compare measures a converted checkpoint (PATH) against its "
+                "source (SRC, which may be a GGUF file)"
+            )
+        return _inspect_gguf(args, out)
 
     records = sorted(inspect_checkpoint(args.path), key=lambda r: _natural_key(r.name))
+    calibration = calibration_record(args.path)
+    calibrated = (calibration or {}).get("tensors") or {}
     fidelity = {}
     if args.compare:
         bar = ProgressBar("comparing")
@@ -298,6 +400,8 @@ def _run_inspect(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
             f = fidelity.get(r.name)
             if f is not None:
                 d.update(status=f.status, sqnr_db=f.sqnr_db, max_abs=f.max_abs, cosine=f.cosine)
+            if calibration is not None:
+                d["calibrated"] = r.name in calibrated
             data.append(d)
         json.dump(data, out, indent=2, default=str)
         print(file=out)
@@ -305,14 +409,29 @@ def _run_inspect(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
 
     headers = ["tensor", "shape", "stored", "dtype", "quant", "block", "bits/param"]
     right = [False, False, False, False, False, True, True]
+    if calibration is not None:
+        headers += ["calibrated"]
+        right += [False]
     if args.compare:
         headers += ["SQNR dB", "max|err|", "cosine"]
         right += [True, True, True]
+    if args.summary:
+        # The totals below, and with --compare the tensors that lost the most.
+        worst = sorted((f for f in fidelity.values() if f.status == "quantized"), key=lambda f: f.sqnr_db)[:5]
+        shown = {f.name for f in worst}
+        records_shown = [r for r in records if r.name in shown]
+        records_shown.sort(key=lambda r: fidelity[r.name].sqnr_db)
+    else:
+        records_shown = records
     rows = []
-    for r in records:
+    for r in records_shown:
         quant = (r.quant_type + ("+dq" if r.double_quant else "")) if r.quant_type else "-"
         row = [r.name, _shape(r.shape), r.stored_dtype, r.dtype, quant, str(r.blocksize or "-"),
                _fmt_float(r.bits_per_param, 3)]
+        if calibration is not None:
+            cal = calibrated.get(r.name)
+            row.append(f"yes ({float(cal['error_ratio']):.2f}x err)" if isinstance(cal, dict) else
+                       ("no (nearest)" if r.quant_type else ""))
         if args.compare:
             f = fidelity.get(r.name)
             if f is None or f.status not in ("quantized", "identical"):
@@ -322,7 +441,10 @@ def _run_inspect(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
             else:
                 row += [_fmt_float(f.sqnr_db), f"{f.max_abs:.3g}", f"{f.cosine:.5f}"]
         rows.append(row)
-    _table(headers, rows, right, out)
+    if rows:
+        if args.summary:
+            print("lowest SQNR:", file=out)
+        _table(headers, rows, right, out)
 
     total_numel = sum(r.numel for r in records)
     total_bytes = sum(r.bytes for r in records)
@@ -335,6 +457,9 @@ def _run_inspect(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
     if total_numel:
         qbits = f", {8 * q_bytes / q_numel:.3f} in 4-bit weights" if q_numel else ""
         print(f"bits/param {8 * total_bytes / total_numel:.3f} overall{qbits}", file=out)
+    if calibration is not None:
+        for line in _calibration_lines(calibration):
+            print(line, file=out)
     if args.compare:
         t = fidelity_totals(fidelity.values())
         if t.tensors:
@@ -346,6 +471,39 @@ def _run_inspect(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
             listed = ", ".join(f"{f.name} ({f.status})" for f in sorted(odd, key=lambda f: _natural_key(f.name))[:5])
             more = f" and {len(odd) - 5} more" if len(odd) > 5 else ""
             print(f"differs    {listed}{more}", file=out)
+    return 0
+
+
+def _inspect_gguf(args: argparse.Namespace, out: TextIO) -> int:
+    import json
+
+    from .convert import inspect_gguf
+
+    info = inspect_gguf(args.path)
+    if args.json:
+        data = [{**t.__dict__, "shape": list(t.shape), "bits_per_param": t.bits_per_param} for t in info.tensors]
+        json.dump(data, out, indent=2, default=str)
+        print(file=out)
+        return 0
+    headers = ["tensor", "shape", "type", "bits/param", "transformers name"]
+    rows = [[t.name, _shape(t.shape), t.ggml_type + ("" if t.decodable else " (no decoder)"),
+             _fmt_float(t.bits_per_param, 3), t.hf_name or "-"] for t in info.tensors]
+    _table(headers, rows, [False, False, False, True, False], out)
+    numel, size = sum(t.numel for t in info.tensors), sum(t.bytes for t in info.tensors)
+    types: dict = {}
+    for t in info.tensors:
+        types[t.ggml_type] = types.get(t.ggml_type, 0) + 1
+    print(file=out)
+    print(f"file       GGUF v{info.version}, architecture {info.architecture or '?'}, alignment {info.alignment}, "
+          f"{len(info.metadata)} metadata keys", file=out)
+    print(f"tensors    {len(info.tensors)} (" + ", ".join(f"{n} {k}" for k, n in sorted(types.items())) + ")", file=out)
+    print(f"params     {_count(numel)}", file=out)
+    print(f"size       {_bytes(size)}", file=out)
+    if numel:
+        print(f"bits/param {8 * size / numel:.3f} overall", file=out)
+    unmapped = [t.name for t in info.tensors if t.hf_name is None]
+    if unmapped and len(unmapped) < len(info.tensors):
+        print(f"not loaded {_file_list(unmapped)} (transformers does not load them)", file=out)
     return 0
 
 
@@ -404,6 +562,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .errors import QloraError
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    # torchao (which transformers imports when it is installed) logs a deprecation notice from
+    # torch's pytree module on import: noise for a command-line user.
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
     try:

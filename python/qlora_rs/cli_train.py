@@ -38,6 +38,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    "without it there is no evaluation")
     g.add_argument("--max-seq-len", type=int, default=d.max_seq_len,
                    help=f"tokens per example, longer ones are cut (default: {d.max_seq_len})")
+    g.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
+                   help="batch examples in plain random order; without it examples of similar length share a "
+                        "batch (less padding, same examples per epoch)")
     g.add_argument("--skip-bad-lines", action="store_true",
                    help="skip malformed lines (and count them); without it the first one stops the run")
     g.add_argument("--task", choices=TASKS, default=d.task,
@@ -121,7 +124,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         quant_type=args.quant_type, blocksize=args.blocksize, double_quant=args.double_quant,
         compute_dtype=args.compute_dtype, lr=args.lr, schedule=args.schedule, warmup_ratio=args.warmup_ratio,
         max_grad_norm=args.max_grad_norm, weight_decay=args.weight_decay, optimizer=args.optimizer,
-        batch_size=args.batch_size, grad_accum=args.grad_accum, max_seq_len=args.max_seq_len, max_steps=args.max_steps,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, max_seq_len=args.max_seq_len,
+        group_by_length=args.group_by_length, max_steps=args.max_steps,
         epochs=args.epochs, seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
         save_every=args.save_every, eval_every=args.eval_every, save_total_limit=args.save_total_limit,
         skip_bad_lines=args.skip_bad_lines, resume=args.resume, device=args.device, threads=args.threads,

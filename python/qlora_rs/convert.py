@@ -1,4 +1,5 @@
-"""Convert float safetensors checkpoints to bitsandbytes 4-bit (NF4/FP4) and inspect the result.
+"""Convert float safetensors checkpoints and GGUF models to bitsandbytes 4-bit (NF4/FP4) and
+inspect the result.
 
 The conversion runs in Rust with the GIL released: inputs are memory-mapped, linear weights are
 quantized tensor by tensor (in parallel within and across tensors) and written as they are
@@ -9,13 +10,18 @@ Which tensors are quantized by default: rank-2 float ``*.weight`` tensors of lin
 embeddings, the ``lm_head`` output head, norms, biases and buffers are kept as they are, as
 transformers + bitsandbytes do. ``include``/``exclude`` take glob patterns (``*``, ``?``,
 ``[...]``) matched against full tensor names, e.g. ``"*.mlp.*"`` or ``"lm_head.weight"``.
+
+A GGUF source (llama, qwen2, qwen3 architectures) is decoded in Rust to exactly the float tensors
+transformers' GGUF loader produces (its names, llama's q/k un-permuted, rounded to ``dtype``) and
+then converted like a safetensors checkpoint; config.json, generation_config.json and the
+tokenizer come from transformers (``pip install 'qlora-rs[gguf]'``).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Union
 
 from . import _lib
@@ -26,6 +32,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 ProgressCallback = Callable[[int, int, int, int, str], Any]
 
 QUANT_TYPES = ("nf4", "fp4")
+FLOAT_DTYPES = ("bfloat16", "float16", "float32")
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,8 @@ class ConvertSummary:
     files_copied: list[str]
     files_skipped: list[str]
     seconds: float
+    #: The calibration record (config.json's ``qlora_rs_calibration``) of a calibrated conversion.
+    calibration: Optional[dict] = None
 
     @property
     def bits_per_param(self) -> float:
@@ -69,9 +78,12 @@ class TensorPlan:
     quantize: bool
     reason: str
     numel: int
+    #: Bytes in the source (for a GGUF tensor, its blocks).
     bytes_in: int
     #: Output bytes (the JSON quantization state estimated to within a few bytes).
     bytes_out: int
+    #: How the source stores it: the safetensors dtype, or the ggml type (``Q4_K``) of a GGUF tensor.
+    stored: str = ""
 
 
 @dataclass(frozen=True)
@@ -86,6 +98,9 @@ class ConversionPlan:
     skipped_files: list[str]
     #: ``llm_int8_skip_modules`` written to config.json (None for the default selection).
     skip_modules: Optional[list[str]]
+    #: For a GGUF source: its architecture, and the GGUF tensors transformers does not load.
+    architecture: Optional[str] = None
+    dropped: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -206,9 +221,13 @@ def _options(
     force: bool,
     allow_nonfinite: bool,
     sync: bool,
-) -> tuple:
+    dtype: Any = None,
+    dequantize_only: bool = False,
+) -> tuple[tuple, dict]:
+    """The positional options of the core's conversion functions, and its GGUF keyword options."""
     from .errors import InvalidArgumentError
 
+    dtype = _float_dtype(dtype)
     if quant_type not in QUANT_TYPES:
         raise InvalidArgumentError(f"unsupported quant_type {quant_type!r}: expected one of {', '.join(QUANT_TYPES)}")
     if threads is not None and int(threads) < 1:
@@ -219,7 +238,28 @@ def _options(
         quant_type, int(blocksize), bool(double_quant), compute,
         _patterns(include, "include"), _patterns(exclude, "exclude"),
         None if threads is None else int(threads), bool(force), bool(allow_nonfinite), bool(sync),
-    )
+    ), {"dtype": dtype, "dequantize_only": bool(dequantize_only)}
+
+
+def _float_dtype(dtype: Any) -> Optional[str]:
+    """A float dtype name ("bfloat16") from a name or a torch dtype; None stays None."""
+    if dtype is None:
+        return None
+    name = str(dtype).removeprefix("torch.")
+    if name not in FLOAT_DTYPES:
+        from .errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"unsupported dtype {dtype!r}: expected one of {', '.join(FLOAT_DTYPES)}")
+    return name
+
+
+def is_gguf(path: PathLike) -> bool:
+    """Whether ``path`` is a file that starts with the GGUF magic."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 def convert_checkpoint(
@@ -236,9 +276,14 @@ def convert_checkpoint(
     force: bool = False,
     allow_nonfinite: bool = False,
     sync: bool = True,
+    dtype: Any = None,
+    dequantize_only: bool = False,
     progress: Optional[ProgressCallback] = None,
+    calibrate: Any = None,
+    calib_samples: int = 32,
+    calib_seq: int = 512,
 ) -> ConvertSummary:
-    """Converts a safetensors checkpoint to a bitsandbytes 4-bit checkpoint.
+    """Converts a safetensors checkpoint or a GGUF model to a bitsandbytes 4-bit checkpoint.
 
     ``src`` is a ``.safetensors`` file or a model directory holding ``model.safetensors`` or a
     sharded ``model.safetensors.index.json`` (plus ``config.json``, tokenizer files, ...).
@@ -253,13 +298,50 @@ def convert_checkpoint(
     with ``force=True``. NaN/inf in a weight raise :class:`~qlora_rs.NonFiniteError` naming the
     tensor unless ``allow_nonfinite``. ``sync=False`` skips the fsync before the final rename.
 
+    ``src`` may be a GGUF file (llama, qwen2, qwen3): its tensors are decoded to ``dtype``
+    (default bfloat16) exactly as transformers' GGUF loader does, and the output directory is what
+    transformers + bitsandbytes write for that model: the same tensors byte for byte, config.json,
+    generation_config.json and the tokenizer (these need ``pip install 'qlora-rs[gguf]'``).
+    ``dequantize_only=True`` writes the float model instead (no quantization_config), for 16-bit
+    fine-tuning; ``dst`` then defaults to ``<stem>-<dtype>``. A ``dst`` ending in ``.safetensors``
+    gets the tensors alone (no config or tokenizer, so no extra needed).
+
     The output appears atomically: it is written to a hidden sibling (``.<name>.tmp-<pid>``) and
     renamed into place; on any error or interruption nothing is left behind. The GIL is released
     while converting; ``progress`` (and Ctrl-C) are checked after every tensor.
+
+    ``calibrate`` (a JSONL or text file, or a ``LongTensor`` of token ids) quantizes the linear
+    weights of the decoder blocks to minimise their output error on ``calib_samples`` sequences
+    of ``calib_seq`` tokens of it instead of rounding to nearest (see :mod:`qlora_rs.calibrate`;
+    needs transformers): same format and size, recorded in config.json.
     """
-    opts = _options(quant_type, blocksize, double_quant, compute_dtype, include, exclude, threads, force,
-                    allow_nonfinite, sync)
-    d = _lib.convert_checkpoint(os.fspath(src), None if dst is None else os.fspath(dst), *opts, progress)
+    opts, gguf_opts = _options(quant_type, blocksize, double_quant, compute_dtype, include, exclude, threads, force,
+                               allow_nonfinite, sync, dtype, dequantize_only)
+    src, dst = os.fspath(src), None if dst is None else os.fspath(dst)
+    if calibrate is not None:
+        if dequantize_only:
+            from .errors import InvalidArgumentError
+
+            raise InvalidArgumentError("--calibrate quantizes; it does not combine with --dequantize-only")
+        from .calibrate import convert_calibrated
+
+        return convert_calibrated(
+            src, dst, calibrate, samples=calib_samples, seq_len=calib_seq, quant_type=quant_type, blocksize=blocksize,
+            double_quant=double_quant, compute_dtype=compute_dtype, include=include, exclude=exclude, threads=threads,
+            force=force, allow_nonfinite=allow_nonfinite, sync=sync, dtype=dtype, progress=progress,
+        )
+    if not (is_gguf(src) and not (dst or "").endswith(".safetensors")):
+        return ConvertSummary(**_lib.convert_checkpoint(src, dst, *opts, progress, **gguf_opts))
+    from . import gguf_metadata
+
+    _lib.gguf_header(src)  # a broken file fails here, before a child process starts
+    # Config and tokenizer are written by a child process while the tensors convert; a missing
+    # extra fails here, before anything is written.
+    job = gguf_metadata.MetadataJob(src, gguf_opts["dtype"] or "bfloat16")
+    try:
+        d = _lib.convert_checkpoint(src, dst, *opts, progress, add_files=job.finish, **gguf_opts)
+    finally:
+        job.close()
     return ConvertSummary(**d)
 
 
@@ -277,12 +359,14 @@ def plan_conversion(
     force: bool = False,
     allow_nonfinite: bool = False,
     sync: bool = True,
+    dtype: Any = None,
+    dequantize_only: bool = False,
 ) -> ConversionPlan:
     """What :func:`convert_checkpoint` with the same arguments would do; validates the input
     headers and options, reads no tensor data and writes nothing."""
-    opts = _options(quant_type, blocksize, double_quant, compute_dtype, include, exclude, threads, force,
-                    allow_nonfinite, sync)
-    d = _lib.plan_checkpoint(os.fspath(src), None if dst is None else os.fspath(dst), *opts)
+    opts, gguf_opts = _options(quant_type, blocksize, double_quant, compute_dtype, include, exclude, threads, force,
+                               allow_nonfinite, sync, dtype, dequantize_only)
+    d = _lib.plan_checkpoint(os.fspath(src), None if dst is None else os.fspath(dst), *opts, **gguf_opts)
     d["tensors"] = [TensorPlan(**{**t, "shape": tuple(t["shape"])}) for t in d["tensors"]]
     return ConversionPlan(**d)
 
@@ -293,17 +377,85 @@ def default_destination(src: PathLike, quant_type: str = "nf4") -> str:
     return _lib.default_destination(os.fspath(src), quant_type)
 
 
+def calibration_record(path: PathLike) -> Optional[dict]:
+    """The calibration record of a checkpoint converted with ``calibrate=`` (config.json's
+    ``qlora_rs_calibration``, next to ``path``), or None when it was not calibrated."""
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    try:
+        cfg = json.loads(((p if p.is_dir() else p.parent) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    rec = cfg.get("qlora_rs_calibration") if isinstance(cfg, dict) else None
+    return rec if isinstance(rec, dict) else None
+
+
 def inspect_checkpoint(path: PathLike) -> list[TensorRecord]:
     """Per-tensor records of a checkpoint (file or directory, sharded or not); a 4-bit weight is
     one record with its original shape and dtype and the bytes of all its quantization state."""
     return [TensorRecord(**{**r, "shape": tuple(r["shape"])}) for r in _lib.inspect_checkpoint(os.fspath(path))]
 
 
+@dataclass(frozen=True)
+class GgufTensorRecord:
+    """One tensor of a GGUF file."""
+
+    name: str
+    #: The transformers parameter it becomes, or None when transformers does not load it.
+    hf_name: Optional[str]
+    #: Torch order (slowest-moving dimension first).
+    shape: tuple[int, ...]
+    ggml_type: str
+    numel: int
+    bytes: int
+    #: Where its data starts in the file.
+    offset: int
+    #: Whether qlora-rs decodes this ggml type.
+    decodable: bool
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8 * self.bytes / self.numel if self.numel else math.nan
+
+
+@dataclass(frozen=True)
+class GgufInfo:
+    """The header of a GGUF file (:func:`inspect_gguf`)."""
+
+    version: int
+    alignment: int
+    architecture: Optional[str]
+    #: Metadata key -> value in file order (long arrays such as the vocabulary included).
+    metadata: dict
+    tensors: list[GgufTensorRecord]
+
+
+def inspect_gguf(path: PathLike) -> GgufInfo:
+    """The header of a GGUF file, validated whole; reads no tensor data."""
+    d = _lib.gguf_header(os.fspath(path))
+    d["tensors"] = [GgufTensorRecord(**{**t, "shape": tuple(t["shape"])}) for t in d["tensors"]]
+    return GgufInfo(**d)
+
+
+def read_gguf_tensor(path: PathLike, name: str, dtype: Any = "float32") -> Any:
+    """One tensor of a GGUF model as transformers' GGUF loader produces it: ``name`` is the
+    transformers name (``model.layers.0.self_attn.q_proj.weight``), the values are decoded,
+    un-permuted where transformers does so, and rounded to ``dtype``. Returns a torch tensor."""
+    import torch
+
+    dtype = _float_dtype(dtype) or "float32"
+    data, shape = _lib.gguf_tensor(os.fspath(path), name, dtype)
+    return torch.frombuffer(bytearray(data), dtype=getattr(torch, dtype)).reshape(shape)
+
+
 def compare_checkpoints(
     dst: PathLike, src: PathLike, *, progress: Optional[ProgressCallback] = None
 ) -> list[TensorFidelity]:
     """Decodes every 4-bit weight of ``dst`` and compares it with the tensor of the same name in
-    ``src`` (SQNR, cosine, max abs error); kept tensors are compared byte for byte."""
+    ``src`` (SQNR, cosine, max abs error); kept tensors are compared byte for byte. ``src`` may be
+    a GGUF file, decoded to bfloat16 as transformers loads it."""
     rows = _lib.compare_checkpoints(os.fspath(dst), os.fspath(src), progress)
     return [TensorFidelity(**{**r, "shape": tuple(r["shape"])}) for r in rows]
 
@@ -313,6 +465,10 @@ __all__ = [
     "plan_conversion",
     "default_destination",
     "inspect_checkpoint",
+    "calibration_record",
+    "inspect_gguf",
+    "is_gguf",
+    "read_gguf_tensor",
     "compare_checkpoints",
     "fidelity_totals",
     "ConvertSummary",
@@ -321,4 +477,6 @@ __all__ = [
     "TensorRecord",
     "TensorFidelity",
     "FidelityTotals",
+    "GgufInfo",
+    "GgufTensorRecord",
 ]

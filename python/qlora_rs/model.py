@@ -70,6 +70,7 @@ def quantize_model(
     double_quant: bool = True,
     compute_dtype: Any = torch.bfloat16,
     quant_storage: torch.dtype = torch.uint8,
+    calibration: Any = None,
 ) -> nn.Module:
     """Replaces the ``nn.Linear`` layers of ``model`` in place by :class:`Linear4bit`.
 
@@ -77,6 +78,11 @@ def quantize_model(
     copy replaces it, so the peak is one layer's weights above the quantized model. Layers whose
     name (or a dotted suffix of it) is in ``skip`` stay as they are, as do layers inside LoRA
     wrappers and layers whose weight is shared with another module (tied embeddings).
+
+    ``calibration`` (a :class:`qlora_rs.calibrate.Calibration`, or a ``LongTensor [sequences,
+    seq_len]`` of token ids) chooses the 4-bit codes of the decoder blocks' layers to minimise their
+    output error on that data instead of rounding to nearest (see :mod:`qlora_rs.calibrate`); the
+    record goes to ``model.config.qlora_rs_calibration``, so a saved model carries it.
     Returns ``model``.
     """
     if isinstance(skip, str):
@@ -90,16 +96,26 @@ def quantize_model(
         n for n, m in model.named_modules()
         if type(m) is nn.Linear and not _inside_lora(n, lora_names) and not any(_name_matches(n, s) for s in skip)
     ]
+    calibrated = {}
+    if calibration is not None:
+        from .calibrate import calibrate_quantize_targets
+
+        calibrated = calibrate_quantize_targets(model, calibration, [n for n in names if owners.get(id(
+            getattr(*_parent_and_attr(model, n)).weight), 0) <= 1], quant_type, blocksize, double_quant)
     for name in names:
         parent, attr = _parent_and_attr(model, name)
         linear = getattr(parent, attr)
         if owners.get(id(linear.weight), 0) > 1:
             _log.info("quantize_model: %s shares its weight with another module (tied); left unquantized", name)
             continue
-        layer = Linear4bit.from_linear(
-            linear, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
-            compute_dtype=compute_dtype, quant_storage=quant_storage,
-        )
+        if name + ".weight" in calibrated:
+            layer = calibrated[name + ".weight"].linear4bit(linear, compute_dtype=compute_dtype,
+                                                            quant_storage=quant_storage)
+        else:
+            layer = Linear4bit.from_linear(
+                linear, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
+                compute_dtype=compute_dtype, quant_storage=quant_storage,
+            )
         layer._qlora_name = name
         setattr(parent, attr, layer)
         del linear
@@ -295,8 +311,7 @@ def prepare_for_training(
                     if p.is_floating_point():
                         p.data = p.data.float()
     if gradient_checkpointing:
-        enable = getattr(model, "gradient_checkpointing_enable", None)
-        if not callable(enable):
+        if not callable(getattr(model, "gradient_checkpointing_enable", None)):
             raise InvalidArgumentError(
                 f"prepare_for_training: {type(model).__name__} has no gradient_checkpointing_enable() (not a "
                 "transformers model); pass gradient_checkpointing=False and wrap blocks in torch.utils.checkpoint yourself"
@@ -310,8 +325,20 @@ def prepare_for_training(
             if emb is not None:
                 emb.register_forward_hook(lambda module, inputs, output: output.requires_grad_(True))
         kwargs = {"use_reentrant": False} if gradient_checkpointing_kwargs is None else dict(gradient_checkpointing_kwargs)
-        enable(gradient_checkpointing_kwargs=kwargs)
+        enable_checkpointing(model, kwargs)
     return model
+
+
+def enable_checkpointing(model: nn.Module, kwargs: Optional[dict] = None) -> None:
+    """Switches on a transformers model's gradient (activation) checkpointing with ``kwargs``
+    (default: non-reentrant). transformers 5.2x names it ``activation_checkpointing_enable`` and
+    warns on the old name; 5.17 has only the old one."""
+    kwargs = {"use_reentrant": False} if kwargs is None else kwargs
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if callable(enable):
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 class MergeError(NamedTuple):

@@ -4,7 +4,9 @@
 Each has a schema, a fake (meta) implementation, so that ``torch.compile`` and meta-device models
 see through it, and per-device kernels behind it:
 
-- CPU: the Rust core decodes (GIL released, rayon); the matmul is torch's (MKL/oneDNN).
+- CPU: the Rust core (GIL released, rayon, kernels chosen at run time for the CPU's instruction
+  set). ``gemm_4bit`` with few rows (``M <= CPU_FUSED_GEMM_MAX_M``) runs a fused kernel that reads
+  the packed weight directly; with more, the core decodes and the matmul is torch's (MKL/oneDNN).
 - CUDA: kernels registered for the ``CUDA`` dispatch key by ``qlora_rs.cuda_ops`` when compiled in.
   Without them every other device (CUDA included) runs a pure-torch decode registered as the
   ``CompositeExplicitAutograd`` default; it is exact but slow and says so once in the log.
@@ -32,6 +34,7 @@ from .quant_state import QUANT_TYPES, QuantState, code_table, dtype_name
 _log = logging.getLogger("qlora_rs")
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _NESTED_BLOCKSIZE = 256
 
 torch.library.define(
@@ -186,36 +189,164 @@ _GEMM = "qlora_rs::gemm_4bit"
 # ---------------------------------------------------------------------------------------------
 # CPU: the Rust core.
 
+#: Largest number of activation rows M (the product of x's leading dimensions) for which the CPU
+#: ``gemm_4bit`` runs the fused kernel (the packed weight read directly, never decoded to memory);
+#: larger M decodes the weight and runs torch's GEMM, whose matrix units win once the decode is
+#: shared by enough rows. Measured with ``benches/cpu_matmul_bench.py --crossover`` (fused vs
+#: dequantize + F.linear, bf16, NF4 + double quant, M = 1..32 on 4096x4096, 4096x14336 and
+#: 14336x4096, 2 threads, a 2-core Xeon with AVX-512 + AMX, two runs): the fused kernel is 1.5-2.0x
+#: faster at M = 16, 1.0-1.4x at 24 and 0.8-1.1x at 32. 16, the end of the range the kernel is
+#: built for, keeps a margin. Either side gives the same result up to float32 rounding.
+CPU_FUSED_GEMM_MAX_M: int = 16
 
-def _block_scales_cpu(absmax, nested_absmax, nested_code, offset: float) -> torch.Tensor:
+
+def _check_cpu(where: str, **tensors: Optional[torch.Tensor]) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device.type != "cpu":
+            raise InvalidArgumentError(f"{where}: {name} is on {t.device}; the CPU kernels need every tensor on the CPU")
+
+
+def _scale_ptrs(absmax, nested_absmax, nested_code):
+    """Contiguous scale tensors (the caller keeps them alive) and their addresses."""
+    absmax = absmax.contiguous()
     if nested_absmax is None:
-        return absmax.contiguous()
-    q = absmax.contiguous()
-    nested = nested_absmax.contiguous()
-    out = torch.empty(q.numel(), dtype=torch.float32)
-    _lib.double_dequantize(
-        q.data_ptr(), nested.data_ptr(), q.numel(), float(offset), nested_code.tolist(), out.data_ptr()
-    )
-    return out
+        return (absmax,), (absmax.data_ptr(), None, None)
+    nested_absmax = nested_absmax.contiguous()
+    nested_code = nested_code.contiguous()
+    return (absmax, nested_absmax, nested_code), (absmax.data_ptr(), nested_absmax.data_ptr(), nested_code.data_ptr())
+
+
+class CpuPackedWeight:
+    """A packed 4-bit weight on the CPU, checked once, holding the addresses the CPU kernels read.
+
+    Built from the ops' arguments after ``x`` (see :func:`quant_args`); it keeps those tensors
+    (or contiguous copies) alive, so the addresses stay valid for its lifetime. Double-quantized
+    scales are decoded by the kernels block by block, or, with ``float_scales``, once here into
+    float32 (4 bytes a block instead of 1: the kernels' inner loop then only loads each scale).
+
+    A module keeps one between calls (:class:`qlora_rs.nn.Linear4bit` rebuilds it when its weight
+    or state changes), so that its forward pays for no argument check, no contiguity copy and no
+    scale conversion."""
+
+    __slots__ = ("shape", "_keep", "_scales", "_packed_ptr", "_format")
+
+    def __init__(self, packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape,
+                 where: str = _GEMM + " (CPU)", *, float_scales: bool = False):
+        _check_cpu(where, packed=packed, absmax=absmax, nested_absmax=nested_absmax, nested_code=nested_code)
+        check_quant_args(where, packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape)
+        data = packed_bytes(packed)
+        if float_scales and nested_absmax is not None:
+            q, nested = absmax.contiguous(), nested_absmax.contiguous()
+            absmax = torch.empty(q.numel(), dtype=torch.float32)
+            _lib.double_dequantize(q.data_ptr(), nested.data_ptr(), q.numel(), float(offset), nested_code.tolist(),
+                                   absmax.data_ptr())
+            nested_absmax = nested_code = None
+        keep, scales = _scale_ptrs(absmax, nested_absmax, nested_code)
+        self.shape = tuple(int(s) for s in shape)
+        self._keep = (data, *keep)
+        self._packed_ptr = data.data_ptr()
+        self._scales = scales
+        self._format = (float(offset), quant_type, int(blocksize))
+
+    def dequantize(self, dtype: torch.dtype, *, isa: Optional[str] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The weight decoded to ``dtype`` (into ``out``, a contiguous CPU tensor of its size, if given)."""
+        n = math.prod(self.shape)
+        if out is None:
+            out = torch.empty(self.shape, dtype=dtype)
+        elif out.device.type != "cpu" or out.dtype != dtype or out.numel() != n or not out.is_contiguous():
+            raise InvalidArgumentError(
+                f"{_DEQUANTIZE} (CPU): out is {dtype_name(out.dtype)} {list(out.shape)} on {out.device} (contiguous: "
+                f"{out.is_contiguous()}); expected a contiguous CPU {dtype_name(dtype)} tensor of {n} elements"
+            )
+        absmax_ptr, nested_ptr, code_ptr = self._scales
+        offset, quant_type, blocksize = self._format
+        _lib.cpu_dequantize_4bit(
+            self._packed_ptr, absmax_ptr, nested_ptr, code_ptr, offset, n, quant_type, blocksize, out.data_ptr(),
+            dtype_name(dtype), isa,
+        )
+        return out
+
+    def fused_matmul(self, x: torch.Tensor, *, isa: Optional[str] = None) -> torch.Tensor:
+        """``x @ W^T`` in ``x.dtype`` by the fused kernel, for any number of rows. ``x``: a CPU
+        float32/float16/bfloat16 tensor ``[..., in_features]`` (checked by the caller)."""
+        n_out, k = self.shape
+        x = x.contiguous()
+        rows = x.shape[:-1]
+        out = torch.empty(rows + (n_out,), dtype=x.dtype)
+        absmax_ptr, nested_ptr, code_ptr = self._scales
+        offset, quant_type, blocksize = self._format
+        _lib.cpu_gemm_4bit(
+            x.data_ptr(), x.numel() // k if k else math.prod(rows), n_out, k, _DTYPE_NAMES[x.dtype],
+            self._packed_ptr, absmax_ptr, nested_ptr, code_ptr, offset, quant_type, blocksize, out.data_ptr(), isa,
+        )
+        return out
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W^T`` in ``x.dtype``: the fused kernel up to :data:`CPU_FUSED_GEMM_MAX_M` rows,
+        else the decode and torch's GEMM (``x`` as in :meth:`fused_matmul`)."""
+        n_out, k = self.shape
+        m = x.numel() // k if k else math.prod(x.shape[:-1])
+        if m > CPU_FUSED_GEMM_MAX_M:
+            mm = matmul_dtype(x.dtype, x.device)
+            return F.linear(x.to(mm), self.dequantize(mm)).to(x.dtype)
+        # fused_matmul, inlined: this runs once per linear layer and generated token.
+        x = x.contiguous()
+        out = torch.empty(x.shape[:-1] + (n_out,), dtype=x.dtype)
+        absmax_ptr, nested_ptr, code_ptr = self._scales
+        offset, quant_type, blocksize = self._format
+        _lib.cpu_gemm_4bit(
+            x.data_ptr(), m, n_out, k, _DTYPE_NAMES[x.dtype], self._packed_ptr, absmax_ptr, nested_ptr, code_ptr,
+            offset, quant_type, blocksize, out.data_ptr(), None,
+        )
+        return out
+
+
+def dequantize_4bit_cpu(
+    packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape, dtype,
+    *, isa: Optional[str] = None, out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The CPU decode behind ``torch.ops.qlora_rs.dequantize_4bit`` (same arguments), with two
+    more: ``isa``, an instruction-set level from :func:`cpu_isas` (default: :func:`cpu_isa`), and
+    ``out``, a contiguous CPU tensor of ``shape``'s size and ``dtype`` to decode into. Every level
+    gives the same bits."""
+    where = _DEQUANTIZE + " (CPU)"
+    check_out_dtype(where, dtype)
+    weight = CpuPackedWeight(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape, where)
+    return weight.dequantize(dtype, isa=isa, out=out).view([int(s) for s in shape])
+
+
+def gemm_4bit_cpu(
+    x, packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape, *, isa: Optional[str] = None
+) -> torch.Tensor:
+    """``x @ dequant(W)^T`` in ``x.dtype`` by the fused CPU kernel, for any number of rows
+    (arguments as ``torch.ops.qlora_rs.gemm_4bit``; ``isa`` as in :func:`dequantize_4bit_cpu`).
+    The op uses it up to :data:`CPU_FUSED_GEMM_MAX_M` rows."""
+    where = _GEMM + " (CPU)"
+    _check_cpu(where, x=x)
+    check_gemm_input(where, x, shape)
+    weight = CpuPackedWeight(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape, where)
+    return weight.fused_matmul(x, isa=isa)
+
+
+def cpu_isa() -> str:
+    """The instruction-set level the CPU kernels use in this process: the widest this CPU runs
+    (``"avx512bf16"``, ``"avx512"``, ``"avx2"`` or ``"portable"``), capped by the environment
+    variable ``QLORA_RS_CPU_ISA`` (read once, at the first use)."""
+    return _lib.cpu_isa()
+
+
+def cpu_isas() -> list:
+    """The instruction-set levels this CPU runs, widest first."""
+    return _lib.cpu_isas()
 
 
 def _dequantize_cpu(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape, dtype):
-    check_quant_args(_DEQUANTIZE, packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape)
-    check_out_dtype(_DEQUANTIZE, dtype)
-    data = packed_bytes(packed)
-    scales = _block_scales_cpu(absmax, nested_absmax, nested_code, offset)
-    out = torch.empty([int(s) for s in shape], dtype=dtype)
-    _lib.dequantize_4bit(
-        data.data_ptr(), scales.data_ptr(), out.numel(), quant_type, int(blocksize), out.data_ptr(), dtype_name(dtype)
-    )
-    return out
+    return dequantize_4bit_cpu(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape, dtype)
 
 
 def _gemm_cpu(x, packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape):
     check_gemm_input(_GEMM, x, shape)
-    mm = matmul_dtype(x.dtype, x.device)
-    w = _dequantize_cpu(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape, mm)
-    return F.linear(x.to(mm), w).to(x.dtype)
+    return CpuPackedWeight(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape, _GEMM).matmul(x)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ PLOT_FILE = "loss.png"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Options that must match for --resume to continue the same run.
 _RESUME_KEYS = ("model", "data", "task", "r", "alpha", "target_modules", "use_rslora", "quant_type", "blocksize",
-                "double_quant", "batch_size", "grad_accum", "max_seq_len", "seed")
+                "double_quant", "batch_size", "grad_accum", "max_seq_len", "group_by_length", "seed")
 
 
 @dataclass
@@ -102,6 +102,8 @@ class TrainConfig:
     batch_size: int = 4
     grad_accum: int = 4
     max_seq_len: int = 512
+    # Batch examples of similar length together (less padding); causal-lm only.
+    group_by_length: bool = True
     max_steps: Optional[int] = None
     epochs: int = 1
     seed: int = 42
@@ -403,10 +405,19 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
 
 
 class _Stream:
-    """Micro-batches in a seeded random order per epoch; its position is (epoch, index)."""
+    """Micro-batches in a seeded random order per epoch; its position is (epoch, index).
 
-    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+    With ``lengths`` (one per example), examples of similar length share a batch, as the QLoRA
+    reference trainer's ``group_by_length`` does: the epoch's random order is cut into mega-batches of
+    up to 50 batches, each sorted by length and cut into batches, whose order is then shuffled (the
+    last, possibly partial batch of an epoch stays last). Padding drops; every example is still seen
+    once per epoch, in an order that depends only on the seed and the epoch."""
+
+    MEGA_BATCHES = 50
+
+    def __init__(self, n: int, batch_size: int, seed: int, lengths: Optional[Sequence[int]] = None) -> None:
         self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.lengths = list(lengths) if lengths is not None else None
         self.per_epoch = -(-n // batch_size)
         self.epoch, self.index = 0, 0
         self._order: Optional[list[int]] = None
@@ -414,8 +425,23 @@ class _Stream:
     def _perm(self) -> list[int]:
         if self._order is None:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
-            self._order = torch.randperm(self.n, generator=g).tolist()
+            order = torch.randperm(self.n, generator=g).tolist()
+            self._order = order if self.lengths is None else self._grouped(order, g)
         return self._order
+
+    def _grouped(self, order: list[int], g: torch.Generator) -> list[int]:
+        bs = self.batch_size
+        mega = bs * max(1, min(self.MEGA_BATCHES, self.n // (4 * bs)))
+        out: list[int] = []
+        for start in range(0, self.n, mega):
+            chunk = sorted(order[start:start + mega], key=lambda i: -self.lengths[i])
+            batches = [chunk[i:i + bs] for i in range(0, len(chunk), bs)]
+            tail = [batches.pop()] if len(batches[-1]) < bs else []
+            for k in torch.randperm(len(batches), generator=g).tolist():
+                out += batches[k]
+            for b in tail:
+                out += b
+        return out
 
     def next(self) -> list[int]:
         order = self._perm()
@@ -559,7 +585,8 @@ def _run(config: TrainConfig, run: Any, output_dir: Path, resume_dir: Optional[P
         f"alpha={config.alpha:g}, dropout={config.dropout:g}, {len(summary.modules)} layers")
 
     # One global micro-batch of batch_size examples per process; each process takes its share.
-    stream = _Stream(len(train_items), config.batch_size * run.world_size, config.seed)
+    lengths = [len(e.input_ids) for e in train_items] if config.group_by_length and config.task == "causal-lm" else None
+    stream = _Stream(len(train_items), config.batch_size * run.world_size, config.seed, lengths)
     steps_per_epoch = -(-stream.per_epoch // config.grad_accum)
     total = int(config.max_steps) if config.max_steps else config.epochs * steps_per_epoch
     warmup = math.ceil(config.warmup_ratio * total)

@@ -9,14 +9,15 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::{PyBytes, PyDict, PyList};
 
 use super::to_pyerr;
 use crate::convert::{self, CompareRow, ConvertOptions, InspectRow, Plan, Progress, Summary};
+use crate::gguf::{self, MetaValue};
 use crate::{DType, QuantType};
 
 #[allow(clippy::too_many_arguments)]
-fn options(
+pub(super) fn options(
     quant_type: &str,
     blocksize: usize,
     double_quant: bool,
@@ -27,6 +28,8 @@ fn options(
     force: bool,
     allow_nonfinite: bool,
     sync: bool,
+    dtype: Option<&str>,
+    dequantize_only: bool,
 ) -> PyResult<ConvertOptions> {
     let opts = ConvertOptions {
         quant_type: QuantType::parse(quant_type).map_err(to_pyerr)?,
@@ -39,6 +42,8 @@ fn options(
         force,
         allow_nonfinite,
         sync,
+        dtype: dtype.map(DType::parse).transpose().map_err(to_pyerr)?,
+        dequantize_only,
     };
     opts.validate().map_err(to_pyerr)?;
     Ok(opts)
@@ -46,7 +51,7 @@ fn options(
 
 /// Calls the Python progress callback (if any) and checks for signals; returns false (and
 /// stores the exception) to cancel.
-fn report(progress: &Option<Py<PyAny>>, failure: &Mutex<Option<PyErr>>, p: &Progress<'_>) -> bool {
+pub(super) fn report(progress: &Option<Py<PyAny>>, failure: &Mutex<Option<PyErr>>, p: &Progress<'_>) -> bool {
     Python::attach(|py| {
         let result = py.check_signals().and_then(|_| match progress {
             Some(cb) => cb
@@ -65,7 +70,21 @@ fn report(progress: &Option<Py<PyAny>>, failure: &Mutex<Option<PyErr>>, p: &Prog
     })
 }
 
-fn take_failure(failure: Mutex<Option<PyErr>>, err: crate::Error) -> PyErr {
+/// Calls the Python `add_files(staging_dir)`; an exception is stored (and re-raised by
+/// [`take_failure`]) and fails the conversion, which then removes its output.
+pub(super) fn call_add_files(add_files: Option<&Py<PyAny>>, failure: &Mutex<Option<PyErr>>, dir: &std::path::Path) -> crate::Result<()> {
+    let Some(cb) = add_files else { return Ok(()) };
+    Python::attach(|py| match cb.bind(py).call1((dir.to_string_lossy().into_owned(),)) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let msg = e.to_string();
+            *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+            Err(crate::Error::unsupported(msg))
+        }
+    })
+}
+
+pub(super) fn take_failure(failure: Mutex<Option<PyErr>>, err: crate::Error) -> PyErr {
     match failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
         Some(e) => e,
         None => to_pyerr(err),
@@ -76,7 +95,7 @@ fn paths(py: Python<'_>, v: &[PathBuf]) -> PyResult<Py<PyList>> {
     Ok(PyList::new(py, v.iter().map(|p| p.to_string_lossy().into_owned()))?.unbind())
 }
 
-fn summary_dict<'py>(py: Python<'py>, s: &Summary) -> PyResult<Bound<'py, PyDict>> {
+pub(super) fn summary_dict<'py>(py: Python<'py>, s: &Summary) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("dst", s.dst.to_string_lossy().into_owned())?;
     d.set_item("tensors_quantized", s.tensors_quantized)?;
@@ -106,6 +125,7 @@ fn plan_dict<'py>(py: Python<'py>, plan: &Plan) -> PyResult<Bound<'py, PyDict>> 
         r.set_item("name", &t.name)?;
         r.set_item("shard", &shards[t.shard])?;
         r.set_item("dtype", t.dtype.name())?;
+        r.set_item("stored", t.stored)?;
         r.set_item("shape", t.shape.clone())?;
         r.set_item("quantize", t.quantize)?;
         r.set_item("reason", &t.reason)?;
@@ -118,12 +138,17 @@ fn plan_dict<'py>(py: Python<'py>, plan: &Plan) -> PyResult<Bound<'py, PyDict>> 
     d.set_item("copy_files", paths(py, &plan.copy_files)?)?;
     d.set_item("skipped_files", paths(py, &plan.skipped_files)?)?;
     d.set_item("skip_modules", plan.skip_modules.clone())?;
+    let gguf = plan.checkpoint.gguf();
+    d.set_item("architecture", gguf.map(|g| g.architecture()))?;
+    d.set_item("dropped", gguf.map(|g| g.dropped().to_vec()).unwrap_or_default())?;
     Ok(d)
 }
 
-/// Converts a safetensors checkpoint to bitsandbytes 4-bit; returns the summary as a dict.
+/// Converts a safetensors checkpoint or a GGUF model to bitsandbytes 4-bit (or, for a GGUF with
+/// `dequantize_only`, to floats); returns the summary as a dict. `add_files(staging_dir)` is called
+/// before a directory output is renamed into place, to add files to it.
 #[pyfunction]
-#[pyo3(signature = (src, dst, quant_type, blocksize, double_quant, compute_dtype, include, exclude, threads, force, allow_nonfinite, sync, progress=None))]
+#[pyo3(signature = (src, dst, quant_type, blocksize, double_quant, compute_dtype, include, exclude, threads, force, allow_nonfinite, sync, progress=None, dtype=None, dequantize_only=false, add_files=None))]
 #[allow(clippy::too_many_arguments)]
 fn convert_checkpoint<'py>(
     py: Python<'py>,
@@ -140,13 +165,21 @@ fn convert_checkpoint<'py>(
     allow_nonfinite: bool,
     sync: bool,
     progress: Option<Py<PyAny>>,
+    dtype: Option<&str>,
+    dequantize_only: bool,
+    add_files: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let opts = options(quant_type, blocksize, double_quant, compute_dtype, include, exclude, threads, force, allow_nonfinite, sync)?;
+    let opts = options(
+        quant_type, blocksize, double_quant, compute_dtype, include, exclude, threads, force, allow_nonfinite, sync, dtype,
+        dequantize_only,
+    )?;
     let failure = Mutex::new(None);
     let result = py.detach(|| {
         let start = Instant::now();
         let plan = convert::plan(&src, dst.as_deref(), &opts)?;
-        convert::execute(&plan, &mut |p| report(&progress, &failure, p), start)
+        let mut add = |dir: &std::path::Path| call_add_files(add_files.as_ref(), &failure, dir);
+        let add: Option<convert::AddFiles<'_>> = if add_files.is_some() { Some(&mut add) } else { None };
+        convert::execute_with(&plan, &mut |p| report(&progress, &failure, p), add, start)
     });
     match result {
         Ok(s) => summary_dict(py, &s),
@@ -156,7 +189,7 @@ fn convert_checkpoint<'py>(
 
 /// The plan of a conversion (what `--dry-run` prints); reads headers only, writes nothing.
 #[pyfunction]
-#[pyo3(signature = (src, dst, quant_type, blocksize, double_quant, compute_dtype, include, exclude, threads, force, allow_nonfinite, sync))]
+#[pyo3(signature = (src, dst, quant_type, blocksize, double_quant, compute_dtype, include, exclude, threads, force, allow_nonfinite, sync, dtype=None, dequantize_only=false))]
 #[allow(clippy::too_many_arguments)]
 fn plan_checkpoint<'py>(
     py: Python<'py>,
@@ -172,8 +205,13 @@ fn plan_checkpoint<'py>(
     force: bool,
     allow_nonfinite: bool,
     sync: bool,
+    dtype: Option<&str>,
+    dequantize_only: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let opts = options(quant_type, blocksize, double_quant, compute_dtype, include, exclude, threads, force, allow_nonfinite, sync)?;
+    let opts = options(
+        quant_type, blocksize, double_quant, compute_dtype, include, exclude, threads, force, allow_nonfinite, sync, dtype,
+        dequantize_only,
+    )?;
     let plan = py.detach(|| convert::plan(&src, dst.as_deref(), &opts)).map_err(to_pyerr)?;
     plan_dict(py, &plan)
 }
@@ -255,7 +293,90 @@ fn default_destination(src: PathBuf, quant_type: &str) -> PyResult<String> {
     Ok(convert::default_destination(&src, qt).to_string_lossy().into_owned())
 }
 
+fn meta_value<'py>(py: Python<'py>, v: &MetaValue) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match v {
+        MetaValue::U8(x) => x.into_pyobject(py)?.into_any(),
+        MetaValue::I8(x) => x.into_pyobject(py)?.into_any(),
+        MetaValue::U16(x) => x.into_pyobject(py)?.into_any(),
+        MetaValue::I16(x) => x.into_pyobject(py)?.into_any(),
+        MetaValue::U32(x) => x.into_pyobject(py)?.into_any(),
+        MetaValue::I32(x) => x.into_pyobject(py)?.into_any(),
+        MetaValue::U64(x) => x.into_pyobject(py)?.into_any(),
+        MetaValue::I64(x) => x.into_pyobject(py)?.into_any(),
+        // Python floats hold the f32 exactly, as float(numpy.float32(x)) does.
+        MetaValue::F32(x) => (*x as f64).into_pyobject(py)?.into_any(),
+        MetaValue::F64(x) => x.into_pyobject(py)?.into_any(),
+        MetaValue::Bool(x) => pyo3::types::PyBool::new(py, *x).to_owned().into_any(),
+        MetaValue::String(x) => x.into_pyobject(py)?.into_any(),
+        MetaValue::Array(items) => {
+            let list = PyList::empty(py);
+            for item in items {
+                list.append(meta_value(py, item)?)?;
+            }
+            list.into_any()
+        }
+    })
+}
+
+/// The header of a GGUF file: version, alignment, metadata (key -> value, in file order) and the
+/// tensors (name, torch-order shape, ggml type, transformers name, bytes, file offset). Reads no
+/// tensor data.
+#[pyfunction]
+fn gguf_header<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
+    let (file, rows) = py
+        .detach(|| -> crate::Result<_> {
+            let file = gguf::GgufFile::open(&path)?;
+            let rows = gguf::inspect(&file);
+            Ok((file, rows))
+        })
+        .map_err(to_pyerr)?;
+    let architecture = file.get("general.architecture").and_then(MetaValue::as_str).map(str::to_string);
+    let d = PyDict::new(py);
+    d.set_item("version", file.version)?;
+    d.set_item("alignment", file.alignment)?;
+    d.set_item("architecture", architecture)?;
+    let metadata = PyDict::new(py);
+    for (k, v) in file.metadata() {
+        metadata.set_item(k, meta_value(py, v)?)?;
+    }
+    d.set_item("metadata", metadata)?;
+    let tensors = PyList::empty(py);
+    for r in &rows {
+        let t = PyDict::new(py);
+        t.set_item("name", &r.name)?;
+        t.set_item("hf_name", r.hf_name.clone())?;
+        t.set_item("shape", r.shape.clone())?;
+        t.set_item("ggml_type", r.ggml_type)?;
+        t.set_item("numel", r.numel)?;
+        t.set_item("bytes", r.bytes)?;
+        t.set_item("offset", r.offset)?;
+        t.set_item("decodable", r.decodable)?;
+        tensors.append(t)?;
+    }
+    d.set_item("tensors", tensors)?;
+    Ok(d)
+}
+
+/// One tensor of a GGUF model, named as transformers names it, decoded to `dtype` as transformers
+/// loads it: (little-endian bytes, shape).
+#[pyfunction]
+fn gguf_tensor<'py>(py: Python<'py>, path: PathBuf, name: &str, dtype: &str) -> PyResult<(Bound<'py, PyBytes>, Vec<usize>)> {
+    let dtype = DType::parse(dtype).map_err(to_pyerr)?;
+    let (bytes, shape) = py
+        .detach(|| -> crate::Result<_> {
+            let source = gguf::GgufSource::open(&path, dtype)?;
+            let t = source.get(name).ok_or_else(|| {
+                crate::Error::format(&path, format!("no tensor {name:?} (transformers' name) in this GGUF model"))
+            })?;
+            Ok((source.decode_bytes(t, 0, t.nbytes())?, t.shape.clone()))
+        })
+        .map_err(to_pyerr)?;
+    Ok((PyBytes::new(py, &bytes), shape))
+}
+
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(gguf_header, m)?)?;
+    m.add_function(wrap_pyfunction!(gguf_tensor, m)?)?;
     m.add_function(wrap_pyfunction!(convert_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(plan_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(inspect_checkpoint, m)?)?;

@@ -10,8 +10,10 @@ use pyo3::types::PyDict;
 
 use crate::error::Error;
 
+mod calibrate;
 mod convert;
 mod cuda;
+mod gemm;
 mod paging;
 mod quant;
 
@@ -63,8 +65,10 @@ fn _lib(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", crate::VERSION)?;
     m.add_function(wrap_pyfunction!(build_info, m)?)?;
     quant::register(m)?;
+    calibrate::register(m)?;
     convert::register(m)?;
     paging::register(m)?;
     cuda::register(m)?;
+    gemm::register(m)?;
     Ok(())
 }

@@ -9,8 +9,9 @@ use crate::{blockwise8, codebook, quant4, DType, FloatSlice, FloatSliceMut, Quan
 /// A slice over memory owned by a torch tensor the caller keeps alive for the call.
 ///
 /// SAFETY: `ptr` must point to `len` valid, aligned elements (or be anything when `len == 0`)
-/// that nothing else writes during the call; the Python layer (`qlora_rs.functional`) ensures it.
-unsafe fn slice<'a, T>(ptr: usize, len: usize) -> &'a [T] {
+/// that nothing else writes during the call; the Python layer (`qlora_rs.functional`,
+/// `qlora_rs.ops`, `qlora_rs.calibrate`) ensures it.
+pub(super) unsafe fn slice<'a, T>(ptr: usize, len: usize) -> &'a [T] {
     if len == 0 {
         &[]
     } else {
@@ -19,7 +20,7 @@ unsafe fn slice<'a, T>(ptr: usize, len: usize) -> &'a [T] {
 }
 
 /// SAFETY: as [`slice`], and no other reference to the memory exists during the call.
-unsafe fn slice_mut<'a, T>(ptr: usize, len: usize) -> &'a mut [T] {
+pub(super) unsafe fn slice_mut<'a, T>(ptr: usize, len: usize) -> &'a mut [T] {
     if len == 0 {
         &mut []
     } else {
@@ -43,7 +44,8 @@ fn advise_huge_pages(ptr: usize, bytes: usize) {
     }
 }
 
-unsafe fn float_slice<'a>(ptr: usize, len: usize, dtype: DType) -> FloatSlice<'a> {
+/// [`slice`] as the dtype's float slice (SAFETY as there).
+pub(super) unsafe fn float_slice<'a>(ptr: usize, len: usize, dtype: DType) -> FloatSlice<'a> {
     match dtype {
         DType::F32 => FloatSlice::F32(slice(ptr, len)),
         DType::F16 => FloatSlice::F16(slice(ptr, len)),
@@ -51,7 +53,8 @@ unsafe fn float_slice<'a>(ptr: usize, len: usize, dtype: DType) -> FloatSlice<'a
     }
 }
 
-unsafe fn float_slice_mut<'a>(ptr: usize, len: usize, dtype: DType) -> FloatSliceMut<'a> {
+/// [`slice_mut`] as the dtype's float slice (SAFETY as there).
+pub(super) unsafe fn float_slice_mut<'a>(ptr: usize, len: usize, dtype: DType) -> FloatSliceMut<'a> {
     match dtype {
         DType::F32 => FloatSliceMut::F32(slice_mut(ptr, len)),
         DType::F16 => FloatSliceMut::F16(slice_mut(ptr, len)),

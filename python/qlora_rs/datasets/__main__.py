@@ -1,6 +1,8 @@
-"""``python -m qlora_rs.datasets``: rewrite the built-in dataset file from its templates."""
+"""``python -m qlora_rs.datasets``: rewrite the built-in dataset files from their sources."""
 
-from . import generate, path, write
+from . import facts, generate, path, write
 
 write(path())
 print(f"wrote {path()} ({len(generate())} records)")
+facts.write(facts.path())
+print(f"wrote {facts.path()} ({len(facts.records())} records)")

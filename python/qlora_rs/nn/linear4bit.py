@@ -29,12 +29,16 @@ from .. import _lib
 from ..autograd import Linear4bitFunction
 from ..errors import FormatError, InvalidArgumentError
 from ..functional import quantize
+from ..ops import CpuPackedWeight
 from ..ops import dequantize_4bit as _dequantize_op
 from ..quant_state import QUANT_TYPES, QuantState, code_table, dtype_name, nested_code_table, parse_dtype
 
 __all__ = ["Linear4bit"]
 
 _QUANT_BUFFERS = ("weight_absmax", "weight_quant_map", "weight_nested_absmax", "weight_nested_quant_map")
+# Private torch API (present since 2.0); without it the forward always takes the dispatched path.
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None)
+_function_modes = getattr(torch._C, "_is_torch_function_mode_enabled", None)
 _STORAGE_DTYPES = (torch.uint8, torch.int8, torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -201,6 +205,7 @@ class Linear4bit(nn.Linear):
 
     @torch.no_grad()
     def _put(self, name: str, value: Optional[torch.Tensor], device: torch.device, copy: bool) -> None:
+        self.__dict__.pop("_cpu_weight", None)  # let the old tensors go now, not at the next forward
         current = getattr(self, name)
         if value is None:
             setattr(self, name, None)
@@ -345,7 +350,8 @@ class Linear4bit(nn.Linear):
             return
         state = QuantState.from_dict(quant, device=device, name=key)
         if tuple(state.shape) != (self.out_features, self.in_features):
-            raise FormatError(
+            # A well-formed state of another layer: a size mismatch, collected as torch collects them.
+            raise InvalidArgumentError(
                 f"{key}: field 'shape' says a quantized [{', '.join(map(str, state.shape))}] weight; this layer is "
                 f"[{self.out_features}, {self.in_features}]"
             )
@@ -357,7 +363,14 @@ class Linear4bit(nn.Linear):
             )
         self._set_quantized(weight, state, copy=True)
 
+    def __getstate__(self) -> dict:
+        # Copies and pickles leave out the kernels' view of the weight (it is rebuilt on use).
+        state = self.__dict__.copy()
+        state.pop("_cpu_weight", None)
+        return state
+
     def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_cpu_weight", None)
         # Module.to(dtype)/half()/float() cast every floating tensor; the packed bytes (which may
         # be viewed as floats) and the quantization scales must only move between devices.
         protected = {id(t): t for t in (self.weight, *(getattr(self, b) for b in _QUANT_BUFFERS)) if t is not None}
@@ -396,7 +409,43 @@ class Linear4bit(nn.Linear):
                 "move the input or the model"
             )
 
+    def _cpu_kernel_weight(self) -> Optional[CpuPackedWeight]:
+        """The weight checked once for the CPU kernels, kept until one of its tensors is replaced
+        or written to (its address or version counter changes) or the state changes; None unless
+        it is a plain CPU tensor (not meta, another device or a sharded DTensor)."""
+        weight = self._parameters["weight"]
+        if type(weight) is not nn.Parameter or not weight.is_cpu or weight.dtype != self.quant_storage:
+            return None
+        buffers = self._buffers
+        absmax, nested, code = buffers["weight_absmax"], buffers["weight_nested_absmax"], buffers["weight_nested_quant_map"]
+        key = (weight.data_ptr(), absmax.data_ptr(), self.weight_offset, self.quant_type, self.blocksize,
+               self.in_features, self.out_features)
+        if nested is not None:
+            key += (nested.data_ptr(), code.data_ptr())
+        try:
+            key += (weight._version, absmax._version) + ((nested._version, code._version) if nested is not None else ())
+        except RuntimeError:
+            pass  # inference tensors count no versions (this module's own writes drop the cache in _put)
+        cached = self.__dict__.get("_cpu_weight")
+        if cached is None or cached[0] != key:
+            # The block scales decoded to float32 once per state: +1/16 byte a weight in memory,
+            # no double-quant decode in any forward.
+            cached = (key, CpuPackedWeight(*self._op_args(), where=self._describe(), float_scales=True))
+            self.__dict__["_cpu_weight"] = cached
+        return cached[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Inference on the CPU: the kernels straight from the weight checked once (no per-call
+        # argument checks, op dispatch or autograd node; the same kernels and results as the op).
+        bias = self._parameters["bias"]
+        if type(x) is torch.Tensor and x.is_cpu and _untraced(x, bias):
+            weight = self._cpu_kernel_weight()
+            if weight is not None and x.dim() > 0 and x.shape[-1] == self.in_features and x.is_floating_point():
+                dtype = x.dtype
+                y = weight.matmul(x if dtype == self.compute_dtype else x.to(self.compute_dtype))
+                if bias is not None:
+                    y = y + bias.to(y.dtype)
+                return y if y.dtype == dtype else y.to(dtype)
         self._check_input(x)
         y = Linear4bitFunction.apply(x.to(self.compute_dtype), self.bias, *self._op_args())
         return y.to(x.dtype)
@@ -407,3 +456,13 @@ class Linear4bit(nn.Linear):
             f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.double_quant}, "
             f"compute_dtype={dtype_name(self.compute_dtype)}"
         )
+
+
+def _untraced(x: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """Whether a forward may call the CPU kernels directly: no autograd graph to record, no
+    compiler tracing, no dispatch or function mode (FlopCounterMode, fake tensors...) to see the op."""
+    if torch.compiler.is_compiling():  # first: the compiler folds it, and traces nothing below
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return False
+    return not (_dispatch_modes is None or _function_modes is None or _dispatch_modes() or _function_modes())

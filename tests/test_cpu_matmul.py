@@ -1,0 +1,326 @@
+"""The CPU kernels over packed 4-bit weights (rust/matmul4): the fused matmul against dequantize +
+a float64 product, for every quant type, with and without double quantization, rows of any
+length, partial last blocks, 1..16 activation rows, each float type and each instruction-set
+level this CPU runs; the decode, bit for bit on every level; the crossover in
+``torch.ops.qlora_rs.gemm_4bit``; and ``Linear4bit``'s checked-once inference path."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import qlora_rs
+from _reference import dequantize as reference_dequantize
+from qlora_rs import ops
+from qlora_rs.errors import InvalidArgumentError
+from qlora_rs.nn import Linear4bit
+
+ISAS = ops.cpu_isas()
+ALL_ISAS = ["avx512bf16", "avx512", "avx2", "portable"]
+QUANT_TYPES = ["nf4", "fp4", "int4"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Half a unit in the last place of each output type: the one rounding of the float32 sum.
+OUTPUT_ROUNDING = {torch.float32: 0.0, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+def isa_param(isa: str):
+    # Levels this CPU lacks are skipped here, as the dispatch would never pick them.
+    return pytest.param(isa, marks=pytest.mark.skipif(isa not in ISAS, reason=f"this CPU does not run {isa}"))
+
+
+ISA_PARAMS = [isa_param(isa) for isa in ALL_ISAS]
+
+
+def quantized(n_out: int, k: int, quant_type: str, blocksize: int, double_quant: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n_out, k, generator=g) * torch.rand(n_out, 1, generator=g)
+    return qlora_rs.quantize(w, quant_type, blocksize, double_quant)
+
+
+def reference_weight(packed, state) -> torch.Tensor:
+    """float32 [out, in] from the pure-torch reference decode (scales decoded in torch ops)."""
+    if state.nested:
+        nested = state.nested_absmax.repeat_interleave(256)[: state.absmax.numel()]
+        scales = state.nested_code[state.absmax.long()] * nested
+        scales = scales + torch.tensor(state.offset, dtype=torch.float32)
+    else:
+        scales = state.absmax
+    n_out, k = state.shape
+    return reference_dequantize(packed, scales, state.quant_type, state.blocksize, n_out * k, torch.float32).reshape(n_out, k)
+
+
+def assert_matches_reference(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """``y`` against ``x @ w^T`` in float64. Allowed: twice the error of float32 dequantize +
+    F.linear on the same values (the reference's own error), a float32 summation bound, and the
+    output type's rounding."""
+    x64, w64 = x.double(), w.double()
+    exact = x64 @ w64.T
+    magnitude = x64.abs() @ w64.abs().T
+    own = (F.linear(x.float(), w).double() - exact).abs().max()
+    k = x.shape[-1]
+    tol = 2 * own + magnitude * (4 * max(k, 1) ** 0.5 * 2.0**-24) + exact.abs() * OUTPUT_ROUNDING[y.dtype] + 1e-30
+    err = (y.double() - exact).abs()
+    assert y.shape == exact.shape and y.dtype == x.dtype
+    assert bool((err <= tol).all()), f"max error {err.max():.3g} (tolerance there {tol.flatten()[err.argmax()]:.3g})"
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused matmul
+
+
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize(
+    "m,n_out,k,blocksize",
+    [
+        (1, 64, 96, 64),  # whole groups, blocks aligned with rows
+        (3, 37, 160, 128),  # rows start in the middle of blocks; leftover rows of a tile
+        (5, 19, 77, 32),  # odd rows: they start mid-byte; partial last block; the portable kernel
+        (16, 9, 4096, 4096),  # one block per row, the most activation rows
+    ],
+)
+def test_fused_matmul_matches_the_reference(isa, quant_type, double_quant, m, n_out, k, blocksize):
+    packed, state = quantized(n_out, k, quant_type, blocksize, double_quant, seed=m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k))
+    y = ops.gemm_4bit_cpu(x, *ops.quant_args(packed, state), isa=isa)
+    assert_matches_reference(y, x, reference_weight(packed, state))
+
+
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_float_type_in_and_out(isa, dtype):
+    packed, state = quantized(48, 128, "nf4", 64, True)
+    x = torch.randn(2, 3, 128).to(dtype)  # leading dimensions are rows
+    y = ops.gemm_4bit_cpu(x, *ops.quant_args(packed, state), isa=isa)
+    assert y.shape == (2, 3, 48)
+    assert_matches_reference(y.reshape(6, 48), x.reshape(6, 128), reference_weight(packed, state))
+
+
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+def test_every_row_count_up_to_16(isa):
+    packed, state = quantized(21, 256, "fp4", 64, True)
+    w = reference_weight(packed, state)
+    x = torch.randn(16, 256, dtype=torch.bfloat16)
+    args = ops.quant_args(packed, state)
+    for m in range(1, 17):
+        assert_matches_reference(ops.gemm_4bit_cpu(x[:m], *args, isa=isa), x[:m], w)
+
+
+def test_large_products_split_over_threads_cover_every_row():
+    # Above the kernel's parallel threshold: the row tasks must tile the output exactly.
+    packed, state = quantized(1030, 1024, "nf4", 64, True)
+    x = torch.randn(2, 1024)
+    assert_matches_reference(ops.gemm_4bit_cpu(x, *ops.quant_args(packed, state)), x, reference_weight(packed, state))
+
+
+@settings(max_examples=25)
+@given(
+    m=st.integers(1, 16),
+    n_out=st.integers(1, 40),
+    k=st.integers(1, 200),
+    quant_type=st.sampled_from(QUANT_TYPES),
+    blocksize=st.sampled_from([32, 64, 128]),
+    double_quant=st.booleans(),
+    isa=st.sampled_from(ISAS),
+    dtype=st.sampled_from(DTYPES),
+)
+def test_any_shape_on_any_level(m, n_out, k, quant_type, blocksize, double_quant, isa, dtype):
+    packed, state = quantized(n_out, k, quant_type, blocksize, double_quant, seed=k)
+    x = torch.randn(m, k).to(dtype)
+    y = ops.gemm_4bit_cpu(x, *ops.quant_args(packed, state), isa=isa)
+    assert_matches_reference(y, x, reference_weight(packed, state))
+
+
+def test_empty_inputs():
+    packed, state = quantized(8, 64, "nf4", 64, False)
+    args = ops.quant_args(packed, state)
+    assert ops.gemm_4bit_cpu(torch.empty(0, 64), *args).shape == (0, 8)
+    assert torch.ops.qlora_rs.gemm_4bit(torch.empty(2, 0, 64, dtype=torch.bfloat16), *args).shape == (2, 0, 8)
+    # No input features: every output is an empty sum, on both sides of the crossover.
+    packed, state = qlora_rs.quantize(torch.empty(8, 0), "nf4", 64, False)
+    for m in (3, ops.CPU_FUSED_GEMM_MAX_M + 1):
+        y = torch.ops.qlora_rs.gemm_4bit(torch.empty(m, 0), *ops.quant_args(packed, state))
+        assert torch.equal(y, torch.zeros(m, 8))
+
+
+# ---------------------------------------------------------------------------------------------
+# The op: fused kernel up to the crossover, decode + torch's GEMM above it
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_op_is_right_on_both_sides_of_the_crossover(dtype):
+    packed, state = quantized(40, 192, "nf4", 64, True)
+    args = ops.quant_args(packed, state)
+    w = reference_weight(packed, state)
+    limit = ops.CPU_FUSED_GEMM_MAX_M
+    for m in (1, limit, limit + 1, 2 * limit + 3):
+        x = torch.randn(m, 192).to(dtype)
+        y = torch.ops.qlora_rs.gemm_4bit(x, *args)
+        if m <= limit:
+            assert torch.equal(y, ops.gemm_4bit_cpu(x, *args))
+        if ops.matmul_dtype(dtype, x.device) == torch.float32 or dtype == torch.float32:
+            assert_matches_reference(y, x, w)
+        else:
+            # Above the crossover the decode rounds the weight to the 16-bit compute dtype first.
+            assert_matches_reference(y, x, w if m <= limit else w.to(dtype).float())
+
+
+def test_op_gradient_wrt_x_on_the_fused_path():
+    packed, state = quantized(24, 64, "int4", 32, True)
+    x = torch.randn(3, 64, requires_grad=True)
+    g = torch.randn(3, 24)
+    (torch.ops.qlora_rs.gemm_4bit(x, *ops.quant_args(packed, state)) * g).sum().backward()
+    torch.testing.assert_close(x.grad, g @ reference_weight(packed, state), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments_name_what_is_wrong():
+    packed, state = quantized(8, 64, "nf4", 64, True)
+    args = ops.quant_args(packed, state)
+    with pytest.raises(InvalidArgumentError, match=r"x has shape \[2, 63\].*last dimension to be 64"):
+        ops.gemm_4bit_cpu(torch.randn(2, 63), *args)
+    with pytest.raises(InvalidArgumentError, match="isa|instruction-set level"):
+        ops.gemm_4bit_cpu(torch.randn(2, 64), *args, isa="sse9")
+    with pytest.raises(InvalidArgumentError, match="is on meta"):
+        ops.gemm_4bit_cpu(torch.randn(2, 64, device="meta"), *args)
+    with pytest.raises(InvalidArgumentError, match="absmax is uint8 with 5 entries.*needs uint8 with 8"):
+        ops.gemm_4bit_cpu(torch.randn(2, 64), packed, state.absmax[:5], *args[2:])
+    with pytest.raises(InvalidArgumentError, match=r"out is float32 \[8, 63\]"):
+        ops.dequantize_4bit_cpu(*args, torch.float32, out=torch.empty(8, 63))
+
+
+@pytest.mark.parametrize("isa", [isa for isa in ALL_ISAS if isa not in ISAS] or ["none-missing"])
+def test_a_level_this_cpu_lacks_is_an_error(isa):
+    if isa == "none-missing":
+        pytest.skip("this CPU runs every level")
+    packed, state = quantized(8, 64, "nf4", 64, False)
+    with pytest.raises(InvalidArgumentError, match=f"cannot run the \"{isa}\" kernels"):
+        ops.gemm_4bit_cpu(torch.randn(1, 64), *ops.quant_args(packed, state), isa=isa)
+
+
+# ---------------------------------------------------------------------------------------------
+# The decode
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_decode_is_bit_identical_on_every_level(quant_type, double_quant):
+    packed, state = quantized(33, 131, quant_type, 64, double_quant)  # partial last block, odd n
+    args = ops.quant_args(packed, state)
+    want = reference_weight(packed, state)
+    for dtype in DTYPES:
+        for isa in ISAS:
+            got = ops.dequantize_4bit_cpu(*args, dtype, isa=isa)
+            assert torch.equal(got, want.to(dtype)), (isa, dtype)
+    buffer = torch.full((33 * 131,), float("nan"), dtype=torch.bfloat16)
+    out = ops.dequantize_4bit_cpu(*args, torch.bfloat16, out=buffer)
+    assert out.data_ptr() == buffer.data_ptr() and torch.equal(out, want.to(torch.bfloat16))
+
+
+def test_the_environment_caps_the_level_once_per_process():
+    # The extension alone in a fresh process (no torch import: fast).
+    code = (
+        "import importlib.util as u, sys; s = u.spec_from_file_location('qlora_rs._lib', sys.argv[1]); "
+        "m = u.module_from_spec(s); s.loader.exec_module(m); print(m.cpu_isa(), m.cpu_isas()[-1])"
+    )
+    for cap, want in (("portable", "portable"), ("AVX2", "avx2" if "avx2" in ISAS else "portable")):
+        env = dict(os.environ, QLORA_RS_CPU_ISA=cap)
+        out = subprocess.run([sys.executable, "-c", code, qlora_rs._lib.__file__], env=env, capture_output=True,
+                             text=True, check=True)
+        assert out.stdout.split() == [want, "portable"]
+    assert ops.cpu_isa() in ISAS
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear4bit: the weight checked once, kept until it changes
+
+
+def layer(bias: bool = False, compute_dtype=torch.bfloat16) -> Linear4bit:
+    lin = torch.nn.Linear(96, 40, bias=bias)
+    return Linear4bit.from_linear(lin, "nf4", 64, True, compute_dtype=compute_dtype)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_inference_path_equals_the_op_path(bias):
+    q = layer(bias)
+    for m in (1, 5, ops.CPU_FUSED_GEMM_MAX_M + 3):
+        x = torch.randn(m, 96)
+        with torch.no_grad():
+            fast = q(x)
+        slow = q(x)  # grad enabled and the bias requires grad: the autograd path
+        assert fast.dtype == x.dtype and torch.equal(fast, slow.detach()), m
+
+
+def test_inference_path_follows_weight_changes():
+    q = layer()
+    x = torch.randn(2, 96)
+
+    def op_path():
+        return torch.ops.qlora_rs.gemm_4bit(x.bfloat16(), *q._op_args()).float()
+
+    with torch.no_grad():
+        before = q(x)
+        q.quantize_weight_(torch.randn(40, 96))  # new values written into the same tensors
+        after = q(x)
+        assert not torch.equal(before, after) and torch.equal(after, op_path())
+        q.weight.data = q.weight.data.clone()  # swapped storage: a new address
+        q.weight_absmax.add_(1)  # written in place: a new version
+        changed = q(x)
+        assert not torch.equal(changed, after) and torch.equal(changed, op_path())
+
+
+def test_state_dict_copies_and_pickles_ignore_the_cached_weight():
+    q = layer()
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    with torch.no_grad():
+        y = q(torch.ones(1, 96))
+    after = q.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert "_cpu_weight" not in q.__getstate__()
+    clone = copy.deepcopy(q)
+    with torch.no_grad():
+        assert torch.equal(clone(torch.ones(1, 96)), y)
+
+
+def test_training_and_dispatch_modes_take_the_op():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q = layer(bias=True)
+    x = torch.randn(3, 96, requires_grad=True)
+    q(x).sum().backward()  # needs the autograd graph
+    assert x.grad is not None and q.bias.grad is not None
+    with torch.no_grad(), Recorder() as recorder:
+        q(torch.randn(3, 96))
+    assert "qlora_rs.gemm_4bit.default" in recorder.calls
+
+
+def test_cpu_kernels_are_not_used_for_meta_layers():
+    q = Linear4bit(64, 16, bias=False, device="meta")
+    assert q._cpu_kernel_weight() is None
+    assert q(torch.empty(2, 64, device="meta")).shape == (2, 16)
+
+
+def test_compiled_forward_traces_the_op_without_graph_breaks():
+    torch._dynamo.reset()
+    q = layer(bias=True)
+    x = torch.randn(3, 96)
+    compiled = torch.compile(q, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(x), q(x))
