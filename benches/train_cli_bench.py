@@ -121,7 +121,11 @@ def main() -> None:
     print(f"SmolLM2-135M-Instruct NF4, batch {args.batch_size}, {args.steps - args.warmup} timed steps, "
           f"gradient checkpointing {'on' if gc else 'off'}:")
     print(f"  Python API loop  {api:7.1f} tokens/s (median of {args.repeats})")
-    print(f"  qlora-rs train   {cli:7.1f} tokens/s = {cli / api:.2f}x the API loop")
+    # Each CLI run against the API run just before it: on a shared machine the speed drifts between
+    # pairs more than between the two runs of one pair.
+    pairs = sorted(c / a for a, c in zip(rates["api"], rates["cli"]))
+    print(f"  qlora-rs train   {cli:7.1f} tokens/s = {cli / api:.2f}x the API loop; run by run "
+          f"{', '.join(f'{r:.2f}x' for r in pairs)} (median {statistics.median(pairs):.2f}x)")
 
 
 if __name__ == "__main__":
