@@ -48,7 +48,10 @@ def parse_args() -> argparse.Namespace:
 def bf16_dir(work: Path) -> Path:
     """SmolLM2 as a bf16 transformers directory: the tests' cached copy, else decoded from the GGUF
     by `qlora-rs convert --dequantize-only` (exactly the tensors transformers' GGUF loader makes)."""
-    cached = Path(__file__).resolve().parent.parent / "target" / "test-cache" / "smollm2-135m-instruct-bf16"
+    import transformers
+
+    cached = (Path(__file__).resolve().parent.parent / "target" / "test-cache"
+              / f"smollm2-135m-instruct-bf16-{transformers.__version__}")
     if (cached / "model.safetensors").is_file():
         return cached
     from qlora_rs.convert import convert_checkpoint

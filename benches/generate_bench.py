@@ -25,20 +25,25 @@ from pathlib import Path
 
 import torch
 
-CACHE = Path(__file__).resolve().parent.parent / "target" / "test-cache" / "smollm2-135m-instruct-bf16"
+def _cache() -> Path:
+    import transformers
+
+    return (Path(__file__).resolve().parent.parent / "target" / "test-cache"
+            / f"smollm2-135m-instruct-bf16-{transformers.__version__}")
 PROMPT = "Explain in two sentences why the sky is blue."
 
 
 def bf16_checkpoint() -> Path:
     """The bf16 transformers directory of SmolLM2-135M-Instruct (made as tests/conftest.py does)."""
-    if (CACHE / "model.safetensors").is_file():
-        return CACHE
+    cache = _cache()
+    if (cache / "model.safetensors").is_file():
+        return cache
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qlora_rs.models import smollm2
 
     gguf = Path(smollm2())
-    tmp = CACHE.with_name(CACHE.name + f".tmp{os.getpid()}")
+    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
     model.hf_quantizer = None
@@ -47,9 +52,9 @@ def bf16_checkpoint() -> Path:
         del model.config.quantization_config
     model.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
-    shutil.rmtree(CACHE, ignore_errors=True)
-    os.replace(tmp, CACHE)
-    return CACHE
+    shutil.rmtree(cache, ignore_errors=True)
+    os.replace(tmp, cache)
+    return cache
 
 
 def load_models(path: Path) -> dict:

@@ -41,14 +41,18 @@ def smollm2_gguf():
 def smollm2_dir(smollm2_gguf):
     """SmolLM2-135M-Instruct as a bf16 transformers directory (config, model.safetensors, tokenizer),
     dequantized from the GGUF by transformers' own GGUF loader: the 16-bit reference of every test on
-    the real model. Made once and kept under target/test-cache (git-ignored)."""
+    the real model. Made once per transformers version and kept under target/test-cache (git-ignored)."""
     import shutil
     from pathlib import Path
 
-    cache = Path(__file__).resolve().parent.parent / "target" / "test-cache" / "smollm2-135m-instruct-bf16"
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # Per transformers release: what save_pretrained writes (config.json's fields) differs between them.
+    cache = (Path(__file__).resolve().parent.parent / "target" / "test-cache"
+             / f"smollm2-135m-instruct-bf16-{transformers.__version__}")
     if (cache / "model.safetensors").is_file():
         return cache
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -203,7 +203,8 @@ if __name__ == "__main__":
         for name in os.listdir(sys.argv[2]):
             os.remove(os.path.join(sys.argv[2], name))
         env = {**os.environ, _WITH_TORCH: "1"}
-        sys.exit(subprocess.call([sys.executable, "-m", __name__, *sys.argv[1:]], env=env))
+        # Run as a script, __name__ is "__main__"; the spec keeps the module's own name.
+        sys.exit(subprocess.call([sys.executable, "-m", __spec__.name, *sys.argv[1:]], env=env))
     except Exception as e:  # the parent reports the last line
         print(f"{type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(1)
