@@ -1034,8 +1034,12 @@ def _measure_cpu(step: Any) -> tuple[dict, dict, int]:
         with record_function("plan:" + name):
             pass
 
+    import inspect
+
+    # acc_events: keep every event of the step (torch 2.11 warns that a cycle's end clears them).
+    keep = {"acc_events": True} if "acc_events" in inspect.signature(profile.__init__).parameters else {}
     with _quiet_stderr():
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, **keep) as prof:
             step(mark)
         allocations, marks = _allocation_timeline(prof)
     peak, at, peak_in = _replay(allocations, marks)
