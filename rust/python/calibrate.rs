@@ -3,17 +3,15 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
-use std::time::Instant;
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use super::convert::{call_add_files, options, report, summary_dict, take_failure};
+use super::convert::{options, run_conversion};
 use super::quant::{slice, slice_mut};
 use super::to_pyerr;
 use crate::calibrate::{self, CalibrateOptions, HessianFactor, ScalesOut};
-use crate::convert::{self, PrecomputedWeight};
+use crate::convert::PrecomputedWeight;
 use crate::error::Error;
 use crate::{blockwise8, quant4, QuantType};
 
@@ -148,10 +146,7 @@ fn convert_calibrated<'py>(
             (name, w)
         })
         .collect();
-    let failure = Mutex::new(None);
-    let result = py.detach(|| {
-        let start = Instant::now();
-        let mut plan = convert::plan(&src, dst.as_deref(), &opts)?;
+    run_conversion(py, &src, dst.as_deref(), &opts, progress, add_files, move |plan| {
         if let Some(name) = precomputed.keys().find(|n| !plan.tensors.iter().any(|t| t.quantize && &t.name == *n)) {
             return Err(Error::unsupported(format!(
                 "calibrated weight {name:?} is not among the tensors this conversion quantizes"
@@ -159,14 +154,8 @@ fn convert_calibrated<'py>(
         }
         plan.precomputed = precomputed;
         plan.config_extra = extra;
-        let mut add = |dir: &std::path::Path| call_add_files(add_files.as_ref(), &failure, dir);
-        let add: Option<convert::AddFiles<'_>> = if add_files.is_some() { Some(&mut add) } else { None };
-        convert::execute_with(&plan, &mut |p| report(&progress, &failure, p), add, start)
-    });
-    match result {
-        Ok(s) => summary_dict(py, &s),
-        Err(e) => Err(take_failure(failure, e)),
-    }
+        Ok(())
+    })
 }
 
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

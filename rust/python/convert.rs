@@ -51,7 +51,7 @@ pub(super) fn options(
 
 /// Calls the Python progress callback (if any) and checks for signals; returns false (and
 /// stores the exception) to cancel.
-pub(super) fn report(progress: &Option<Py<PyAny>>, failure: &Mutex<Option<PyErr>>, p: &Progress<'_>) -> bool {
+fn report(progress: &Option<Py<PyAny>>, failure: &Mutex<Option<PyErr>>, p: &Progress<'_>) -> bool {
     Python::attach(|py| {
         let result = py.check_signals().and_then(|_| match progress {
             Some(cb) => cb
@@ -72,7 +72,7 @@ pub(super) fn report(progress: &Option<Py<PyAny>>, failure: &Mutex<Option<PyErr>
 
 /// Calls the Python `add_files(staging_dir)`; an exception is stored (and re-raised by
 /// [`take_failure`]) and fails the conversion, which then removes its output.
-pub(super) fn call_add_files(add_files: Option<&Py<PyAny>>, failure: &Mutex<Option<PyErr>>, dir: &std::path::Path) -> crate::Result<()> {
+fn call_add_files(add_files: Option<&Py<PyAny>>, failure: &Mutex<Option<PyErr>>, dir: &std::path::Path) -> crate::Result<()> {
     let Some(cb) = add_files else { return Ok(()) };
     Python::attach(|py| match cb.bind(py).call1((dir.to_string_lossy().into_owned(),)) {
         Ok(_) => Ok(()),
@@ -84,7 +84,7 @@ pub(super) fn call_add_files(add_files: Option<&Py<PyAny>>, failure: &Mutex<Opti
     })
 }
 
-pub(super) fn take_failure(failure: Mutex<Option<PyErr>>, err: crate::Error) -> PyErr {
+fn take_failure(failure: Mutex<Option<PyErr>>, err: crate::Error) -> PyErr {
     match failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
         Some(e) => e,
         None => to_pyerr(err),
@@ -95,7 +95,7 @@ fn paths(py: Python<'_>, v: &[PathBuf]) -> PyResult<Py<PyList>> {
     Ok(PyList::new(py, v.iter().map(|p| p.to_string_lossy().into_owned()))?.unbind())
 }
 
-pub(super) fn summary_dict<'py>(py: Python<'py>, s: &Summary) -> PyResult<Bound<'py, PyDict>> {
+fn summary_dict<'py>(py: Python<'py>, s: &Summary) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("dst", s.dst.to_string_lossy().into_owned())?;
     d.set_item("tensors_quantized", s.tensors_quantized)?;
@@ -173,10 +173,26 @@ fn convert_checkpoint<'py>(
         quant_type, blocksize, double_quant, compute_dtype, include, exclude, threads, force, allow_nonfinite, sync, dtype,
         dequantize_only,
     )?;
+    run_conversion(py, &src, dst.as_deref(), &opts, progress, add_files, |_| Ok(()))
+}
+
+/// Plans and executes a conversion without the GIL (`adjust` may change the plan first), reporting
+/// to `progress` and calling `add_files(staging_dir)` before a directory output is renamed into
+/// place; returns the summary as a dict.
+pub(super) fn run_conversion<'py>(
+    py: Python<'py>,
+    src: &std::path::Path,
+    dst: Option<&std::path::Path>,
+    opts: &ConvertOptions,
+    progress: Option<Py<PyAny>>,
+    add_files: Option<Py<PyAny>>,
+    adjust: impl FnOnce(&mut Plan) -> crate::Result<()> + Send,
+) -> PyResult<Bound<'py, PyDict>> {
     let failure = Mutex::new(None);
     let result = py.detach(|| {
         let start = Instant::now();
-        let plan = convert::plan(&src, dst.as_deref(), &opts)?;
+        let mut plan = convert::plan(src, dst, opts)?;
+        adjust(&mut plan)?;
         let mut add = |dir: &std::path::Path| call_add_files(add_files.as_ref(), &failure, dir);
         let add: Option<convert::AddFiles<'_>> = if add_files.is_some() { Some(&mut add) } else { None };
         convert::execute_with(&plan, &mut |p| report(&progress, &failure, p), add, start)

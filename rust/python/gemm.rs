@@ -5,7 +5,7 @@
 
 use pyo3::prelude::*;
 
-use super::quant::{float_slice, float_slice_mut, slice};
+use super::quant::{advise_huge_pages, float_slice, float_slice_mut, slice};
 use super::to_pyerr;
 use crate::cpu_isa::Isa;
 use crate::matmul4::{self, Weight4};
@@ -123,22 +123,6 @@ fn cpu_dequantize_4bit(
         py.detach(|| quant4::dequantize_4bit_with(packed, scales, quant_type, blocksize, out, isa))
     }
     .map_err(to_pyerr)
-}
-
-/// Asks Linux to back a freshly allocated output with transparent huge pages: a 32 MiB tensor
-/// then takes 16 page faults instead of 8192, which otherwise cost more than decoding into it.
-/// Advice only: it changes no data and failures are ignored.
-fn advise_huge_pages(ptr: usize, bytes: usize) {
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        let start = ptr.next_multiple_of(HUGE);
-        let end = (ptr + bytes) / HUGE * HUGE;
-        if end > start {
-            // SAFETY: madvise only advises the kernel about pages the caller's tensor owns.
-            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
-        }
-    }
 }
 
 /// The instruction-set level the CPU kernels use in this process: the widest this CPU runs,

@@ -31,7 +31,7 @@ pub(super) unsafe fn slice_mut<'a, T>(ptr: usize, len: usize) -> &'a mut [T] {
 /// Asks Linux to back a freshly allocated output with transparent huge pages: a 32 MiB tensor then
 /// takes 16 page faults instead of 8192, which otherwise cost more than decoding into it.
 /// Advice only: it changes no data and failures are ignored.
-fn advise_huge_pages(ptr: usize, bytes: usize) {
+pub(super) fn advise_huge_pages(ptr: usize, bytes: usize) {
     #[cfg(target_os = "linux")]
     {
         const HUGE: usize = 2 << 20;
