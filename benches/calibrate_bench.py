@@ -54,7 +54,7 @@ def bf16_dir(work: Path) -> Path:
               / f"smollm2-135m-instruct-bf16-{transformers.__version__}")
     if (cached / "model.safetensors").is_file():
         return cached
-    from qlora_rs.convert import convert_checkpoint
+    from qlora_rs.io.convert import convert_checkpoint
     from qlora_rs.models import smollm2
 
     out = work / "bf16"
@@ -102,8 +102,8 @@ def greedy(model, tokenizer, prompt: str, new_tokens: int) -> str:
 
 
 def fine_tune(base: Path, work: Path, name: str, steps: int, threads: int) -> dict:
-    from qlora_rs.datasets import facts
-    from qlora_rs.train import TrainConfig, train
+    from qlora_rs.training.datasets import facts
+    from qlora_rs.training.train import TrainConfig, train
 
     train_items, heldout = facts.split(facts.records())
     data, evals = work / "facts-train.jsonl", work / "facts-heldout.jsonl"
@@ -130,8 +130,8 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
 
-    from qlora_rs.convert import convert_checkpoint
-    from qlora_rs.evaluation import evaluate_path
+    from qlora_rs.io.convert import convert_checkpoint
+    from qlora_rs.training.evaluation import evaluate_path
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="qlora-rs-calibrate-bench-"))
     work.mkdir(parents=True, exist_ok=True)

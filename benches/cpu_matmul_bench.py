@@ -100,7 +100,7 @@ def matmul_table(repeat: int) -> None:
 
 def dequantize_table(repeat: int) -> None:
     import qlora_rs
-    from qlora_rs import ops
+    from qlora_rs.core import ops
 
     n_out = k = 4096
     n = n_out * k
@@ -134,7 +134,7 @@ def dequantize_table(repeat: int) -> None:
 
 def crossover_table(repeat: int) -> None:
     import qlora_rs
-    from qlora_rs import ops
+    from qlora_rs.core import ops
 
     print(f"\nfused kernel vs dequantize + F.linear (bf16), median ms of {repeat} interleaved repeats; "
           f"ratio > 1: the fused kernel is faster")

@@ -162,7 +162,7 @@ def qr():
 
 
 def cuda_ops():
-    from qlora_rs import cuda_ops as m
+    from qlora_rs.core import cuda_ops as m
 
     return m
 
@@ -331,7 +331,7 @@ def check_streams_and_graphs(ctx: Ctx) -> None:
     torch.cuda.synchronize()
     ctx.row(case="gemm in a CUDA graph, replayed on new input", ok=torch.equal(captured, co.gemm_4bit_cuda(x, *args)))
     ctx.row(case="graph vs eager differ on different input", ok=not torch.equal(captured, eager))
-    import qlora_rs.ops  # noqa: F401
+    import qlora_rs.core.ops  # noqa: F401
 
     co.register()
     y = torch.ops.qlora_rs.gemm_4bit(x, *args)

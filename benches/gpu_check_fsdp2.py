@@ -131,7 +131,7 @@ def _train(model: nn.Module, batches: list[torch.Tensor]) -> dict:
 
 
 def _lora(model: nn.Module) -> dict[str, torch.Tensor]:
-    from qlora_rs.model import lora_layers
+    from qlora_rs.surgery.model import lora_layers
 
     out = {}
     for name, layer in lora_layers(model).items():
@@ -165,7 +165,7 @@ def _part_plain_vs_fsdp2() -> dict:
     model = shard_model(build())
     weights = [m.weight for m in model.modules() if isinstance(m, qlora_rs.Linear4bit)]
     # uint8, or the bfloat16 view shard_model takes where FSDP2 cannot shard integers (torch 2.11).
-    packed_dtype = torch.uint8 if D._fsdp_integer_params else torch.bfloat16
+    packed_dtype = torch.uint8 if D.fsdp._fsdp_integer_params else torch.bfloat16
     sharded = all(isinstance(w, DTensor) and w.dtype == packed_dtype for w in weights)
     sizes = packed_bytes(model)
     got = _train(model, batches)

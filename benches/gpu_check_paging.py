@@ -102,7 +102,7 @@ def _part_refusal(paging) -> dict:
 
 
 def _part_codec() -> dict:
-    from qlora_rs.functional import dequantize_blockwise_8bit, quantize_blockwise_8bit
+    from qlora_rs.core.functional import dequantize_blockwise_8bit, quantize_blockwise_8bit
     from qlora_rs.optim.blockwise8 import SIGNED, UNSIGNED
 
     g = torch.Generator().manual_seed(0)

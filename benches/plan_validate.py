@@ -3,7 +3,7 @@ beside the memory a real training step of qlora_rs allocates (measured), per com
 their ratio.
 
 Measured on the CPU by default: peak bytes from the CPU allocator's own reports to torch's
-profiler (see ``qlora_rs.memory_plan``); with ``--device cuda``, ``torch.cuda.max_memory_allocated``.
+profiler (see ``qlora_rs.training.memory_plan``); with ``--device cuda``, ``torch.cuda.max_memory_allocated``.
 Components: weights, LoRA parameters, optimizer state (counted exactly), gradients (at the end
 of the backward), activations (the peak of the forward and backward above the step's start) and
 the total (weights + LoRA + optimizer state + the step's peak). Models have random weights;
@@ -73,8 +73,9 @@ def main(argv=None) -> int:
 
     import torch
 
-    from qlora_rs.memory_plan import measure_training_step, plan
-    from qlora_rs.ops import matmul_dtype
+    from qlora_rs.training.memory_measure import measure_training_step
+    from qlora_rs.training.memory_plan import plan
+    from qlora_rs.core.ops import matmul_dtype
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -139,9 +139,9 @@ def worker(arm: str, seed: int, model_dir: Path, work: Path, steps: int, batch: 
     from transformers import AutoTokenizer
 
     import qlora_rs
-    from qlora_rs.data import collate, load_dataset
-    from qlora_rs.evaluation import evaluate_path
-    from qlora_rs.loading import memory_footprint
+    from qlora_rs.io.data import collate, load_dataset
+    from qlora_rs.training.evaluation import evaluate_path
+    from qlora_rs import memory_footprint
 
     spec = ARMS[arm]
     tok = AutoTokenizer.from_pretrained(str(model_dir))

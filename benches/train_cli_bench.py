@@ -25,7 +25,7 @@ from pathlib import Path
 
 def _prepare(work: Path) -> tuple[Path, Path]:
     """The converted model and the training file (made once per invocation)."""
-    from qlora_rs.datasets import facts
+    from qlora_rs.training.datasets import facts
     from qlora_rs.models import smollm2
 
     model = work / "smollm2-nf4"
@@ -41,7 +41,7 @@ def _prepare(work: Path) -> tuple[Path, Path]:
 def _cli(model: str, data: str, out: str, steps: int, batch: int, warmup: int, gc: bool) -> dict:
     import io
 
-    from qlora_rs.train import TrainConfig, train
+    from qlora_rs.training.train import TrainConfig, train
 
     config = TrainConfig(model=model, data=data, output_dir=out, r=16, alpha=32, dropout=0.05, lr=2e-4,
                          batch_size=batch, grad_accum=1, max_seq_len=256, max_steps=steps, save_every=steps,
@@ -59,7 +59,7 @@ def _api(model: str, data: str, out: str, steps: int, batch: int, warmup: int, g
     from transformers import AutoTokenizer
 
     import qlora_rs
-    from qlora_rs.data import collate, load_dataset
+    from qlora_rs.io.data import collate, load_dataset
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(model)

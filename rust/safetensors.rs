@@ -281,6 +281,26 @@ impl Header {
     }
 }
 
+/// Reads and validates the header of the safetensors file at `path` with plain reads (no memory
+/// map): the file's first 8 + N bytes, nothing of the data section. Errors as [`Header::parse`].
+pub fn read_header(path: &Path) -> Result<Header> {
+    use std::io::Read as _;
+    let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut prefix = vec![0u8; file_len.min(8) as usize];
+    file.read_exact(&mut prefix).map_err(|e| Error::io(path, e))?;
+    if file_len >= 8 {
+        let n = u64::from_le_bytes(prefix[..8].try_into().expect("8 bytes"));
+        // A length that is too large or runs past the end is reported by Header::parse from the
+        // 8 bytes alone; only a plausible one is read.
+        if n <= MAX_HEADER_BYTES as u64 && 8 + n <= file_len {
+            prefix.resize(8 + n as usize, 0);
+            file.read_exact(&mut prefix[8..]).map_err(|e| Error::io(path, e))?;
+        }
+    }
+    Header::parse(path, &prefix, file_len)
+}
+
 fn parse_entry(path: &Path, name: String, entry: &Value) -> Result<TensorInfo> {
     let bad = |what: String| Error::format(path, format!("tensor {name:?}: {what}"));
     let Value::Object(e) = entry else {

@@ -99,7 +99,7 @@ def lora_weights(model) -> dict[str, torch.Tensor]:
     from qlora_rs.distributed import unwrap
 
     out = {}
-    for name, layer in qlora_rs.model.lora_layers(unwrap(model)).items():
+    for name, layer in qlora_rs.surgery.model.lora_layers(unwrap(model)).items():
         for part in ("lora_A", "lora_B"):
             w = getattr(layer, part).weight.detach()
             out[f"{name}.{part}"] = (w.full_tensor() if hasattr(w, "full_tensor") else w).clone()
@@ -223,7 +223,7 @@ def fsdp_training(rank: int, world: int, out: Path, info: dict, ckpt_dirs: dict)
 def fsdp_float_storage(rank: int, world: int, out: Path, info: dict, ckpt_dirs: dict) -> None:
     """The path an FSDP2 without integer parameters (torch 2.11) takes on every torch: shard_model
     views the packed bytes as bfloat16; training must not notice."""
-    import qlora_rs.distributed as D
+    import qlora_rs.distributed.fsdp as D
     from qlora_rs import Linear4bit
 
     saved = D._fsdp_integer_params
@@ -349,10 +349,10 @@ def sharded_loading(rank: int, world: int, out: Path, info: dict, ckpt_dirs: dic
     packed shard sizes, and the logits (with LoRA initialized from seed 5)."""
     import qlora_rs
     import qlora_rs.distributed as D
-    from qlora_rs.loading import Checkpoint
+    from qlora_rs.io.checkpoint import Checkpoint
 
     counted = {"rows": 0, "whole": 0}
-    rows, read = D._RowReader.rows, Checkpoint.read
+    rows, read = D.sharded_loading._RowReader.rows, Checkpoint.read
 
     def count_rows(self, key, start, stop):
         t = rows(self, key, start, stop)
@@ -364,7 +364,7 @@ def sharded_loading(rank: int, world: int, out: Path, info: dict, ckpt_dirs: dic
         counted["whole"] += t.numel() * t.element_size()
         return t
 
-    D._RowReader.rows, Checkpoint.read = count_rows, count_read
+    D.sharded_loading._RowReader.rows, Checkpoint.read = count_rows, count_read
     try:
         results = {}
         for kind in ("q4", "float", "tied"):
@@ -382,7 +382,7 @@ def sharded_loading(rank: int, world: int, out: Path, info: dict, ckpt_dirs: dic
                              "packed_total": sum(v[1] for v in sizes.values())}
             _save(out, f"loaded_{kind}_logits", logits(model), rank)
     finally:
-        D._RowReader.rows, Checkpoint.read = rows, read
+        D.sharded_loading._RowReader.rows, Checkpoint.read = rows, read
     info["sharded_loading"] = results
     if "q4_malformed" in ckpt_dirs:  # a stored state whose 'shape' field is an object
         try:
@@ -396,7 +396,7 @@ def sharded_loading(rank: int, world: int, out: Path, info: dict, ckpt_dirs: dic
 def train_config(output_dir: Path, dirs: dict, **kw: Any):
     """``qlora-rs train`` options shared by the one- and two-process runs (batch_size is per
     process: the two-process runs use half of the single process's)."""
-    from qlora_rs.train import TrainConfig
+    from qlora_rs.training.train import TrainConfig
 
     base = dict(model=dirs["train_model"], data=dirs["train_data"], output_dir=str(output_dir), r=4, alpha=8,
                 dropout=0.0, lr=1e-2, batch_size=2, grad_accum=2, max_steps=3, save_every=2, progress=False,
@@ -411,7 +411,7 @@ def train_runs(rank: int, world: int, out: Path, info: dict, dirs: dict) -> None
     resumed for the third."""
     import io
 
-    from qlora_rs.train import train
+    from qlora_rs.training.train import train
 
     if "train_model" not in dirs:
         return

@@ -63,7 +63,7 @@ def randomize_lora(model: nn.Module, seed: int = 3) -> None:
     """Non-zero A and B everywhere, so the adapters change the output."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for layer in qlora_rs.model.lora_layers(model).values():
+        for layer in qlora_rs.surgery.model.lora_layers(model).values():
             for p in (layer.lora_A.weight, layer.lora_B.weight):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import qlora_rs
-from qlora_rs import calibrate as cal
+from qlora_rs.io import calibrate as cal
 from qlora_rs.cli import main
-from qlora_rs.convert import calibration_record, convert_checkpoint, inspect_checkpoint
+from qlora_rs.io.convert import calibration_record, convert_checkpoint, inspect_checkpoint
 from qlora_rs.errors import FormatError, InvalidArgumentError
 
 from _convert_helpers import bnb_portable_path, load_all

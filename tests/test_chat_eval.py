@@ -1,4 +1,4 @@
-"""``qlora-rs chat`` and ``qlora-rs eval`` (python/qlora_rs/inference.py, evaluation.py): the real
+"""``qlora-rs chat`` and ``qlora-rs eval`` (python/qlora_rs/training/inference.py, evaluation.py): the real
 SmolLM2-135M-Instruct answers deterministically; eval equals a hand computation; adapters and runs
 apply; bad input is a one-line error."""
 
@@ -16,8 +16,8 @@ import torch.nn.functional as F
 import qlora_rs
 from _loading_helpers import CHAT_TEMPLATE, make_tiny_llama
 from qlora_rs import cli
-from qlora_rs.evaluation import evaluate_path
-from qlora_rs.inference import load_model
+from qlora_rs.training.evaluation import evaluate_path
+from qlora_rs.training.inference import load_model
 
 WORDS = "the cat sat on a mat and dog ran to park".split()
 
@@ -58,7 +58,7 @@ def test_eval_of_jsonl_scores_only_the_responses(tiny, tmp_path):
                     + json.dumps({"text": "dog ran to park"}) + "\n")
     loaded = load_model(tiny, quantize="none", compute_dtype=torch.float32)
     result = evaluate_path(loaded.model, loaded.tokenizer, data)
-    from qlora_rs.data import load_dataset
+    from qlora_rs.io.data import load_dataset
 
     examples = load_dataset(data, loaded.tokenizer).examples
     total, count = 0.0, 0
@@ -99,7 +99,7 @@ def test_chat_applies_an_adapter_from_a_run(tiny, tmp_path, capsys):
     model = qlora_rs.from_pretrained(tiny, compute_dtype=torch.float32, dtype=torch.float32)
     qlora_rs.add_lora(model, r=4, alpha=8, init="gaussian")
     torch.manual_seed(0)
-    for layer in qlora_rs.model.lora_layers(model).values():
+    for layer in qlora_rs.surgery.model.lora_layers(model).values():
         torch.nn.init.normal_(layer.lora_B.weight, std=0.5)  # an adapter that changes the answer
     run = tmp_path / "run"
     qlora_rs.save_adapter(model, run)

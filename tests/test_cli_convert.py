@@ -99,7 +99,7 @@ def test_options_reach_the_output(model, tmp_path, capsys):
     rc, out, err = run(capsys, "convert", model, "-o", dst, "--quant-type", "fp4", "--blocksize", "128",
                        "--no-double-quant", "--compute-dtype", "float16", "--threads", "1", "--no-sync")
     assert rc == 0, err
-    records = {r.name: r for r in qlora_rs.convert.inspect_checkpoint(dst)}
+    records = {r.name: r for r in qlora_rs.io.convert.inspect_checkpoint(dst)}
     r = records["model.layers.0.mlp.up_proj.weight"]
     assert (r.quant_type, r.blocksize, r.double_quant, r.stored_dtype) == ("fp4", 128, False, "U8")
     q = json.loads((dst / "config.json").read_text())["quantization_config"]
@@ -168,19 +168,19 @@ def test_progress_bar_renders_on_a_terminal():
 
 
 def test_subcommands_from_cli_modules_are_registered(monkeypatch, capsys):
-    mod = types.ModuleType("qlora_rs.cli_hello")
+    mod = types.ModuleType("qlora_rs.cli.hello")
 
     def add_parser(sub):
         p = sub.add_parser("hello", help="say hello")
         p.set_defaults(func=lambda args: 7)
 
     mod.add_parser = add_parser
-    monkeypatch.setitem(sys.modules, "qlora_rs.cli_hello", mod)
-    monkeypatch.setattr(cli, "_plugin_modules", lambda: ["qlora_rs.cli_hello", "qlora_rs.cli_broken_xyz"])
+    monkeypatch.setitem(sys.modules, "qlora_rs.cli.hello", mod)
+    monkeypatch.setattr(cli.app, "_plugin_modules", lambda: ["qlora_rs.cli.hello", "qlora_rs.cli.broken_xyz"])
     assert main(["hello"]) == 7
     # A plug-in that fails to import does not break the others; running it says why.
     assert main(["broken-xyz", "args"]) == 1
-    assert "cannot load qlora_rs.cli_broken_xyz: No module named" in capsys.readouterr().err
+    assert "cannot load qlora_rs.cli.broken_xyz: No module named" in capsys.readouterr().err
 
 
 CHILD = textwrap.dedent(

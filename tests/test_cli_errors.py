@@ -120,7 +120,7 @@ def test_failed_start_leaves_no_directory(work, offline, capsys, tmp_path):
 def test_run_that_fails_before_its_first_checkpoint_leaves_no_directory(work, tmp_path):
     import io
 
-    from qlora_rs.train import TrainConfig, train
+    from qlora_rs.training.train import TrainConfig, train
 
     def fail(step, record):
         raise RuntimeError(f"stopped at step {step}")

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import qlora_rs
 from qlora_rs import _lib
-from qlora_rs.convert import (
+from qlora_rs.io.convert import (
     compare_checkpoints,
     default_destination,
     fidelity_totals,

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import qlora_rs
 from _reference import dequantize as reference_dequantize
-from qlora_rs import ops
+from qlora_rs.core import ops
 from qlora_rs.errors import InvalidArgumentError
 from qlora_rs.nn import Linear4bit
 

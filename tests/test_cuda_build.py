@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import qlora_rs
-from qlora_rs import _lib, cuda_ops
+from qlora_rs import _lib
+from qlora_rs.core import cuda_ops
 from qlora_rs.errors import CudaError, CudaUnavailableError
 
 ROOT = Path(__file__).resolve().parents[1]

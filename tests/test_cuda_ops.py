@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import qlora_rs
-from qlora_rs import _lib, cuda_ops, ops
+from qlora_rs import _lib
+from qlora_rs.core import cuda_ops, ops
 from qlora_rs.errors import InvalidArgumentError
 
 NEEDS_KERNELS = pytest.mark.skipif(not cuda_ops.KERNELS_COMPILED, reason="built without CUDA kernels")

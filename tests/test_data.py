@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from _loading_helpers import CHAT_TEMPLATE, save_tokenizer
-from qlora_rs.data import IGNORE_INDEX, collate, load_dataset, load_pairs
+from qlora_rs.io.data import IGNORE_INDEX, collate, load_dataset, load_pairs
 from qlora_rs.errors import FormatError
 
 WORDS = "what is two plus three five write ten in words hello world the end yes no".split()
@@ -146,7 +146,7 @@ def test_pairs_for_the_contrastive_task(tmp_path):
 
 
 def test_builtin_dataset_matches_its_generator():
-    from qlora_rs import datasets
+    from qlora_rs.training import datasets
 
     lines = datasets.path().read_text(encoding="utf-8").splitlines()
     records = [json.loads(line) for line in lines]

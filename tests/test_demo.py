@@ -22,7 +22,7 @@ def test_chat_demo_converts_compares_asks_trains_and_asks_again(tmp_path, capsys
                   "before fine-tuning", "after fine-tuning"):
         assert stage in out
     # Every question is asked twice, and the held-out loss is measured before and after.
-    from qlora_rs.chat_demo import QUESTIONS
+    from qlora_rs.training.chat_demo import QUESTIONS
 
     for q in QUESTIONS:
         assert out.count(f"Q: {q}") == 2

@@ -41,7 +41,7 @@ def run(tmp_path_factory):
     """Checkpoints for the loading scenario, the two-process launch, and the rank reports."""
     from transformers import LlamaForCausalLM
 
-    from qlora_rs.loading import from_pretrained, save_model
+    from qlora_rs import from_pretrained, save_model
 
     out = tmp_path_factory.mktemp("dist")
     torch.manual_seed(3)
@@ -200,14 +200,14 @@ def test_float_storage_for_fsdp_follows_the_policy_and_names_a_layer_it_cannot_v
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     model = W.build(quant_storage=torch.uint8)
-    D._float_storage_for_fsdp(model, MixedPrecisionPolicy(param_dtype=torch.float32))
+    D.fsdp._float_storage_for_fsdp(model, MixedPrecisionPolicy(param_dtype=torch.float32))
     assert {m.weight.dtype for m in model.modules() if isinstance(m, qlora_rs.Linear4bit)} == {torch.float32}
     model = W.build(quant_storage=torch.uint8)
-    D._float_storage_for_fsdp(model, None)
+    D.fsdp._float_storage_for_fsdp(model, None)
     assert {m.weight.dtype for m in model.modules() if isinstance(m, qlora_rs.Linear4bit)} == {torch.bfloat16}
     odd = nn.Sequential(qlora_rs.Linear4bit.from_linear(nn.Linear(2, 3)))  # 3 packed bytes
     with pytest.raises(qlora_rs.InvalidArgumentError, match=r"weight of 0 \(3x2\) must be viewed as bfloat16, but its 3 bytes"):
-        D._float_storage_for_fsdp(odd, None)
+        D.fsdp._float_storage_for_fsdp(odd, None)
 
 
 def test_check_mixed_precision_without_process_group():
@@ -225,7 +225,8 @@ def test_check_mixed_precision_without_process_group():
 
 @pytest.mark.parametrize("kind", ["q4", "float", "tied"])
 def test_sharded_loading_reads_only_this_ranks_rows(run, kind):
-    from qlora_rs.loading import Checkpoint, from_pretrained
+    from qlora_rs import from_pretrained
+    from qlora_rs.io.checkpoint import Checkpoint
 
     out, ranks = run
     model = from_pretrained(out / kind, compute_dtype=torch.float32, dtype=torch.float32)
@@ -286,7 +287,7 @@ def test_train_under_torchrun_matches_one_process(run, tmp_path):
     resumed after two steps, end where one process with batch 4 ends."""
     from safetensors.torch import load_file
 
-    from qlora_rs.train import train
+    from qlora_rs.training.train import train
 
     out, ranks = run
     dirs = {"train_model": str(out / "train_model"), "train_data": str(out / "data.jsonl")}

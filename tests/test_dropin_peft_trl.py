@@ -24,9 +24,9 @@ datasets = pytest.importorskip("datasets")
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig  # noqa: E402
 
 from _loading_helpers import make_tiny_llama  # noqa: E402
-from qlora_rs.hf_quantizer import BNB_4BIT_CHECKS  # noqa: E402
-from qlora_rs.model import MergeRoundingWarning  # noqa: E402
-from qlora_rs.peft_integration import PeftLoraLinear4bit  # noqa: E402
+from qlora_rs.io.hf_quantizer import BNB_4BIT_CHECKS  # noqa: E402
+from qlora_rs.surgery.model import MergeRoundingWarning  # noqa: E402
+from qlora_rs.io.peft_integration import PeftLoraLinear4bit  # noqa: E402
 
 CHATS = [
     ("What is the capital of France?", "Paris."),
@@ -152,7 +152,7 @@ def test_the_checks_table_lists_every_reader_of_is_loaded_in_4bit():
 
 def test_peft_imported_after_loading_still_gets_our_layer(tmp_path, monkeypatch):
     """Loading does not import PEFT (seconds) but hooks its import: shown on a stand-in package."""
-    from qlora_rs.hf_quantizer import AfterImport
+    from qlora_rs.io.hf_quantizer import AfterImport
 
     (tmp_path / "qlora_rs_standin").mkdir()
     (tmp_path / "qlora_rs_standin" / "__init__.py").write_text("VALUE = 41\n")

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from qlora_rs.cli import main
-from qlora_rs.convert import convert_checkpoint, inspect_gguf, plan_conversion, read_gguf_tensor
+from qlora_rs.io.convert import convert_checkpoint, inspect_gguf, plan_conversion, read_gguf_tensor
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pip install 'qlora-rs[gguf]')")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
@@ -164,7 +164,8 @@ def test_config_and_tokenizer_equal_transformers_gguf_utilities(tmp_path, archit
     from transformers import AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    from qlora_rs import _lib, gguf_metadata
+    from qlora_rs import _lib
+    from qlora_rs.io import gguf_metadata
 
     rng = np.random.default_rng(2)
     tensors = {"token_embd.weight": stored_tensor(Q.F32, 259, 64, rng)[0]}
@@ -302,7 +303,7 @@ def test_failing_metadata_leaves_no_output(tmp_path, capsys):
 @pytest.mark.slow
 def test_metadata_with_and_without_torch_are_the_same(tmp_path, monkeypatch):
     """The child writes the same files whether transformers runs with torch or without it."""
-    from qlora_rs import gguf_metadata
+    from qlora_rs.io import gguf_metadata
 
     rng = np.random.default_rng(4)
     path = write_gguf(tmp_path / "m.gguf", "llama", {"token_embd.weight": (stored_tensor(Q.F32, 259, 64, rng)[0], Q.F32)},
@@ -404,7 +405,7 @@ def test_real_file_output_equals_transformers_bitsandbytes(converted, smollm2_bn
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         assert filecmp.cmp(converted / name, smollm2_dir / name, shallow=False), name
     # `inspect --compare` measures the output against the GGUF itself.
-    from qlora_rs.convert import compare_checkpoints, fidelity_totals
+    from qlora_rs.io.convert import compare_checkpoints, fidelity_totals
 
     rows = compare_checkpoints(converted, smollm2_gguf)
     assert len(rows) == 272 and {r.status for r in rows} == {"quantized", "identical"}
@@ -425,7 +426,7 @@ def test_real_file_output_gives_the_logits_of_bitsandbytes(converted):
     from transformers import AutoModelForCausalLM
 
     import qlora_rs
-    from qlora_rs.ops import CPU_FUSED_GEMM_MAX_M
+    from qlora_rs.core.ops import CPU_FUSED_GEMM_MAX_M
 
     tokens = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(0))
     assert tokens.shape[1] > CPU_FUSED_GEMM_MAX_M

@@ -12,8 +12,8 @@ import torch
 import qlora_rs
 from _loading_helpers import make_tiny_llama
 from qlora_rs.errors import InvalidArgumentError
-from qlora_rs.hf_quantizer import QloraConfig
-from qlora_rs.loading import from_pretrained
+from qlora_rs.io.hf_quantizer import QloraConfig
+from qlora_rs import from_pretrained
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_saved_model_loads_back_through_the_same_call(float_dir, tokens, tmp_pat
 
 
 def test_converted_checkpoint_loads_through_the_same_call(float_dir, tokens, tmp_path):
-    from qlora_rs.convert import convert_checkpoint
+    from qlora_rs.io.convert import convert_checkpoint
 
     convert_checkpoint(float_dir, tmp_path / "nf4", compute_dtype="bfloat16")
     model = hf_load(tmp_path / "nf4")  # the caller's compute dtype (float32) wins over the file's
@@ -104,7 +104,7 @@ def test_config_dicts():
 def test_registered_with_transformers():
     from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
-    from qlora_rs.hf_quantizer import QloraHfQuantizer
+    from qlora_rs.io.hf_quantizer import QloraHfQuantizer
 
     assert AUTO_QUANTIZATION_CONFIG_MAPPING["qlora_rs"] is QloraConfig
     assert AUTO_QUANTIZER_MAPPING["qlora_rs"] is QloraHfQuantizer

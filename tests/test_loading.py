@@ -19,7 +19,8 @@ import qlora_rs
 from _convert_helpers import bnb_portable_path
 from _loading_helpers import make_tiny_llama, tiny_llama_config, write_synthetic_checkpoint
 from qlora_rs.errors import FormatError, InvalidArgumentError
-from qlora_rs.loading import Checkpoint, from_pretrained, memory_footprint
+from qlora_rs import from_pretrained, memory_footprint
+from qlora_rs.io.checkpoint import Checkpoint
 
 F32 = dict(compute_dtype=torch.float32, dtype=torch.float32)
 
@@ -50,7 +51,7 @@ def logits(model, tokens):
 
 
 def test_float_and_converted_checkpoints_give_the_same_model(float_dir, tokens, tmp_path):
-    from qlora_rs.convert import convert_checkpoint
+    from qlora_rs.io.convert import convert_checkpoint
 
     ref = reference_logits(float_dir, tokens)
     a = from_pretrained(float_dir, **F32)
@@ -144,7 +145,7 @@ def test_missing_unexpected_and_mismatched_tensors_are_named(float_dir, tmp_path
 
 
 def test_quantized_checkpoint_keeps_its_format(float_dir, tmp_path):
-    from qlora_rs.convert import convert_checkpoint
+    from qlora_rs.io.convert import convert_checkpoint
 
     convert_checkpoint(float_dir, tmp_path / "nf4")
     with pytest.raises(InvalidArgumentError, match=r"already quantized \(nf4, blocksize 64, double_quant=True\) but "
@@ -186,7 +187,7 @@ def test_real_minilm_encoder_loads_as_bert(tokens):
 
 _RSS_SCRIPT = textwrap.dedent("""
     import json, sys, torch
-    from qlora_rs.loading import from_pretrained, memory_footprint
+    from qlora_rs import from_pretrained, memory_footprint
     def status():
         out = {}
         for line in open("/proc/self/status"):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 import qlora_rs
 from _loading_helpers import make_tiny_llama
 from qlora_rs.errors import FormatError
-from qlora_rs.hf_quantizer import QloraConfig
+from qlora_rs.io.hf_quantizer import QloraConfig
 
 WEIGHT = "model.layers.0.self_attn.q_proj.weight"
 META_KEY = WEIGHT + ".quant_state.bitsandbytes__nf4"

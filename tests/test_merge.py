@@ -10,8 +10,8 @@ import torch
 
 import qlora_rs
 from _loading_helpers import make_tiny_llama
-from qlora_rs.cli_merge import merge_checkpoint
-from qlora_rs.loading import from_pretrained
+from qlora_rs.cli.merge import merge_checkpoint
+from qlora_rs import from_pretrained
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def trained(tmp_path_factory):
     qlora_rs.add_lora(model, r=4, alpha=8, dropout=0.0)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for layer in qlora_rs.model.lora_layers(model).values():
+        for layer in qlora_rs.surgery.model.lora_layers(model).values():
             for p in (layer.lora_A.weight, layer.lora_B.weight):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     qlora_rs.save_adapter(model, d / "adapter")
@@ -55,7 +55,7 @@ def test_merged_checkpoint_loads_in_plain_transformers(trained, tmp_path):
 def test_requantized_checkpoint(trained, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from qlora_rs.hf_quantizer import QloraConfig
+    from qlora_rs.io.hf_quantizer import QloraConfig
 
     base, adapter, tokens, expected = trained
     r = merge_checkpoint(base, adapter, tmp_path / "q", requantize=True)

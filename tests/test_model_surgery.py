@@ -50,7 +50,7 @@ def test_add_lora_targets_freezing_and_summary():
     assert len(summary.modules) == 2 * len(PROJ) and "lm_head" not in summary.modules
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"{m}.{ab}.weight" for m in summary.modules for ab in ("lora_A", "lora_B")}
-    expected = sum(4 * (m.in_features + m.out_features) for m in qlora_rs.model.lora_layers(model).values())
+    expected = sum(4 * (m.in_features + m.out_features) for m in qlora_rs.surgery.model.lora_layers(model).values())
     assert summary.trainable == expected
     assert 0 < summary.percent < 100 and "trainable params" in str(summary)
     assert summary.config["target_modules"] == sorted(PROJ)
@@ -125,11 +125,11 @@ def test_merge_folds_adapters(requantize):
     with torch.no_grad():
         before = model(ids).logits.float()
     if requantize:
-        with pytest.warns(qlora_rs.model.MergeRoundingWarning, match="re-quantized"):
+        with pytest.warns(qlora_rs.surgery.model.MergeRoundingWarning, match="re-quantized"):
             report = qlora_rs.merge(model, requantize=requantize)
     else:
         report = qlora_rs.merge(model, requantize=requantize)
-    assert len(report) == 2 * len(PROJ) and not qlora_rs.model.lora_layers(model)
+    assert len(report) == 2 * len(PROJ) and not qlora_rs.surgery.model.lora_layers(model)
     kind = Linear4bit if requantize else nn.Linear
     layer = model.model.layers[0].self_attn.q_proj
     assert type(layer) is kind and (requantize or layer.weight.dtype == torch.bfloat16)

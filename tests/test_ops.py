@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 import qlora_rs
 from _lora_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
-from qlora_rs import InvalidArgumentError, ops
+from qlora_rs import InvalidArgumentError
+from qlora_rs.core import ops
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from qlora_rs import InvalidArgumentError, NonFiniteError
-from qlora_rs.functional import dequantize_blockwise_8bit, quantize_blockwise_8bit
+from qlora_rs.core.functional import dequantize_blockwise_8bit, quantize_blockwise_8bit
 from qlora_rs.optim import PagedAdamW, PagedAdamW8bit, paging
 from qlora_rs.optim.blockwise8 import SIGNED, UNSIGNED
 

@@ -1,7 +1,7 @@
 """qlora_rs against PEFT + bitsandbytes on CPU: same logits and LoRA gradients from the same
 packed weights and adapters; adapters round-trip both ways through PEFT's on-disk layout;
 ``peft.get_peft_model`` on a model quantized by qlora_rs trains (and merges with
-``qlora_rs.peft_integration.register``)."""
+``qlora_rs.io.peft_integration.register``)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ peft = pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("transformers")
 from _lora_helpers import one_torch_thread, randomize_lora, tiny_llama, to_bnb, tokens, train_lm  # noqa: E402, F401
-from qlora_rs.peft_integration import PeftLoraLinear4bit, register  # noqa: E402
+from qlora_rs.io.peft_integration import PeftLoraLinear4bit, register  # noqa: E402
 
 
 def _peft_grads(model) -> dict[str, torch.Tensor]:
@@ -93,7 +93,7 @@ def test_peft_saved_adapter_loads_with_load_adapter(tmp_path):
     theirs = peft.get_peft_model(theirs, config)
     theirs.save_pretrained(tmp_path)
     ours = qlora_rs.load_adapter(copy.deepcopy(base), tmp_path)
-    assert len(qlora_rs.model.lora_layers(ours)) == 6
+    assert len(qlora_rs.surgery.model.lora_layers(ours)) == 6
     assert all(p.requires_grad == ("lora_" in n) for n, p in ours.named_parameters())
     ids = tokens()
     with torch.no_grad():
@@ -131,7 +131,7 @@ def test_get_peft_model_on_a_qlora_rs_model_trains():
 
 
 def test_registered_peft_layer_is_fused_and_merges(monkeypatch):
-    import qlora_rs.peft_integration as integration
+    import qlora_rs.io.peft_integration as integration
 
     calls = []
     fused_fn = integration.LoraLinear4bitFunction
@@ -161,7 +161,7 @@ def test_registered_peft_layer_is_fused_and_merges(monkeypatch):
     assert losses[-1] < losses[0]
     with torch.no_grad():
         before = pm.eval()(ids).logits
-        with pytest.warns(qlora_rs.model.MergeRoundingWarning, match="re-quantized"):
+        with pytest.warns(qlora_rs.surgery.model.MergeRoundingWarning, match="re-quantized"):
             merged = pm.merge_and_unload()
         after = merged(ids).logits
     assert isinstance(merged.model.layers[0].mlp.up_proj, qlora_rs.Linear4bit)

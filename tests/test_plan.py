@@ -15,7 +15,8 @@ import torch
 import qlora_rs
 from qlora_rs.cli import main
 from qlora_rs.errors import InvalidArgumentError
-from qlora_rs.memory_plan import METHODS, count_model, measure_training_step, parse_bytes, plan
+from qlora_rs.training.memory_measure import measure_training_step
+from qlora_rs.training.memory_plan import METHODS, count_model, parse_bytes, plan
 
 DATA = Path(__file__).parent / "data"
 SMOLLM2 = DATA / "smollm2-135m-instruct.config.json"
@@ -98,7 +99,7 @@ def test_weight_figures_of_the_real_smollm2(tmp_path, smollm2_dir):
 
 
 def _check_counts(counts, src: Path, dst: Path, summary, blocksize: int, double_quant: bool, targets) -> None:
-    from qlora_rs.loading import memory_footprint
+    from qlora_rs import memory_footprint
 
     assert counts.params == summary.params_quantized + summary.params_kept
     assert counts.quantized_params == summary.params_quantized
@@ -165,7 +166,7 @@ def one_thread():
 
 @pytest.mark.parametrize("cfg, options", MEASURED)
 def test_activation_and_total_figures_match_a_measured_step(one_thread, cfg, options):
-    from qlora_rs.ops import matmul_dtype
+    from qlora_rs.core.ops import matmul_dtype
 
     mm = matmul_dtype(torch.bfloat16, torch.device("cpu"))
     predicted = plan(cfg, r=8, optimizer="paged_adamw", matmul_dtype=mm, **options)

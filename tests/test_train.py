@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from _loading_helpers import make_tiny_llama, save_tokenizer
 from qlora_rs.errors import InvalidArgumentError
-from qlora_rs.train import TrainConfig, latest_checkpoint, train
+from qlora_rs.training.train import TrainConfig, latest_checkpoint, train
 
 NUMBERS = "zero one two three four five six seven eight nine ten eleven twelve".split()
 
@@ -89,7 +89,7 @@ def test_train_writes_adapter_checkpoints_metrics_and_plot(setup, tmp_path):
 
 _KILLED_RUN = textwrap.dedent("""
     import json, os, signal, sys, torch
-    from qlora_rs.train import TrainConfig, train
+    from qlora_rs.training.train import TrainConfig, train
     torch.set_num_threads(1)
     def kill(step, record):
         if step == 5:
@@ -136,7 +136,7 @@ def test_resume_refuses_what_it_cannot_continue(setup, tmp_path):
 
 def test_cli_defaults_are_the_paper_recipe():
     from qlora_rs.cli import build_parser
-    from qlora_rs.cli_train import config_from_args
+    from qlora_rs.cli.train import config_from_args
 
     c = config_from_args(build_parser().parse_args(["train", "m", "d.jsonl", "-o", "out"]))
     assert (c.r, c.alpha, c.dropout, c.target_modules) == (64, 16, 0.05, "all-linear")
@@ -210,7 +210,7 @@ def test_train_on_cuda_with_paged_adamw(setup, tmp_path):
 def test_group_by_length_sees_every_example_once_per_epoch_with_less_padding():
     import random
 
-    from qlora_rs.train import _Stream
+    from qlora_rs.training.train import _Stream
 
     rng = random.Random(0)
     lengths = [rng.randint(5, 300) for _ in range(1003)]

@@ -33,40 +33,47 @@ def build_info() -> dict:
 # Public name -> module that defines it.
 _LAZY = {
     # quantization
-    "quantize": ".functional",
-    "dequantize": ".functional",
-    "quantize_blockwise_8bit": ".functional",
-    "dequantize_blockwise_8bit": ".functional",
-    "QuantState": ".quant_state",
+    "quantize": ".core.functional",
+    "dequantize": ".core.functional",
+    "quantize_blockwise_8bit": ".core.functional",
+    "dequantize_blockwise_8bit": ".core.functional",
+    "QuantState": ".core.quant_state",
     # conversion
-    "convert_checkpoint": ".convert",
-    "Calibration": ".calibrate",
+    "convert_checkpoint": ".io.convert",
+    "Calibration": ".io.calibrate",
     # training: 4-bit linear layers, LoRA, model surgery, PEFT-layout adapters
     "Linear4bit": ".nn",
     "LoraLinear4bit": ".nn",
     "LoraLinear": ".nn",
-    "linear_4bit": ".autograd",
-    "lora_linear_4bit": ".autograd",
-    "lora_linear": ".autograd",
-    "quantize_model": ".model",
-    "add_lora": ".model",
-    "prepare_for_training": ".model",
-    "merge": ".model",
-    "LoraSummary": ".model",
-    "MergeError": ".model",
-    "save_adapter": ".adapter",
-    "load_adapter": ".adapter",
+    "linear_4bit": ".core.autograd",
+    "lora_linear_4bit": ".core.autograd",
+    "lora_linear": ".core.autograd",
+    "quantize_model": ".surgery.model",
+    "add_lora": ".surgery.model",
+    "prepare_for_training": ".surgery.model",
+    "merge": ".surgery.model",
+    "LoraSummary": ".surgery.model",
+    "MergeError": ".nn.merge",
+    "save_adapter": ".api.adapters",
+    "load_adapter": ".surgery.adapter",
     # loading, the transformers plug-in, training from the command line
-    "from_pretrained": ".loading",
-    "save_model": ".loading",
-    "memory_footprint": ".loading",
-    "QloraConfig": ".hf_quantizer",
-    "train": ".train",
-    "TrainConfig": ".train",
-    "merge_checkpoint": ".cli_merge",
-    "plan": ".memory_plan",
+    "from_pretrained": ".api.loading",
+    "save_model": ".io.loading",
+    "memory_footprint": ".io.loading",
+    "QloraConfig": ".io.hf_quantizer",
+    "train": ".training.train",
+    "TrainConfig": ".training.train",
+    "merge_checkpoint": ".cli.merge",
+    "plan": ".training.memory_plan",
 }
-_SUBMODULES = ("optim", "functional", "ops", "nn", "distributed")
+# Public submodules reachable as attributes (``qlora_rs.ops.cpu_isa()``), by where they live.
+_SUBMODULES = {
+    "optim": ".optim",
+    "functional": ".core.functional",
+    "ops": ".core.ops",
+    "nn": ".nn",
+    "distributed": ".distributed",
+}
 
 __all__ = [
     "QloraError",
@@ -85,7 +92,7 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
     elif name in _SUBMODULES:
-        value = importlib.import_module(f".{name}", __name__)
+        value = importlib.import_module(_SUBMODULES[name], __name__)
     else:
         raise AttributeError(f"module 'qlora_rs' has no attribute {name!r}")
     globals()[name] = value

@@ -2,7 +2,7 @@
 # parameter list here matches the compiled module.
 #
 # The functions taking `*_ptr` arguments read and write raw host (or, for cuda_*, device) memory:
-# the Python layer (qlora_rs.functional, qlora_rs.ops, qlora_rs.cuda_ops) checks sizes, dtypes and
+# the Python layer (qlora_rs.core: functional, ops, op_args, cuda_ops) checks sizes, dtypes and
 # contiguity before calling them. They are private; use the torch-facing API.
 
 from collections.abc import Callable
@@ -126,7 +126,7 @@ def cpu_isas() -> list[str]:
     """The instruction-set levels this CPU runs, widest first ("avx512bf16", "avx512", "avx2",
     "portable"); each can be passed as `isa` to the cpu_* kernels."""
 
-# -- calibrated 4-bit quantization (rust/calibrate; qlora_rs.calibrate is the Python API) -------------
+# -- calibrated 4-bit quantization (rust/calibrate; qlora_rs.io.calibrate is the Python API) -------------
 
 def hessian_factor(h_ptr: int, n: int, relative_damp: float, u_ptr: int) -> dict[str, Any]:
     """Factors the damped Hessian: reads `H` (float64 n x n at `h_ptr`), writes `U` (float32 n x n,
@@ -216,6 +216,10 @@ def plan_checkpoint(
     dequantize_only: bool = False,
 ) -> dict[str, Any]:
     """The plan of a conversion (what `--dry-run` prints); reads headers only, writes nothing."""
+
+def safetensors_header(path: _Path) -> dict[str, Any]:
+    """The validated header of a safetensors file: ``data_start``, ``metadata``, ``tensors`` (in data
+    order: ``name``, ``dtype``, ``shape``, ``begin``/``end`` relative to the data section)."""
 
 def inspect_checkpoint(path: _Path) -> list[dict[str, Any]]:
     """Per-tensor rows of a checkpoint (4-bit weights grouped with their quantization state)."""

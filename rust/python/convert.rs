@@ -1,4 +1,5 @@
-//! Bindings of checkpoint conversion and inspection (`qlora_rs.convert` is the Python API).
+//! Bindings of checkpoint conversion and inspection (`qlora_rs.io.convert` is the Python API) and
+//! of the safetensors header reader (`qlora_rs.io.checkpoint`).
 //!
 //! The work runs with the GIL released. The progress callback re-acquires it briefly after each
 //! tensor, which is also where a pending Ctrl-C (or an exception raised by the callback) is
@@ -390,12 +391,41 @@ fn gguf_tensor<'py>(py: Python<'py>, path: PathBuf, name: &str, dtype: &str) -> 
     Ok((PyBytes::new(py, &bytes), shape))
 }
 
+/// The validated header of a safetensors file, read by the core's reader (the one every
+/// safetensors header in qlora_rs goes through): `data_start` (absolute offset of the data
+/// section), `metadata` and `tensors` in data order, each with `name`, `dtype`, `shape` and
+/// `begin`/`end` (offsets relative to the data section).
+#[pyfunction]
+fn safetensors_header<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
+    let header = py.detach(|| crate::safetensors::read_header(&path)).map_err(to_pyerr)?;
+    let d = PyDict::new(py);
+    d.set_item("data_start", header.data_start)?;
+    let metadata = PyDict::new(py);
+    for (k, v) in &header.metadata {
+        metadata.set_item(k, v)?;
+    }
+    d.set_item("metadata", metadata)?;
+    let tensors = PyList::empty(py);
+    for t in &header.tensors {
+        let e = PyDict::new(py);
+        e.set_item("name", &t.name)?;
+        e.set_item("dtype", t.dtype.name())?;
+        e.set_item("shape", t.shape.clone())?;
+        e.set_item("begin", t.begin)?;
+        e.set_item("end", t.end)?;
+        tensors.append(e)?;
+    }
+    d.set_item("tensors", tensors)?;
+    Ok(d)
+}
+
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gguf_header, m)?)?;
     m.add_function(wrap_pyfunction!(gguf_tensor, m)?)?;
     m.add_function(wrap_pyfunction!(convert_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(plan_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(inspect_checkpoint, m)?)?;
+    m.add_function(wrap_pyfunction!(safetensors_header, m)?)?;
     m.add_function(wrap_pyfunction!(compare_checkpoints, m)?)?;
     m.add_function(wrap_pyfunction!(python_float_repr, m)?)?;
     m.add_function(wrap_pyfunction!(default_destination, m)?)?;

@@ -26,12 +26,12 @@ import torch
 from torch import nn
 
 from .. import _lib
-from ..autograd import Linear4bitFunction
+from ..core.autograd import Linear4bitFunction
 from ..errors import FormatError, InvalidArgumentError
-from ..functional import quantize
-from ..ops import CpuPackedWeight
-from ..ops import dequantize_4bit as _dequantize_op
-from ..quant_state import QUANT_TYPES, QuantState, code_table, dtype_name, nested_code_table, parse_dtype
+from ..core.functional import quantize
+from ..core.ops import CpuPackedWeight
+from ..core.ops import dequantize_4bit as _dequantize_op
+from ..core.quant_state import QUANT_TYPES, QuantState, code_table, dtype_name, nested_code_table, parse_dtype
 
 __all__ = ["Linear4bit"]
 

@@ -15,9 +15,9 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from ..autograd import LoraLinear4bitFunction, LoraLinearFunction
+from ..core.autograd import LoraLinear4bitFunction, LoraLinearFunction
 from ..errors import InvalidArgumentError
-from ..quant_state import dtype_name, parse_dtype
+from ..core.quant_state import dtype_name, parse_dtype
 from .linear4bit import Linear4bit
 
 __all__ = ["LoraLinear4bit", "LoraLinear", "LORA_INITS"]

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from .. import _lib
-from ..functional import dequantize_blockwise_8bit, quantize_blockwise_8bit
+from ..core.functional import dequantize_blockwise_8bit, quantize_blockwise_8bit
 
 BLOCKSIZE = 256
 _GRID_POINTS = 65536

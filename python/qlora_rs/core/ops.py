@@ -1,0 +1,389 @@
+"""The torch operators of qlora_rs: ``torch.ops.qlora_rs.dequantize_4bit`` and
+``torch.ops.qlora_rs.gemm_4bit``.
+
+Each has a schema, a fake (meta) implementation, so that ``torch.compile`` and meta-device models
+see through it, and per-device kernels behind it:
+
+- CPU: the Rust core (GIL released, rayon, kernels chosen at run time for the CPU's instruction
+  set). ``gemm_4bit`` with few rows (``M <= CPU_FUSED_GEMM_MAX_M``) runs a fused kernel that reads
+  the packed weight directly; with more, the core decodes and the matmul is torch's (MKL/oneDNN).
+- CUDA: kernels registered for the ``CUDA`` dispatch key by ``qlora_rs.core.cuda_ops`` when compiled in.
+  Without them every other device (CUDA included) runs a pure-torch decode registered as the
+  ``CompositeExplicitAutograd`` default; it is exact but slow and says so once in the log.
+
+Arguments common to both ops describe one packed 4-bit tensor exactly as :class:`QuantState`
+holds it: ``packed`` (uint8, or any dtype viewed as its bytes: the float "quant storage" that
+FSDP shards), ``absmax`` (float32 per block, or uint8 with double quantization, then decoded as
+``nested_code[absmax] * nested_absmax + offset``), ``quant_type``, ``blocksize`` and the
+original ``shape``. :func:`quant_args` builds them from a ``(packed, QuantState)`` pair.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .. import _lib
+from ..errors import InvalidArgumentError
+from .op_args import (  # noqa: F401  (check_*, packed_bytes, quant_args: part of this module's API)
+    _NESTED_BLOCKSIZE, _numel, check_gemm_input, check_out_dtype, check_quant_args, packed_bytes, quant_args,
+)
+from .quant_state import QuantState, code_table, dtype_name
+
+_log = logging.getLogger("qlora_rs")
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+torch.library.define(
+    "qlora_rs::dequantize_4bit",
+    "(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, float offset, str quant_type, "
+    "int blocksize, SymInt[] shape, ScalarType dtype) -> Tensor",
+)
+torch.library.define(
+    "qlora_rs::gemm_4bit",
+    "(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, float offset, "
+    "str quant_type, int blocksize, SymInt[] shape) -> Tensor",
+)
+
+
+def _cpu_has_fast_matmul(dtype: torch.dtype) -> bool:
+    # These probes are private torch API; a torch without them gets the always-correct float32 path.
+    probe = {
+        torch.bfloat16: ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
+        torch.float16: ("_is_amx_fp16_supported",),
+    }.get(dtype, ())
+    for name in probe:
+        fn = getattr(torch.cpu, name, None)
+        try:
+            if fn is not None and fn():
+                return True
+        except RuntimeError:
+            pass
+    return False
+
+
+# bf16/fp16 GEMMs on CPUs without native support (AVX2, plain AVX-512) run an order of magnitude
+# slower than float32; the float32 product of the same bf16 values, rounded once at the end, is
+# what a native kernel (fp32 accumulation) computes anyway.
+_CPU_NATIVE = {dt: _cpu_has_fast_matmul(dt) for dt in (torch.bfloat16, torch.float16)}
+
+
+def matmul_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype in which a product with inputs in ``dtype`` is computed on ``device``: ``dtype``
+    itself, except float32 for bf16/fp16 on CPUs without native half-precision matrix units."""
+    if device.type == "cpu" and dtype in _CPU_NATIVE and not _CPU_NATIVE[dtype]:
+        return torch.float32
+    return dtype
+
+
+_DEQUANTIZE = "qlora_rs::dequantize_4bit"
+_GEMM = "qlora_rs::gemm_4bit"
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: the Rust core.
+
+#: Largest number of activation rows M (the product of x's leading dimensions) for which the CPU
+#: ``gemm_4bit`` runs the fused kernel (the packed weight read directly, never decoded to memory);
+#: larger M decodes the weight and runs torch's GEMM, whose matrix units win once the decode is
+#: shared by enough rows. Measured with ``benches/cpu_matmul_bench.py --crossover`` (fused vs
+#: dequantize + F.linear, bf16, NF4 + double quant, M = 1..32 on 4096x4096, 4096x14336 and
+#: 14336x4096, 2 threads, a 2-core Xeon with AVX-512 + AMX, two runs): the fused kernel is 1.5-2.0x
+#: faster at M = 16, 1.0-1.4x at 24 and 0.8-1.1x at 32. 16, the end of the range the kernel is
+#: built for, keeps a margin. Either side gives the same result up to float32 rounding.
+CPU_FUSED_GEMM_MAX_M: int = 16
+
+
+def _check_cpu(where: str, **tensors: Optional[torch.Tensor]) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device.type != "cpu":
+            raise InvalidArgumentError(f"{where}: {name} is on {t.device}; the CPU kernels need every tensor on the CPU")
+
+
+def _scale_ptrs(absmax, nested_absmax, nested_code):
+    """Contiguous scale tensors (the caller keeps them alive) and their addresses."""
+    absmax = absmax.contiguous()
+    if nested_absmax is None:
+        return (absmax,), (absmax.data_ptr(), None, None)
+    nested_absmax = nested_absmax.contiguous()
+    nested_code = nested_code.contiguous()
+    return (absmax, nested_absmax, nested_code), (absmax.data_ptr(), nested_absmax.data_ptr(), nested_code.data_ptr())
+
+
+class CpuPackedWeight:
+    """A packed 4-bit weight on the CPU, checked once, holding the addresses the CPU kernels read.
+
+    Built from the ops' arguments after ``x`` (see :func:`quant_args`); it keeps those tensors
+    (or contiguous copies) alive, so the addresses stay valid for its lifetime. Double-quantized
+    scales are decoded by the kernels block by block, or, with ``float_scales``, once here into
+    float32 (4 bytes a block instead of 1: the kernels' inner loop then only loads each scale).
+
+    A module keeps one between calls (:class:`qlora_rs.nn.Linear4bit` rebuilds it when its weight
+    or state changes), so that its forward pays for no argument check, no contiguity copy and no
+    scale conversion."""
+
+    __slots__ = ("shape", "_keep", "_scales", "_packed_ptr", "_format")
+
+    def __init__(self, packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape,
+                 where: str = _GEMM + " (CPU)", *, float_scales: bool = False):
+        _check_cpu(where, packed=packed, absmax=absmax, nested_absmax=nested_absmax, nested_code=nested_code)
+        check_quant_args(where, packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape)
+        data = packed_bytes(packed)
+        if float_scales and nested_absmax is not None:
+            q, nested = absmax.contiguous(), nested_absmax.contiguous()
+            absmax = torch.empty(q.numel(), dtype=torch.float32)
+            _lib.double_dequantize(q.data_ptr(), nested.data_ptr(), q.numel(), float(offset), nested_code.tolist(),
+                                   absmax.data_ptr())
+            nested_absmax = nested_code = None
+        keep, scales = _scale_ptrs(absmax, nested_absmax, nested_code)
+        self.shape = tuple(int(s) for s in shape)
+        self._keep = (data, *keep)
+        self._packed_ptr = data.data_ptr()
+        self._scales = scales
+        self._format = (float(offset), quant_type, int(blocksize))
+
+    def dequantize(self, dtype: torch.dtype, *, isa: Optional[str] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The weight decoded to ``dtype`` (into ``out``, a contiguous CPU tensor of its size, if given)."""
+        n = math.prod(self.shape)
+        if out is None:
+            out = torch.empty(self.shape, dtype=dtype)
+        elif out.device.type != "cpu" or out.dtype != dtype or out.numel() != n or not out.is_contiguous():
+            raise InvalidArgumentError(
+                f"{_DEQUANTIZE} (CPU): out is {dtype_name(out.dtype)} {list(out.shape)} on {out.device} (contiguous: "
+                f"{out.is_contiguous()}); expected a contiguous CPU {dtype_name(dtype)} tensor of {n} elements"
+            )
+        absmax_ptr, nested_ptr, code_ptr = self._scales
+        offset, quant_type, blocksize = self._format
+        _lib.cpu_dequantize_4bit(
+            self._packed_ptr, absmax_ptr, nested_ptr, code_ptr, offset, n, quant_type, blocksize, out.data_ptr(),
+            dtype_name(dtype), isa,
+        )
+        return out
+
+    def fused_matmul(self, x: torch.Tensor, *, isa: Optional[str] = None) -> torch.Tensor:
+        """``x @ W^T`` in ``x.dtype`` by the fused kernel, for any number of rows. ``x``: a CPU
+        float32/float16/bfloat16 tensor ``[..., in_features]`` (checked by the caller)."""
+        n_out, k = self.shape
+        x = x.contiguous()
+        rows = x.shape[:-1]
+        out = torch.empty(rows + (n_out,), dtype=x.dtype)
+        absmax_ptr, nested_ptr, code_ptr = self._scales
+        offset, quant_type, blocksize = self._format
+        _lib.cpu_gemm_4bit(
+            x.data_ptr(), x.numel() // k if k else math.prod(rows), n_out, k, _DTYPE_NAMES[x.dtype],
+            self._packed_ptr, absmax_ptr, nested_ptr, code_ptr, offset, quant_type, blocksize, out.data_ptr(), isa,
+        )
+        return out
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W^T`` in ``x.dtype``: the fused kernel up to :data:`CPU_FUSED_GEMM_MAX_M` rows,
+        else the decode and torch's GEMM (``x`` as in :meth:`fused_matmul`)."""
+        n_out, k = self.shape
+        m = x.numel() // k if k else math.prod(x.shape[:-1])
+        if m > CPU_FUSED_GEMM_MAX_M:
+            mm = matmul_dtype(x.dtype, x.device)
+            return F.linear(x.to(mm), self.dequantize(mm)).to(x.dtype)
+        # fused_matmul, inlined: this runs once per linear layer and generated token.
+        x = x.contiguous()
+        out = torch.empty(x.shape[:-1] + (n_out,), dtype=x.dtype)
+        absmax_ptr, nested_ptr, code_ptr = self._scales
+        offset, quant_type, blocksize = self._format
+        _lib.cpu_gemm_4bit(
+            x.data_ptr(), m, n_out, k, _DTYPE_NAMES[x.dtype], self._packed_ptr, absmax_ptr, nested_ptr, code_ptr,
+            offset, quant_type, blocksize, out.data_ptr(), None,
+        )
+        return out
+
+
+def dequantize_4bit_cpu(
+    packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape, dtype,
+    *, isa: Optional[str] = None, out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The CPU decode behind ``torch.ops.qlora_rs.dequantize_4bit`` (same arguments), with two
+    more: ``isa``, an instruction-set level from :func:`cpu_isas` (default: :func:`cpu_isa`), and
+    ``out``, a contiguous CPU tensor of ``shape``'s size and ``dtype`` to decode into. Every level
+    gives the same bits."""
+    where = _DEQUANTIZE + " (CPU)"
+    check_out_dtype(where, dtype)
+    weight = CpuPackedWeight(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape, where)
+    return weight.dequantize(dtype, isa=isa, out=out).view([int(s) for s in shape])
+
+
+def gemm_4bit_cpu(
+    x, packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape, *, isa: Optional[str] = None
+) -> torch.Tensor:
+    """``x @ dequant(W)^T`` in ``x.dtype`` by the fused CPU kernel, for any number of rows
+    (arguments as ``torch.ops.qlora_rs.gemm_4bit``; ``isa`` as in :func:`dequantize_4bit_cpu`).
+    The op uses it up to :data:`CPU_FUSED_GEMM_MAX_M` rows."""
+    where = _GEMM + " (CPU)"
+    _check_cpu(where, x=x)
+    check_gemm_input(where, x, shape)
+    weight = CpuPackedWeight(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape, where)
+    return weight.fused_matmul(x, isa=isa)
+
+
+def cpu_isa() -> str:
+    """The instruction-set level the CPU kernels use in this process: the widest this CPU runs
+    (``"avx512bf16"``, ``"avx512"``, ``"avx2"`` or ``"portable"``), capped by the environment
+    variable ``QLORA_RS_CPU_ISA`` (read once, at the first use)."""
+    return _lib.cpu_isa()
+
+
+def cpu_isas() -> list:
+    """The instruction-set levels this CPU runs, widest first."""
+    return _lib.cpu_isas()
+
+
+def _dequantize_cpu(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape, dtype):
+    return dequantize_4bit_cpu(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape, dtype)
+
+
+def _gemm_cpu(x, packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape):
+    check_gemm_input(_GEMM, x, shape)
+    return CpuPackedWeight(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape, _GEMM).matmul(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Any other device until a kernel is registered for it: decode with torch ops (exact, slow).
+
+_slow_path_logged: set = set()
+_code_cache: dict = {}
+
+
+def _log_slow_path(device: torch.device) -> None:
+    if device.type not in _slow_path_logged:
+        _slow_path_logged.add(device.type)
+        _log.warning(
+            "qlora_rs: no %s kernel is registered for the 4-bit ops (qlora_rs.build_info()['cuda_kernels'] is False "
+            "or the device is not CUDA); using the pure-torch decode, which is correct but slow",
+            device.type,
+        )
+
+
+def _code_on(quant_type: str, device: torch.device) -> torch.Tensor:
+    key = (quant_type, str(device))
+    if key not in _code_cache:
+        _code_cache[key] = code_table(quant_type).to(device)
+    return _code_cache[key]
+
+
+def _dequantize_torch(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape, dtype):
+    """The decode in torch ops, bit-exact with the Rust core: the scale is ``nested_code[q] *
+    nested_absmax + offset`` (two float32 roundings, kept apart as separate ops so nothing fuses
+    them into an fma) and each value ``code[nibble] * scale`` in float32, rounded once to ``dtype``."""
+    check_quant_args(_DEQUANTIZE, packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape)
+    check_out_dtype(_DEQUANTIZE, dtype)
+    device = packed.device
+    n = _numel(shape)
+    blocks = absmax.numel()
+    if nested_absmax is None:
+        scales = absmax
+    else:
+        nested = nested_absmax.repeat_interleave(_NESTED_BLOCKSIZE)[:blocks]
+        scales = nested_code[absmax.long()] * nested
+        scales = scales + torch.tensor(offset, dtype=torch.float32, device=device)
+    data = packed_bytes(packed)
+    nibbles = torch.stack((data >> 4, data & 0x0F), dim=-1).reshape(-1)[:n]
+    values = _code_on(quant_type, device)[nibbles.long()]
+    values = values * scales.repeat_interleave(blocksize)[:n]
+    return values.to(dtype).reshape([int(s) for s in shape])
+
+
+def _dequantize_fallback(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape, dtype):
+    _log_slow_path(packed.device)
+    return _dequantize_torch(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape, dtype)
+
+
+def _gemm_fallback(x, packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape):
+    _log_slow_path(x.device)
+    check_gemm_input(_GEMM, x, shape)
+    w = _dequantize_torch(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape, x.dtype)
+    return F.linear(x, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake (meta) implementations: shapes and dtypes only.
+
+
+def _dequantize_fake(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape, dtype):
+    torch._check(
+        packed.numel() * packed.element_size() == (math.prod(shape) + 1) // 2,
+        lambda: f"qlora_rs::dequantize_4bit: packed weight size does not match shape {list(shape)}",
+    )
+    return packed.new_empty(shape, dtype=dtype)
+
+
+def _gemm_fake(x, packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape):
+    torch._check(len(shape) == 2, lambda: f"qlora_rs::gemm_4bit: weight shape must be [out, in], got {list(shape)}")
+    torch._check(
+        x.shape[-1] == shape[1],
+        lambda: f"qlora_rs::gemm_4bit: x has shape {list(x.shape)}; the weight needs its last dimension {shape[1]}",
+    )
+    return x.new_empty((*x.shape[:-1], shape[0]))
+
+
+torch.library.impl("qlora_rs::dequantize_4bit", "CPU", _dequantize_cpu)
+torch.library.impl("qlora_rs::gemm_4bit", "CPU", _gemm_cpu)
+torch.library.impl("qlora_rs::dequantize_4bit", "CompositeExplicitAutograd", _dequantize_fallback)
+torch.library.impl("qlora_rs::gemm_4bit", "CompositeExplicitAutograd", _gemm_fallback)
+torch.library.register_fake("qlora_rs::dequantize_4bit", _dequantize_fake)
+torch.library.register_fake("qlora_rs::gemm_4bit", _gemm_fake)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd of gemm_4bit: the gradient wrt x only (the 4-bit weight is frozen); the backward saves
+# nothing but the packed weight and its scales, and dequantizes once.
+
+
+def grad_input_4bit(
+    grad: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: Optional[torch.Tensor],
+    nested_code: Optional[torch.Tensor],
+    offset: float,
+    quant_type: str,
+    blocksize: int,
+    shape: Sequence[int],
+) -> torch.Tensor:
+    """``grad @ dequant(W)`` in ``grad.dtype``: the input gradient of ``x @ W^T``."""
+    mm = matmul_dtype(grad.dtype, grad.device)
+    w = torch.ops.qlora_rs.dequantize_4bit(
+        packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape, mm
+    )
+    return torch.matmul(grad.to(mm), w).to(grad.dtype)
+
+
+def _gemm_setup_context(ctx, inputs, output) -> None:
+    _, packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape = inputs
+    ctx.save_for_backward(packed, absmax, nested_absmax, nested_code)
+    ctx.meta = (offset, quant_type, blocksize, shape)
+
+
+def _gemm_backward(ctx, grad):
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grad_input_4bit(grad, *ctx.saved_tensors, *ctx.meta)
+    return grad_x, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("qlora_rs::gemm_4bit", _gemm_backward, setup_context=_gemm_setup_context)
+
+
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``torch.ops.qlora_rs.dequantize_4bit`` on a ``(packed, QuantState)`` pair, on the tensors'
+    device (default dtype: the state's)."""
+    return torch.ops.qlora_rs.dequantize_4bit(*quant_args(packed, state), dtype or state.dtype)
+
+
+def gemm_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
+    """``x @ dequant(W)^T`` in ``x.dtype`` through ``torch.ops.qlora_rs.gemm_4bit`` (differentiable wrt x)."""
+    return torch.ops.qlora_rs.gemm_4bit(x, *quant_args(packed, state))
+
+
+# CUDA kernels for both ops, registered when the library was built with them (see cuda_ops).
+from . import cuda_ops  # noqa: E402,F401
