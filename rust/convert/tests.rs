@@ -185,7 +185,8 @@ fn convert_inspect_compare_end_to_end() {
 #[test]
 fn default_selection() {
     let t = |name: &str, shape: Vec<usize>, dtype| TensorInfo { name: name.into(), dtype, shape, begin: 0, end: 0 };
-    let q = |t: &TensorInfo| decide(t, &[], &[]).0;
+    let none = Globs::default();
+    let q = |t: &TensorInfo| decide(t, &none, &none).0;
     assert!(q(&t("model.layers.0.self_attn.q_proj.weight", vec![8, 8], TensorDtype::BF16)));
     assert!(q(&t("pooler.dense.weight", vec![8, 8], TensorDtype::F32)));
     assert!(!q(&t("model.embed_tokens.weight", vec![8, 8], TensorDtype::BF16)));
@@ -195,9 +196,9 @@ fn default_selection() {
     assert!(!q(&t("x.dense.bias", vec![8], TensorDtype::F32)));
     assert!(!q(&t("x.dense.weight", vec![8, 8], TensorDtype::I64)));
     assert!(!q(&t("x.conv.weight", vec![8, 8, 3, 3], TensorDtype::F32)));
-    let inc = vec!["lm_head.weight".to_string()];
-    assert!(decide(&t("lm_head.weight", vec![8, 8], TensorDtype::BF16), &inc, &[]).0);
-    assert!(!decide(&t("a.q_proj.weight", vec![8, 8], TensorDtype::BF16), &inc, &[]).0);
+    let inc = Globs::new(&["lm_head.weight".to_string()], "--include").unwrap();
+    assert!(decide(&t("lm_head.weight", vec![8, 8], TensorDtype::BF16), &inc, &none).0);
+    assert!(!decide(&t("a.q_proj.weight", vec![8, 8], TensorDtype::BF16), &inc, &none).0);
 }
 
 #[test]
