@@ -5,7 +5,11 @@ about a thousand lines."""
 from __future__ import annotations
 
 import ast
+import importlib
+import importlib.util
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "python" / "qlora_rs"
@@ -130,3 +134,19 @@ def test_no_source_file_above_a_thousand_lines():
     assert len(files) > 30
     long = {str(p.relative_to(ROOT)): n for p in files if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
     assert long == {}
+
+
+def test_moved_modules_stay_importable_at_their_old_paths():
+    import qlora_rs
+
+    for old, new in qlora_rs._MOVED.items():
+        module = importlib.import_module(f"qlora_rs.{old}")
+        assert module is importlib.import_module(new, "qlora_rs"), old
+        assert module.__spec__.name == "qlora_rs" + new, old  # its own spec, not the alias's
+    from qlora_rs.inference import generate  # noqa: F401  (README's path before the layers)
+
+    assert callable(qlora_rs.train)  # the function, not the module of the same name
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("qlora_rs.no_such_module")
+    # `python -m qlora_rs.datasets` (an old package path) still finds the package's __main__.
+    assert importlib.util.find_spec("qlora_rs.datasets.__main__") is not None

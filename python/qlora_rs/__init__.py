@@ -8,6 +8,9 @@ transformers) is imported on first use, so `qlora-rs convert` starts in millisec
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
 from typing import Any
 
 from . import _lib
@@ -101,3 +104,60 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))
+
+
+# Modules that moved when the package was put in layers: their old paths stay importable
+# (``from qlora_rs.inference import generate``, ``python -m qlora_rs.datasets``) and name the very
+# same module objects, so code and patches written against the old layout keep working. (``qlora_rs.train``
+# is the function, as it always was; its module is ``qlora_rs.training.train``.)
+_MOVED = {
+    "adapter": ".surgery.adapter",
+    "autograd": ".core.autograd",
+    "calibrate": ".io.calibrate",
+    "chat_demo": ".training.chat_demo",
+    "cli_chat": ".cli.chat",
+    "cli_eval": ".cli.eval",
+    "cli_merge": ".cli.merge",
+    "cli_plan": ".cli.plan",
+    "cli_train": ".cli.train",
+    "convert": ".io.convert",
+    "cuda_ops": ".core.cuda_ops",
+    "data": ".io.data",
+    "datasets": ".training.datasets",
+    "evaluation": ".training.evaluation",
+    "functional": ".core.functional",
+    "gguf_metadata": ".io.gguf_metadata",
+    "hf_quantizer": ".io.hf_quantizer",
+    "inference": ".training.inference",
+    "loading": ".io.loading",
+    "memory_plan": ".training.memory_plan",
+    "model": ".surgery.model",
+    "ops": ".core.ops",
+    "peft_integration": ".io.peft_integration",
+    "quant_state": ".core.quant_state",
+    "train_demo": ".training.train_demo",
+}
+
+
+class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Resolves ``qlora_rs.<old name>`` to the module at its new path (see ``_MOVED``)."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        package, _, name = fullname.rpartition(".")
+        if package != __name__ or name not in _MOVED:
+            return None
+        moved = importlib.util.find_spec(_MOVED[name], __name__)
+        spec = importlib.util.spec_from_loader(fullname, self, is_package=moved.submodule_search_locations is not None)
+        spec.submodule_search_locations = moved.submodule_search_locations  # `python -m` finds __main__
+        return spec
+
+    def create_module(self, spec: Any) -> Any:
+        module = importlib.import_module(_MOVED[spec.name.rpartition(".")[2]], __name__)
+        spec.loader_state = module.__spec__  # the import system sets __spec__ to the alias's spec
+        return module
+
+    def exec_module(self, module: Any) -> None:
+        module.__spec__ = module.__spec__.loader_state  # already executed: give it back its own spec
+
+
+sys.meta_path.append(_MovedModuleFinder())
