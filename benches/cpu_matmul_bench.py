@@ -5,10 +5,13 @@ drifts affects all of them alike. Prints medians and ratios:
 - matmul ``y = x @ W^T`` for M = 1, 4, 16 rows and W [out x in] = 4096x4096, 4096x14336,
   14336x4096 (NF4, blocksize 64, double quantization, bf16 activations): qlora-rs
   (``torch.ops.qlora_rs.gemm_4bit``, and ``qlora_rs.nn.Linear4bit`` under ``torch.no_grad``)
-  against bf16 ``F.linear`` and bitsandbytes' CPU path (``bnb.nn.Linear4bit``, eval mode);
+  against bf16 ``F.linear`` and bitsandbytes' CPU path (``bnb.nn.Linear4bit``, eval mode). Each
+  contender cycles through enough copies of its weight that the bf16 copies overflow the last-level
+  cache twice over, as the layers of a model do during generation: a weight repeated from cache
+  would time the cache, not the bytes a quarter-size format saves (``--warm`` keeps one copy);
 - dequantize 4096x4096 NF4 + double quant to bf16: qlora-rs into a new tensor and into a
   preallocated one, against bitsandbytes' ``dequantize_4bit``; Gparam/s and GB/s (bytes read +
-  written);
+  written), and the anchor the machine sets: torch copying a bf16 tensor of the output's size;
 - ``--crossover``: the fused kernel against dequantize + ``F.linear`` for M = 1..32, the table
   behind ``qlora_rs.ops.CPU_FUSED_GEMM_MAX_M``.
 
@@ -66,31 +69,64 @@ def quiet(fn):
     return call
 
 
-def matmul_table(repeat: int) -> None:
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache (sysfs), or 256 MiB when the system does not say."""
+    sizes = []
+    for index in range(8):
+        try:
+            with open(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size") as f:
+                text = f.read().strip()
+        except OSError:
+            break
+        unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1], 1)
+        sizes.append(int(text.rstrip("KMG")) * unit)
+    return max(sizes, default=256 * 2**20)
+
+
+def cycling(make, copies: int):
+    """A contender calling ``make(i)()`` for copy i = 0, 1, ... in turn."""
+    fns = [make(i) for i in range(copies)]
+    turn = [0]
+
+    def call():
+        turn[0] = (turn[0] + 1) % copies
+        return fns[turn[0]]()
+    return call
+
+
+def matmul_table(repeat: int, warm: bool) -> None:
     import qlora_rs
     from qlora_rs.nn import Linear4bit
 
+    cache = last_level_cache_bytes()
     print(f"\nmatmul y = x @ W^T, NF4 blocksize 64 + double quant, bf16 x; median ms of {repeat} interleaved repeats")
+    print("weights " + ("repeated (cache-warm)" if warm else
+                        f"cycled through copies whose bf16 bytes exceed twice the {cache / 2**20:.0f} MiB last-level cache"))
     print(f"{'W [out x in]':<14}{'M':>3}{'bf16 F.linear':>15}{'bnb':>9}{'qlora op':>10}{'Linear4bit':>12}"
           f"{'op/bf16':>9}{'op/bnb':>8}{'mod/bf16':>10}{'mod/bnb':>9}")
     for n_out, k in SHAPES:
-        torch.manual_seed(0)
-        w = torch.randn(n_out, k, dtype=torch.bfloat16) * 0.02
-        layer = Linear4bit.from_linear(torch.nn.Linear(k, n_out, bias=False, dtype=torch.bfloat16))
-        layer.quantize_weight_(w)
-        args = qlora_rs.ops.quant_args(layer.packed_weight(), layer.quant_state)
-        bnb = bnb_linear(w)
+        copies = 1 if warm else -(-2 * cache // (2 * n_out * k))
+        ws, layers, bnbs, argss = [], [], [], []
+        for c in range(copies):
+            torch.manual_seed(c)
+            w = torch.randn(n_out, k, dtype=torch.bfloat16) * 0.02
+            layer = Linear4bit.from_linear(torch.nn.Linear(k, n_out, bias=False, dtype=torch.bfloat16))
+            layer.quantize_weight_(w)
+            ws.append(w)
+            layers.append(layer)
+            argss.append(qlora_rs.ops.quant_args(layer.packed_weight(), layer.quant_state))
+            bnbs.append(bnb_linear(w))
         for m in ROWS:
             x = torch.randn(m, k, dtype=torch.bfloat16)
             contenders = {
-                "bf16": lambda: F.linear(x, w),
-                "op": lambda: torch.ops.qlora_rs.gemm_4bit(x, *args),
-                "module": lambda: layer(x),
+                "bf16": cycling(lambda i: lambda: F.linear(x, ws[i]), copies),
+                "op": cycling(lambda i: lambda: torch.ops.qlora_rs.gemm_4bit(x, *argss[i]), copies),
+                "module": cycling(lambda i: lambda: layers[i](x), copies),
             }
-            if bnb is not None:
-                contenders["bnb"] = quiet(lambda: bnb(x))
+            if bnbs[0] is not None:
+                contenders["bnb"] = quiet(cycling(lambda i: lambda: bnbs[i](x), copies))
             with torch.no_grad():
-                t = interleaved(contenders, repeat)
+                t = interleaved(contenders, repeat * copies)
             tb = t.get("bnb", float("nan"))
             print(f"{f'{n_out}x{k}':<14}{m:>3}{t['bf16'] * 1e3:>15.3f}{tb * 1e3:>9.3f}{t['op'] * 1e3:>10.3f}"
                   f"{t['module'] * 1e3:>12.3f}{t['bf16'] / t['op']:>8.2f}x{tb / t['op']:>7.2f}x"
@@ -109,7 +145,9 @@ def dequantize_table(repeat: int) -> None:
     packed, state = qlora_rs.quantize(w, "nf4", 64, double_quant=True)
     args = ops.quant_args(packed, state)
     buffer = torch.empty(n_out, k, dtype=torch.bfloat16)
+    source = torch.randn(n_out, k, dtype=torch.bfloat16)
     contenders = {
+        "torch copy_ (anchor)": lambda: buffer.copy_(source),
         "qlora-rs, new tensor": lambda: torch.ops.qlora_rs.dequantize_4bit(*args, torch.bfloat16),
         "qlora-rs, preallocated": lambda: ops.dequantize_4bit_cpu(*args, torch.bfloat16, out=buffer),
     }
@@ -125,7 +163,10 @@ def dequantize_table(repeat: int) -> None:
     traffic = n / 2 + n / 64 + n * 2
     print(f"\ndequantize {n_out}x{k} NF4 + double quant -> bf16; median of {repeat} interleaved repeats")
     for name, s in t.items():
-        print(f"  {name:<26}{s * 1e3:>8.2f} ms {n / s / 1e9:>7.2f} Gparam/s {traffic / s / 1e9:>7.1f} GB/s")
+        moved = 4 * n if name.startswith("torch copy_") else traffic
+        print(f"  {name:<26}{s * 1e3:>8.2f} ms {n / s / 1e9:>7.2f} Gparam/s {moved / s / 1e9:>7.1f} GB/s")
+    print(f"preallocated dequantize vs this machine's bf16 copy of the same output: "
+          f"{t['torch copy_ (anchor)'] / t['qlora-rs, preallocated']:.2f}x")
     if "bitsandbytes, new tensor" in t:
         ref = t["bitsandbytes, new tensor"]
         print(f"qlora-rs vs bitsandbytes: new tensor {ref / t['qlora-rs, new tensor']:.2f}x, "
@@ -162,6 +203,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (qlora-rs: QLORA_RS_NUM_THREADS)")
     ap.add_argument("--crossover", action="store_true", help="only the fused vs decode + F.linear table")
+    ap.add_argument("--warm", action="store_true", help="matmul: repeat one weight (cache-warm) instead of cycling copies")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("QLORA_RS_NUM_THREADS", str(args.threads))
@@ -174,7 +216,7 @@ def main() -> None:
         crossover_table(args.repeat)
         return
     dequantize_table(args.repeat)
-    matmul_table(args.repeat)
+    matmul_table(args.repeat, args.warm)
 
 
 if __name__ == "__main__":

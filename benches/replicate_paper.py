@@ -14,8 +14,9 @@ steps, seeds, learning-rate schedule and LoRA settings:
 Data: Python's own documentation (`pydoc_data.topics`, shipped with CPython) as instruction pairs:
 "What does the Python documentation say about <section>?" -> a paragraph of that section. Whole
 topics are split into train and held-out, so the held-out loss is on documentation never trained on.
-Perplexity of each quantized base before training is measured on a separate real text (the GPL-3
-license from Debian's base-files, scored in 256-token windows).
+Perplexity of each quantized base before training is measured on a separate real text (the first
+18,000 characters, about 4,000 tokens, of the GPL-3 license from Debian's base-files, scored in
+256-token windows).
 
 For every arm: held-out loss before and after (mean and spread over the seeds), its gap to 16-bit
 LoRA, the base's perplexity, peak memory (resident set during training, each run in its own
@@ -51,7 +52,8 @@ ARMS = {
                     "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]},
 }
 QUICK_ARMS = ("lora16", "nf4_dq", "fp4")
-PPL_TEXT = Path("/usr/share/common-licenses/GPL-3")
+PPL_SOURCE = Path("/usr/share/common-licenses/GPL-3")
+PPL_CHARS = 18_000  # about 4,000 tokens: 16 windows of 256
 TRAIN = dict(r=16, alpha=32, dropout=0.05, lr=1e-3, warmup=2, max_seq_len=192)
 
 
@@ -74,7 +76,7 @@ def _paragraphs(text: str) -> list[str]:
     return out
 
 
-def make_data(work: Path, heldout_fraction: float = 0.2, max_heldout: int = 48) -> tuple[Path, Path, dict]:
+def make_data(work: Path, heldout_fraction: float = 0.2, max_heldout: int = 32) -> tuple[Path, Path, dict]:
     """train.jsonl / heldout.jsonl of prompt/response pairs, split by topic (fixed, seed-free)."""
     import pydoc_data.topics
 
@@ -93,6 +95,7 @@ def make_data(work: Path, heldout_fraction: float = 0.2, max_heldout: int = 48) 
     random.Random(7).shuffle(held)
     held = held[:max_heldout]
     work.mkdir(parents=True, exist_ok=True)
+    (work / "ppl.txt").write_text(PPL_SOURCE.read_text(encoding="utf-8")[:PPL_CHARS], encoding="utf-8")
     for path, recs in ((work / "train.jsonl", train), (work / "heldout.jsonl", held)):
         path.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
     return work / "train.jsonl", work / "heldout.jsonl", {
@@ -144,6 +147,18 @@ def worker(arm: str, seed: int, model_dir: Path, work: Path, steps: int, batch: 
     from qlora_rs import memory_footprint
 
     spec = ARMS[arm]
+    clock = time.perf_counter()
+    phases: dict = {}
+
+    def phase(name: str, next_: str = "") -> None:
+        """Ends phase `name`; tells the grid what comes next (its progress bar shows it)."""
+        nonlocal clock
+        if next_:
+            print(json.dumps({"doing": next_}), flush=True)
+        now = time.perf_counter()
+        phases[name] = phases.get(name, 0.0) + now - clock
+        clock = now
+
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -153,9 +168,11 @@ def worker(arm: str, seed: int, model_dir: Path, work: Path, steps: int, batch: 
     fp = memory_footprint(model)
     out: dict = {"arm": arm, "seed": seed, "model_bytes": fp.bytes_now}
     held = work / "heldout.jsonl"
+    phase("load", "base perplexity, loss before" if measure_base else "")
     if measure_base:
-        out["base_ppl"] = evaluate_path(model, tok, PPL_TEXT, seq_len=256, batch_size=4).perplexity
+        out["base_ppl"] = evaluate_path(model, tok, work / "ppl.txt", seq_len=256, batch_size=4).perplexity
         out["loss_before"] = evaluate_path(model, tok, held, seq_len=TRAIN["max_seq_len"], batch_size=8).loss
+        phase("base")
     torch.manual_seed(seed)
     summary = qlora_rs.add_lora(model, r=TRAIN["r"], alpha=TRAIN["alpha"], dropout=TRAIN["dropout"],
                                 target_modules=spec["targets"])
@@ -169,6 +186,7 @@ def worker(arm: str, seed: int, model_dir: Path, work: Path, steps: int, batch: 
     warm = TRAIN["warmup"]
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(steps - warm, 1))))
+    phase("load", "training")
     _reset_peak()
     base_rss = _vm("VmRSS")
     tokens, seconds, losses = 0, 0.0, []
@@ -189,7 +207,10 @@ def worker(arm: str, seed: int, model_dir: Path, work: Path, steps: int, batch: 
         print(json.dumps({"progress": step + 1}), flush=True)
     out.update(train_seconds=seconds, tokens_per_s=tokens / seconds, losses=losses,
                peak_train_bytes=_vm("VmHWM") - base_rss, peak_rss_bytes=_vm("VmHWM"))
+    phase("train", "held-out loss after")
     out["loss_after"] = evaluate_path(model, tok, held, seq_len=TRAIN["max_seq_len"], batch_size=8).loss
+    phase("eval_after")
+    out["phase_seconds"] = phases
     return out
 
 
@@ -204,7 +225,7 @@ def _bar(done: float, total: float, started: float, label: str) -> None:
     width = 30
     fill = int(width * frac)
     msg = (f"\r[{'#' * fill}{'.' * (width - fill)}] {100 * frac:5.1f}%  {elapsed / 60:4.1f} min, "
-           f"ETA {eta / 60:4.1f} min  {label:<40}")
+           f"ETA {eta / 60:4.1f} min  {label:<56}")
     print(msg, end="", file=sys.stderr, flush=True)
 
 
@@ -231,6 +252,9 @@ def run_grid(arms: list[str], seeds: list[int], steps: int, batch: int) -> dict:
             rec = json.loads(line)
             if "progress" in rec:
                 _bar(base + rec["progress"], total, started, label)
+            elif "doing" in rec:
+                _bar(base + (steps if rec["doing"].startswith("held-out") else 0), total, started,
+                     f"{label}: {rec['doing']}")
             else:
                 last = rec
         if proc.wait() != 0 or last is None:
@@ -311,6 +335,14 @@ def table(res: dict, rows: dict) -> str:
                  f"alpha={TRAIN['alpha']}, lr {TRAIN['lr']:g} cosine after {TRAIN['warmup']} warmup steps, AdamW); "
                  f"{d['train_pairs']} training pairs from {d['train_topics']} topics, {d['heldout_pairs']} held-out pairs "
                  f"from {d['heldout_topics']} other topics; the grid took {res['minutes']:.1f} min.")
+    runs = [r for r in res["runs"] if "phase_seconds" in r]
+    if runs:
+        mean = {k: statistics.mean(r["phase_seconds"].get(k, 0.0) for r in runs) for k in ("load", "train", "eval_after")}
+        base = [r["phase_seconds"]["base"] for r in runs if "base" in r["phase_seconds"]]
+        lines.append(f"Per run (mean): loading {mean['load']:.0f} s, training {mean['train']:.0f} s "
+                     f"({mean['train'] / res['steps']:.1f} s a step), held-out evaluation {mean['eval_after']:.0f} s; "
+                     f"the base's perplexity and loss before training, once per arm: "
+                     f"{statistics.mean(base) if base else 0.0:.0f} s.")
     return "\n".join(lines)
 
 
@@ -346,7 +378,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="3 arms x 1 seed, fewer steps (about 5 minutes)")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=None, help="training steps per run (default 14; 8 with --quick)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps per run (default 10; 8 with --quick)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=None)
     ap.add_argument("--worker", choices=list(ARMS), help=argparse.SUPPRESS)
@@ -356,7 +388,7 @@ def main() -> None:
     import logging
 
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
-    steps = args.steps or (8 if args.quick else 14)
+    steps = args.steps or (8 if args.quick else 10)
     if args.worker:
         print(json.dumps(worker(args.worker, args.seed, OUT / "SmolLM2-135M-Instruct-bf16", OUT, steps,
                                 args.batch_size, args.measure_base)), flush=True)
