@@ -19,7 +19,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 def rust_offset(absmax: torch.Tensor, threads: int) -> float:
     blocks = absmax.numel()
     q, nested = torch.empty(blocks, dtype=torch.uint8), torch.empty(-(-blocks // 256))
-    return _lib.double_quantize(absmax.data_ptr(), blocks, q.data_ptr(), nested.data_ptr(), None, threads)
+    return _lib.double_quantize(absmax, q, nested, None, threads)
 
 
 def main() -> None:

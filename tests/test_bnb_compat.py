@@ -75,7 +75,7 @@ def rust_offset(absmax, threads):
 
     blocks = absmax.numel()
     q, nested = torch.empty(blocks, dtype=torch.uint8), torch.empty(-(-blocks // 256))
-    return _lib.double_quantize(absmax.data_ptr(), blocks, q.data_ptr(), nested.data_ptr(), None, threads)
+    return _lib.double_quantize(absmax, q, nested, None, threads)
 
 
 def fixture_values(n, seed):

@@ -1,9 +1,12 @@
 # Type stubs for the Rust core (rust/python/*.rs). tests/test_stubs.py checks that every name and
 # parameter list here matches the compiled module.
 #
-# The functions taking `*_ptr` arguments read and write raw host (or, for cuda_*, device) memory:
-# the Python layer (qlora_rs.core: functional, ops, op_args, cuda_ops) checks sizes, dtypes and
-# contiguity before calling them. They are private; use the torch-facing API.
+# The CPU functions take tensors (`_Tensor`): a torch tensor, numpy array or anything else with
+# `__dlpack__`, or a DLPack capsule (`torch.utils.dlpack.to_dlpack(t)`, which they consume). Rust
+# checks device, dtype, contiguity, length and that no output shares memory with another argument,
+# and raises InvalidArgumentError naming the argument. Only the cuda_* launches and the paging
+# functions take raw addresses (`*_ptr: int`): CUDA device or managed memory used on a stream.
+# All of it is private; use the torch-facing API.
 
 from collections.abc import Callable
 from os import PathLike
@@ -20,6 +23,8 @@ CUDA_FUSED_GEMM_MAX_M: Final[int]
 CUDA_SIMT_GEMM_MAX_M: Final[int]
 
 _Path = str | PathLike[str]
+# A tensor passed through DLPack: an object with `__dlpack__`, or a "dltensor" capsule.
+_Tensor = Any
 # progress(bytes_done, bytes_total, tensors_done, tensors_total, tensor_name); raising cancels.
 _Progress = Callable[[int, int, int, int, str], object] | None
 
@@ -29,48 +34,31 @@ def build_info() -> dict[str, Any]:
 # -- 4-bit and 8-bit blockwise quantization (host memory) ------------------------------------------
 
 def quantize_4bit(
-    input_ptr: int,
-    n: int,
-    dtype: str,
-    quant_type: str,
-    blocksize: int,
-    allow_nonfinite: bool,
-    packed_ptr: int,
-    absmax_ptr: int,
+    input: _Tensor, quant_type: str, blocksize: int, allow_nonfinite: bool, packed: _Tensor, absmax: _Tensor
 ) -> None:
-    """Quantize n elements at `input_ptr` (dtype name) to 4 bits: writes (n+1)//2 bytes at
-    `packed_ptr` and ceil(n/blocksize) float32 at `absmax_ptr`."""
+    """Quantize the float32/float16/bfloat16 tensor `input` to 4 bits: writes (n+1)//2 bytes into
+    `packed` (uint8) and ceil(n/blocksize) float32 into `absmax`."""
 
-def dequantize_4bit(
-    packed_ptr: int, absmax_ptr: int, n: int, quant_type: str, blocksize: int, out_ptr: int, out_dtype: str
-) -> None:
-    """Dequantize n elements from `packed_ptr`/`absmax_ptr` (float32) into `out_ptr` of `out_dtype`."""
+def dequantize_4bit(packed: _Tensor, absmax: _Tensor, quant_type: str, blocksize: int, out: _Tensor) -> None:
+    """Dequantize `out.numel()` elements from `packed` (uint8) and `absmax` (float32) into `out`
+    (float32, float16 or bfloat16)."""
 
-def quantize_blockwise_8bit(
-    input_ptr: int, n: int, map: list[float], blocksize: int, out_ptr: int, absmax_ptr: int
-) -> None:
-    """Blockwise 8-bit quantization of n float32 values with a 256-entry sorted map."""
+def quantize_blockwise_8bit(input: _Tensor, map: list[float], blocksize: int, out: _Tensor, absmax: _Tensor) -> None:
+    """Blockwise 8-bit quantization of the float32 tensor `input` with a 256-entry sorted map:
+    one uint8 code per value into `out`, ceil(n/blocksize) float32 into `absmax`."""
 
-def dequantize_blockwise_8bit(
-    q_ptr: int, absmax_ptr: int, n: int, map: list[float], blocksize: int, out_ptr: int
-) -> None:
-    """Inverse of `quantize_blockwise_8bit`, into n float32 values at `out_ptr`."""
+def dequantize_blockwise_8bit(q: _Tensor, absmax: _Tensor, map: list[float], blocksize: int, out: _Tensor) -> None:
+    """Inverse of `quantize_blockwise_8bit`: `q` (uint8) and `absmax` (float32) into the float32 `out`."""
 
 def double_quantize(
-    absmax_ptr: int,
-    blocks: int,
-    q_ptr: int,
-    nested_ptr: int,
-    offset: float | None = None,
-    threads: int | None = None,
+    absmax: _Tensor, q: _Tensor, nested: _Tensor, offset: float | None = None, threads: int | None = None
 ) -> float:
-    """Double-quantize `blocks` float32 absmax values around `offset` (default: their mean summed in
-    torch's order with `threads` threads); returns the offset."""
+    """Double-quantize the float32 block scales `absmax` into `q` (uint8 per block) and `nested`
+    (float32 per 256 blocks) around `offset` (default: their mean summed in torch's order with
+    `threads` threads); returns the offset."""
 
-def double_dequantize(
-    q_ptr: int, nested_ptr: int, blocks: int, offset: float, map: list[float], out_ptr: int
-) -> None:
-    """Inverse of `double_quantize` with the given nested map, into `blocks` float32 at `out_ptr`."""
+def double_dequantize(q: _Tensor, nested: _Tensor, offset: float, map: list[float], out: _Tensor) -> None:
+    """Inverse of `double_quantize` with the given nested map, into the float32 `out`."""
 
 def code_table(quant_type: str) -> list[float]:
     """The 16 decode values of a 4-bit type ("nf4", "fp4", "int4"), index = nibble."""
@@ -83,40 +71,36 @@ def check_blocksize(blocksize: int) -> None:
 
 # -- CPU kernels over packed 4-bit weights (host memory; rust/matmul4) -------------------------------
 
-def cpu_gemm_4bit(
-    x_ptr: int,
-    m: int,
-    n: int,
-    k: int,
-    dtype: str,
-    packed_ptr: int,
-    absmax_ptr: int,
-    nested_absmax_ptr: int | None,
-    nested_code_ptr: int | None,
-    offset: float,
-    quant_type: str,
-    blocksize: int,
-    out_ptr: int,
-    isa: str | None = None,
-) -> None:
-    """Fused out[m, n] = x[m, k] @ dequant(W[n, k])^T on the CPU, never decoding W to memory; x and
-    out of `dtype`. `isa`: a level from `cpu_isas()` (default: `cpu_isa()`)."""
+class PackedWeight4:
+    """A packed 4-bit weight of `rows` x `cols` on the CPU, its tensors checked once and held:
+    `packed` uint8, `absmax` float32 per block, or uint8 codes with `nested_absmax` (float32 per
+    256 blocks) and `nested_code` (256 float32)."""
 
-def cpu_dequantize_4bit(
-    packed_ptr: int,
-    absmax_ptr: int,
-    nested_absmax_ptr: int | None,
-    nested_code_ptr: int | None,
-    offset: float,
-    n: int,
-    quant_type: str,
-    blocksize: int,
-    out_ptr: int,
-    out_dtype: str,
-    isa: str | None = None,
-) -> None:
-    """Dequantize n elements into `out_ptr` of `out_dtype` on the CPU, decoding double-quantized
-    scales block by block. `isa`: a level from `cpu_isas()` (default: `cpu_isa()`)."""
+    def __new__(
+        cls,
+        packed: _Tensor,
+        absmax: _Tensor,
+        nested_absmax: _Tensor | None,
+        nested_code: _Tensor | None,
+        offset: float,
+        quant_type: str,
+        blocksize: int,
+        rows: int,
+        cols: int,
+    ) -> PackedWeight4: ...
+    @property
+    def rows(self) -> int: ...
+    @property
+    def cols(self) -> int: ...
+
+def cpu_gemm_4bit(weight: PackedWeight4, x: _Tensor, out: _Tensor, isa: str | None = None) -> None:
+    """Fused out[m, n] = x[m, k] @ dequant(W[n, k])^T on the CPU, never decoding W to memory; x
+    (float32, float16 or bfloat16) and out of the same dtype. `isa`: a level from `cpu_isas()`
+    (default: `cpu_isa()`)."""
+
+def cpu_dequantize_4bit(weight: PackedWeight4, out: _Tensor, isa: str | None = None) -> None:
+    """Decodes the weight into `out` (float32, float16 or bfloat16) on the CPU, decoding
+    double-quantized scales block by block. `isa`: a level from `cpu_isas()` (default: `cpu_isa()`)."""
 
 def cpu_isa() -> str:
     """The instruction-set level the CPU kernels use in this process: the widest this CPU runs,
@@ -128,29 +112,27 @@ def cpu_isas() -> list[str]:
 
 # -- calibrated 4-bit quantization (rust/calibrate; qlora_rs.io.calibrate is the Python API) -------------
 
-def hessian_factor(h_ptr: int, n: int, relative_damp: float, u_ptr: int) -> dict[str, Any]:
-    """Factors the damped Hessian: reads `H` (float64 n x n at `h_ptr`), writes `U` (float32 n x n,
-    upper triangular, `Uᵀ U = (H + λI)⁻¹`) at `u_ptr`. Returns `{"damp", "dead_columns",
-    "damp_raised"}`."""
+def hessian_factor(h: _Tensor, n: int, relative_damp: float, u: _Tensor) -> dict[str, Any]:
+    """Factors the damped Hessian: reads `h` (float64 n x n), writes `u` (float32 n x n, upper
+    triangular, `Uᵀ U = (H + λI)⁻¹`). Returns `{"damp", "dead_columns", "damp_raised"}`."""
 
 def calibrate_4bit(
-    w_ptr: int,
+    w: _Tensor,
     rows: int,
     cols: int,
-    u_ptr: int,
+    u: _Tensor,
     quant_type: str,
     blocksize: int,
     double_quant: bool,
     fixed_scales: bool,
-    packed_ptr: int,
-    absmax_ptr: int,
-    nested_ptr: int,
+    packed: _Tensor,
+    absmax: _Tensor,
+    nested: _Tensor,
 ) -> dict[str, Any]:
-    """Quantizes the float32 `[rows, cols]` weight at `w_ptr` with the column sweep against the
-    factor `U` at `u_ptr` (float32 cols x cols). Writes the packed codes ((n+1)//2 bytes) at
-    `packed_ptr` and the scales at `absmax_ptr`: float32 per block, or with `double_quant` uint8
-    per block plus float32 per 256 blocks at `nested_ptr`. Returns `{"offset", "sweep_scales",
-    "loss", "negative_scales"}`."""
+    """Quantizes the float32 `[rows, cols]` weight `w` with the column sweep against the factor
+    `u` (float32 cols x cols). Writes the packed codes ((n+1)//2 uint8) into `packed` and the
+    scales into `absmax`: float32 per block, or with `double_quant` uint8 per block plus float32
+    per 256 blocks into `nested`. Returns `{"offset", "sweep_scales", "loss", "negative_scales"}`."""
 
 def convert_calibrated(
     src: _Path,
@@ -165,14 +147,14 @@ def convert_calibrated(
     force: bool,
     allow_nonfinite: bool,
     sync: bool,
-    weights: dict[str, tuple[int, int, int, int, int, int, float | None]],
+    weights: dict[str, tuple[_Tensor, _Tensor, _Tensor, float | None]],
     config_extra: str,
     progress: _Progress = None,
     dtype: str | None = None,
     add_files: Callable[[str], object] | None = None,
 ) -> dict[str, Any]:
     """`convert_checkpoint` with some weights computed beforehand (`weights`: tensor name ->
-    `(packed_ptr, packed_len, absmax_ptr, absmax_bytes, nested_ptr, nested_len, offset)`) and
+    `(packed, absmax, nested_absmax, offset)`, tensors whose bytes are copied) and
     `config_extra` (a JSON object) merged into the output config.json."""
 
 # -- checkpoint conversion ---------------------------------------------------------------------------

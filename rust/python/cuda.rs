@@ -1,6 +1,11 @@
 //! Bindings of the CUDA kernel launches (`crate::cuda`). The Python layer (`qlora_rs.cuda_ops`)
 //! checks devices, dtypes, shapes and contiguity, allocates the outputs, keeps the tensors alive
 //! and passes `data_ptr()` addresses with the raw handle of PyTorch's current stream.
+//!
+//! Unlike the CPU bindings these take raw addresses (`*_ptr: u64`): they are CUDA device pointers
+//! that only kernels enqueued on `stream` read or write, asynchronously, after the call returns;
+//! no host code dereferences them, and a DLPack capsule could not describe that lifetime (torch's
+//! caching allocator keeps the memory valid for work on the stream).
 
 use pyo3::prelude::*;
 

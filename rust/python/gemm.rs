@@ -1,40 +1,129 @@
 //! Bindings of the CPU kernels over packed 4-bit weights (`crate::matmul4`, and the decode of
 //! `crate::quant4` with double quantization) and of the instruction-set dispatch
-//! (`crate::cpu_isa`). The Python layer (`qlora_rs.ops`) checks dtypes, shapes and contiguity,
-//! allocates the outputs, keeps the tensors alive for the call and passes `data_ptr()` addresses.
+//! (`crate::cpu_isa`). A packed weight is checked once into a [`PackedWeight4`], which holds its
+//! tensors; each call then reads only the activations and the output through DLPack.
 
 use pyo3::prelude::*;
 
-use super::quant::{advise_huge_pages, float_slice, float_slice_mut, slice};
+use super::tensor_arg::{no_overlap, Elem, HeldTensor, TensorArg};
 use super::to_pyerr;
 use crate::cpu_isa::Isa;
 use crate::matmul4::{self, Weight4};
 use crate::quant4::{self, BlockScales};
-use crate::{blockwise8, DType, QuantType};
+use crate::{blockwise8, QuantType};
 
-/// The block scales at `absmax_ptr`: float32, or with both nested pointers uint8 codes decoded
-/// as `nested_code[q] * nested_absmax[b / 256] + offset`.
+enum HeldScales {
+    F32(HeldTensor),
+    Double { codes: HeldTensor, nested_absmax: HeldTensor, nested_code: HeldTensor, offset: f32 },
+}
+
+/// A packed 4-bit weight of `rows` x `cols` on the CPU, its tensors checked once (device, dtype,
+/// contiguity, lengths) and held for the object's lifetime.
 ///
-/// SAFETY: the pointers address `blocks` scales (codes), ceil(blocks / 256) nested absmax and
-/// 256 nested code values, as [`slice`].
-unsafe fn block_scales<'a>(
-    absmax_ptr: usize,
-    nested_absmax_ptr: Option<usize>,
-    nested_code_ptr: Option<usize>,
-    offset: f32,
-    blocks: usize,
-) -> PyResult<BlockScales<'a>> {
-    match (nested_absmax_ptr, nested_code_ptr) {
-        (None, None) => Ok(BlockScales::F32(slice(absmax_ptr, blocks))),
-        (Some(nested), Some(code)) => Ok(BlockScales::Double {
-            codes: slice(absmax_ptr, blocks),
-            nested_absmax: slice(nested, blockwise8::nested_blocks(blocks)),
-            nested_map: &*(code as *const [f32; 256]),
-            offset,
-        }),
-        _ => Err(to_pyerr(crate::Error::unsupported(
-            "double quantization needs both nested_absmax and nested_code (or neither)",
-        ))),
+/// ``packed``: uint8, (rows * cols + 1) // 2 bytes. ``absmax``: float32 per block, or with
+/// ``nested_absmax`` (float32 per 256 blocks) and ``nested_code`` (256 float32) uint8 codes
+/// decoded as ``nested_code[q] * nested_absmax[b // 256] + offset``. Each tensor may be passed
+/// as a tensor or a DLPack capsule.
+#[pyclass(name = "PackedWeight4", module = "qlora_rs._lib", frozen)]
+pub(super) struct PackedWeight4 {
+    packed: HeldTensor,
+    scales: HeldScales,
+    quant_type: QuantType,
+    blocksize: usize,
+    rows: usize,
+    cols: usize,
+}
+
+#[pymethods]
+impl PackedWeight4 {
+    #[new]
+    #[pyo3(signature = (packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, rows, cols))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        packed: &Bound<'_, PyAny>,
+        absmax: &Bound<'_, PyAny>,
+        nested_absmax: Option<&Bound<'_, PyAny>>,
+        nested_code: Option<&Bound<'_, PyAny>>,
+        offset: f32,
+        quant_type: &str,
+        blocksize: usize,
+        rows: usize,
+        cols: usize,
+    ) -> PyResult<Self> {
+        let quant_type = QuantType::parse(quant_type).map_err(to_pyerr)?;
+        quant4::check_blocksize(blocksize).map_err(to_pyerr)?;
+        let n = rows.checked_mul(cols).ok_or_else(|| to_pyerr(crate::Error::shape("PackedWeight4: rows * cols overflows")))?;
+        let blocks = quant4::num_blocks(n, blocksize);
+        let packed = TensorArg::new(packed, "PackedWeight4: packed")?.expect_of(Elem::U8, quant4::packed_len(n))?;
+        let absmax = TensorArg::new(absmax, "PackedWeight4: absmax")?;
+        let nested_absmax = TensorArg::optional(nested_absmax, "PackedWeight4: nested_absmax")?;
+        let nested_code = TensorArg::optional(nested_code, "PackedWeight4: nested_code")?;
+        let scales = match (nested_absmax, nested_code) {
+            (None, None) => HeldScales::F32(HeldTensor(absmax.expect_of(Elem::F32, blocks)?)),
+            (Some(nested_absmax), Some(nested_code)) => HeldScales::Double {
+                codes: HeldTensor(absmax.expect_of(Elem::U8, blocks)?),
+                nested_absmax: HeldTensor(nested_absmax.expect_of(Elem::F32, blockwise8::nested_blocks(blocks))?),
+                nested_code: HeldTensor(nested_code.expect_of(Elem::F32, 256)?),
+                offset,
+            },
+            _ => {
+                return Err(to_pyerr(crate::Error::unsupported(
+                    "double quantization needs both nested_absmax and nested_code (or neither)",
+                )))
+            }
+        };
+        Ok(PackedWeight4 { packed: HeldTensor(packed), scales, quant_type, blocksize, rows, cols })
+    }
+
+    /// Output features (rows of the weight).
+    #[getter]
+    fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input features (columns of the weight).
+    #[getter]
+    fn cols(&self) -> usize {
+        self.cols
+    }
+}
+
+impl PackedWeight4 {
+    fn weight(&self) -> PyResult<Weight4<'_>> {
+        let scales = match &self.scales {
+            HeldScales::F32(a) => BlockScales::F32(a.0.slice()?),
+            HeldScales::Double { codes, nested_absmax, nested_code, offset } => BlockScales::Double {
+                codes: codes.0.slice()?,
+                nested_absmax: nested_absmax.0.slice()?,
+                nested_map: nested_code.0.slice::<f32>()?.try_into().map_err(|_| shape_err("nested_code: expected 256 values".into()))?,
+                offset: *offset,
+            },
+        };
+        Ok(Weight4 {
+            packed: self.packed.0.slice()?,
+            scales,
+            quant_type: self.quant_type,
+            blocksize: self.blocksize,
+            rows: self.rows,
+            cols: self.cols,
+        })
+    }
+
+    /// The held tensors, for overlap checks against an output.
+    fn tensors(&self) -> [Option<&TensorArg>; 4] {
+        match &self.scales {
+            HeldScales::F32(a) => [Some(&self.packed.0), Some(&a.0), None, None],
+            HeldScales::Double { codes, nested_absmax, nested_code, .. } => {
+                [Some(&self.packed.0), Some(&codes.0), Some(&nested_absmax.0), Some(&nested_code.0)]
+            }
+        }
+    }
+
+    fn check_out(&self, out: &TensorArg, inputs: &[&TensorArg]) -> PyResult<()> {
+        let held = self.tensors();
+        let mut all: Vec<&TensorArg> = held.iter().flatten().copied().collect();
+        all.extend_from_slice(inputs);
+        no_overlap(&[out], &all)
     }
 }
 
@@ -46,83 +135,62 @@ fn isa_or_current(isa: Option<&str>) -> PyResult<Isa> {
     .map_err(to_pyerr)
 }
 
-/// Fused out[m, n] = x[m, k] @ dequant(W[n, k])^T on the CPU, never decoding W to memory; x and
-/// out of `dtype`. `isa`: a level from `cpu_isas()` (default: `cpu_isa()`).
-#[pyfunction]
-#[pyo3(signature = (x_ptr, m, n, k, dtype, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, quant_type, blocksize, out_ptr, isa=None))]
-#[allow(clippy::too_many_arguments)]
-fn cpu_gemm_4bit(
-    py: Python<'_>,
-    x_ptr: usize,
-    m: usize,
-    n: usize,
-    k: usize,
-    dtype: &str,
-    packed_ptr: usize,
-    absmax_ptr: usize,
-    nested_absmax_ptr: Option<usize>,
-    nested_code_ptr: Option<usize>,
-    offset: f32,
-    quant_type: &str,
-    blocksize: usize,
-    out_ptr: usize,
-    isa: Option<&str>,
-) -> PyResult<()> {
-    let dtype = DType::parse(dtype).map_err(to_pyerr)?;
-    let quant_type = QuantType::parse(quant_type).map_err(to_pyerr)?;
-    quant4::check_blocksize(blocksize).map_err(to_pyerr)?;
-    let isa = isa_or_current(isa)?;
-    let elements = n.checked_mul(k).ok_or_else(|| to_pyerr(crate::Error::shape("weight shape overflows")))?;
-    // SAFETY: the Python layer passes live tensors of these sizes (module docs).
-    unsafe {
-        let weight = Weight4 {
-            packed: slice(packed_ptr, quant4::packed_len(elements)),
-            scales: block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, quant4::num_blocks(elements, blocksize))?,
-            quant_type,
-            blocksize,
-            rows: n,
-            cols: k,
-        };
-        let x = float_slice(x_ptr, m * k, dtype);
-        let out = float_slice_mut(out_ptr, m * n, dtype);
-        py.detach(|| matmul4::gemm_4bit(x, m, &weight, out, isa))
-    }
-    .map_err(to_pyerr)
+fn shape_err(msg: String) -> PyErr {
+    to_pyerr(crate::Error::shape(msg))
 }
 
-/// Dequantize n elements into `out_ptr` of `out_dtype` on the CPU, decoding double-quantized
-/// scales block by block (no float32 copy). `isa`: a level from `cpu_isas()` (default:
-/// `cpu_isa()`).
+/// Fused out[m, n] = x[m, k] @ dequant(W[n, k])^T on the CPU, never decoding W to memory. `x`
+/// (float32, float16 or bfloat16, m * k elements) and `out` (the same dtype, m * n elements):
+/// tensors or DLPack capsules. `isa`: a level from `cpu_isas()` (default: `cpu_isa()`).
 #[pyfunction]
-#[pyo3(signature = (packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, n, quant_type, blocksize, out_ptr, out_dtype, isa=None))]
-#[allow(clippy::too_many_arguments)]
-fn cpu_dequantize_4bit(
+#[pyo3(signature = (weight, x, out, isa=None))]
+fn cpu_gemm_4bit(
     py: Python<'_>,
-    packed_ptr: usize,
-    absmax_ptr: usize,
-    nested_absmax_ptr: Option<usize>,
-    nested_code_ptr: Option<usize>,
-    offset: f32,
-    n: usize,
-    quant_type: &str,
-    blocksize: usize,
-    out_ptr: usize,
-    out_dtype: &str,
+    weight: &Bound<'_, PackedWeight4>,
+    x: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
     isa: Option<&str>,
 ) -> PyResult<()> {
-    let dtype = DType::parse(out_dtype).map_err(to_pyerr)?;
-    let quant_type = QuantType::parse(quant_type).map_err(to_pyerr)?;
-    quant4::check_blocksize(blocksize).map_err(to_pyerr)?;
+    let w = weight.get();
     let isa = isa_or_current(isa)?;
-    advise_huge_pages(out_ptr, n * dtype.size());
-    // SAFETY: the Python layer passes live tensors of these sizes (module docs).
-    unsafe {
-        let scales = block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, quant4::num_blocks(n, blocksize))?;
-        let packed = slice(packed_ptr, quant4::packed_len(n));
-        let out = float_slice_mut(out_ptr, n, dtype);
-        py.detach(|| quant4::dequantize_4bit_with(packed, scales, quant_type, blocksize, out, isa))
+    let (n, k) = (w.rows, w.cols);
+    let x = TensorArg::new(x, "cpu_gemm_4bit: x")?;
+    let out = TensorArg::new(out, "cpu_gemm_4bit: out")?;
+    // m from x, or from out when the weight has no columns.
+    let m = if k > 0 { x.len / k } else if n > 0 { out.len / n } else { 0 };
+    if x.len != m * k {
+        return Err(shape_err(format!("cpu_gemm_4bit: x has {} elements, not a multiple of in_features {k}", x.len)));
     }
-    .map_err(to_pyerr)
+    if out.len != m * n {
+        return Err(shape_err(format!("cpu_gemm_4bit: out has {} elements, expected {m} x {n} = {}", out.len, m * n)));
+    }
+    if out.elem != x.elem {
+        return Err(shape_err(format!("cpu_gemm_4bit: out is {}, expected x's dtype {}", out.elem.name(), x.elem.name())));
+    }
+    w.check_out(&out, &[&x])?;
+    let weight = w.weight()?;
+    let xs = x.float_slice()?;
+    // SAFETY: out overlaps neither x nor the weight's tensors (checked above).
+    let os = unsafe { out.float_slice_mut()? };
+    py.detach(|| matmul4::gemm_4bit(xs, m, &weight, os, isa)).map_err(to_pyerr)
+}
+
+/// Decodes the weight into `out` (float32, float16 or bfloat16, rows * cols elements) on the CPU,
+/// decoding double-quantized scales block by block (no float32 copy). `isa`: a level from
+/// `cpu_isas()` (default: `cpu_isa()`).
+#[pyfunction]
+#[pyo3(signature = (weight, out, isa=None))]
+fn cpu_dequantize_4bit(py: Python<'_>, weight: &Bound<'_, PackedWeight4>, out: &Bound<'_, PyAny>, isa: Option<&str>) -> PyResult<()> {
+    let w = weight.get();
+    let isa = isa_or_current(isa)?;
+    let out = TensorArg::new(out, "cpu_dequantize_4bit: out")?.expect_len(w.rows * w.cols)?;
+    w.check_out(&out, &[])?;
+    out.advise_huge_pages();
+    let weight = w.weight()?;
+    // SAFETY: out overlaps none of the weight's tensors (checked above).
+    let os = unsafe { out.float_slice_mut()? };
+    py.detach(|| quant4::dequantize_4bit_with(weight.packed, weight.scales, weight.quant_type, weight.blocksize, os, isa))
+        .map_err(to_pyerr)
 }
 
 /// The instruction-set level the CPU kernels use in this process: the widest this CPU runs,
@@ -140,6 +208,7 @@ fn cpu_isas() -> Vec<&'static str> {
 }
 
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PackedWeight4>()?;
     m.add_function(wrap_pyfunction!(cpu_gemm_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_dequantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_isa, m)?)?;

@@ -1,9 +1,11 @@
 //! PyO3 bindings: the private module `qlora_rs._lib`. Each function extracts its arguments,
 //! releases the GIL around the core call and maps `Error` to the `qlora_rs.errors` tree.
 //!
-//! Tensor data crosses as raw pointers from `tensor.data_ptr()`: the Python layer checks device,
-//! dtype, contiguity and sizes, keeps the tensors alive for the call, and allocates the outputs.
-//! That keeps the boundary zero-copy and makes bfloat16 (which numpy lacks) no special case.
+//! CPU tensor data crosses through DLPack (`tensor_arg`): the bindings take the tensors (or their
+//! DLPack capsules) and check device, dtype, contiguity, length and aliasing before touching a
+//! byte, zero-copy and with bfloat16 (which the buffer protocol lacks) no special case. Raw
+//! addresses cross only where they are device memory used on a CUDA stream (`cuda`) or managed
+//! memory (`paging`): no CPU code dereferences them.
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -16,6 +18,7 @@ mod cuda;
 mod gemm;
 mod paging;
 mod quant;
+mod tensor_arg;
 
 /// Raises the `qlora_rs.errors` exception that corresponds to an `Error` variant.
 pub(crate) fn to_pyerr(err: Error) -> PyErr {

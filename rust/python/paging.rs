@@ -97,6 +97,10 @@ impl PyManagedAllocation {
 /// Prefetches ``[ptr, ptr + nbytes)``, which must lie inside a live managed allocation made by
 /// qlora_rs, to ``device`` (-1: the host) on raw stream ``stream``. Returns whether a prefetch
 /// was issued.
+///
+/// ``ptr`` stays a raw address: it is managed memory handed to the CUDA driver's prefetch on a
+/// stream, never dereferenced here, and `paging::prefetch_range` refuses a range that is not
+/// inside a live allocation it made, so a wrong address is an error, not a stray access.
 #[pyfunction]
 #[pyo3(signature = (ptr, nbytes, device, stream=0))]
 fn managed_prefetch(py: Python<'_>, ptr: u64, nbytes: usize, device: i32, stream: usize) -> PyResult<bool> {

@@ -2,128 +2,61 @@
 
 use pyo3::prelude::*;
 
+use super::tensor_arg::{no_overlap, Elem, TensorArg};
 use super::to_pyerr;
 use crate::reduce::{torch_default_threads, SumOrder, TORCH_SUM_WIDTH};
-use crate::{blockwise8, codebook, quant4, DType, FloatSlice, FloatSliceMut, QuantType};
+use crate::{blockwise8, codebook, quant4, QuantType};
 
-/// A slice over memory owned by a torch tensor the caller keeps alive for the call.
-///
-/// SAFETY: `ptr` must point to `len` valid, aligned elements (or be anything when `len == 0`)
-/// that nothing else writes during the call; the Python layer (`qlora_rs.functional`,
-/// `qlora_rs.ops`, `qlora_rs.calibrate`) ensures it.
-pub(super) unsafe fn slice<'a, T>(ptr: usize, len: usize) -> &'a [T] {
-    if len == 0 {
-        &[]
-    } else {
-        std::slice::from_raw_parts(ptr as *const T, len)
-    }
-}
-
-/// SAFETY: as [`slice`], and no other reference to the memory exists during the call.
-pub(super) unsafe fn slice_mut<'a, T>(ptr: usize, len: usize) -> &'a mut [T] {
-    if len == 0 {
-        &mut []
-    } else {
-        std::slice::from_raw_parts_mut(ptr as *mut T, len)
-    }
-}
-
-/// Asks Linux to back a freshly allocated output with transparent huge pages: a 32 MiB tensor then
-/// takes 16 page faults instead of 8192, which otherwise cost more than decoding into it.
-/// Advice only: it changes no data and failures are ignored.
-pub(super) fn advise_huge_pages(ptr: usize, bytes: usize) {
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        let start = ptr.next_multiple_of(HUGE);
-        let end = (ptr + bytes) / HUGE * HUGE;
-        if end > start {
-            // SAFETY: madvise only advises the kernel about pages the caller's tensor owns.
-            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
-        }
-    }
-}
-
-/// [`slice`] as the dtype's float slice (SAFETY as there).
-pub(super) unsafe fn float_slice<'a>(ptr: usize, len: usize, dtype: DType) -> FloatSlice<'a> {
-    match dtype {
-        DType::F32 => FloatSlice::F32(slice(ptr, len)),
-        DType::F16 => FloatSlice::F16(slice(ptr, len)),
-        DType::BF16 => FloatSlice::BF16(slice(ptr, len)),
-    }
-}
-
-/// [`slice_mut`] as the dtype's float slice (SAFETY as there).
-pub(super) unsafe fn float_slice_mut<'a>(ptr: usize, len: usize, dtype: DType) -> FloatSliceMut<'a> {
-    match dtype {
-        DType::F32 => FloatSliceMut::F32(slice_mut(ptr, len)),
-        DType::F16 => FloatSliceMut::F16(slice_mut(ptr, len)),
-        DType::BF16 => FloatSliceMut::BF16(slice_mut(ptr, len)),
-    }
-}
-
-/// Quantize n elements at `input_ptr` (dtype name) to 4 bits: writes (n+1)//2 bytes at
-/// `packed_ptr` and ceil(n/blocksize) float32 at `absmax_ptr`.
+/// Quantize the float32/float16/bfloat16 tensor `input` to 4 bits: writes (n+1)//2 bytes into
+/// `packed` (uint8) and ceil(n/blocksize) float32 into `absmax`.
 #[pyfunction]
-#[pyo3(signature = (input_ptr, n, dtype, quant_type, blocksize, allow_nonfinite, packed_ptr, absmax_ptr))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (input, quant_type, blocksize, allow_nonfinite, packed, absmax))]
 fn quantize_4bit(
     py: Python<'_>,
-    input_ptr: usize,
-    n: usize,
-    dtype: &str,
+    input: &Bound<'_, PyAny>,
     quant_type: &str,
     blocksize: usize,
     allow_nonfinite: bool,
-    packed_ptr: usize,
-    absmax_ptr: usize,
+    packed: &Bound<'_, PyAny>,
+    absmax: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
-    let dtype = DType::parse(dtype).map_err(to_pyerr)?;
     let qt = QuantType::parse(quant_type).map_err(to_pyerr)?;
     quant4::check_blocksize(blocksize).map_err(to_pyerr)?;
-    let blocks = quant4::num_blocks(n, blocksize);
-    py.detach(|| unsafe {
-        quant4::quantize_4bit(
-            float_slice(input_ptr, n, dtype),
-            qt,
-            blocksize,
-            allow_nonfinite,
-            slice_mut(packed_ptr, quant4::packed_len(n)),
-            slice_mut(absmax_ptr, blocks),
-        )
-    })
-    .map_err(to_pyerr)
+    let input = TensorArg::new(input, "quantize_4bit: input")?;
+    let n = input.len;
+    let packed = TensorArg::new(packed, "quantize_4bit: packed")?.expect_of(Elem::U8, quant4::packed_len(n))?;
+    let absmax = TensorArg::new(absmax, "quantize_4bit: absmax")?.expect_of(Elem::F32, quant4::num_blocks(n, blocksize))?;
+    no_overlap(&[&packed, &absmax], &[&input])?;
+    let src = input.float_slice()?;
+    // SAFETY: packed and absmax overlap nothing else (checked just above).
+    let (p, a) = unsafe { (packed.slice_mut()?, absmax.slice_mut()?) };
+    py.detach(|| quant4::quantize_4bit(src, qt, blocksize, allow_nonfinite, p, a)).map_err(to_pyerr)
 }
 
-/// Dequantize n elements from `packed_ptr`/`absmax_ptr` (float32) into `out_ptr` of `out_dtype`.
+/// Dequantize `out.numel()` elements from `packed` (uint8) and `absmax` (float32) into `out`
+/// (float32, float16 or bfloat16).
 #[pyfunction]
-#[pyo3(signature = (packed_ptr, absmax_ptr, n, quant_type, blocksize, out_ptr, out_dtype))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (packed, absmax, quant_type, blocksize, out))]
 fn dequantize_4bit(
     py: Python<'_>,
-    packed_ptr: usize,
-    absmax_ptr: usize,
-    n: usize,
+    packed: &Bound<'_, PyAny>,
+    absmax: &Bound<'_, PyAny>,
     quant_type: &str,
     blocksize: usize,
-    out_ptr: usize,
-    out_dtype: &str,
+    out: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
-    let dtype = DType::parse(out_dtype).map_err(to_pyerr)?;
     let qt = QuantType::parse(quant_type).map_err(to_pyerr)?;
     quant4::check_blocksize(blocksize).map_err(to_pyerr)?;
-    let blocks = quant4::num_blocks(n, blocksize);
-    advise_huge_pages(out_ptr, n * dtype.size());
-    py.detach(|| unsafe {
-        quant4::dequantize_4bit(
-            slice(packed_ptr, quant4::packed_len(n)),
-            slice(absmax_ptr, blocks),
-            qt,
-            blocksize,
-            float_slice_mut(out_ptr, n, dtype),
-        )
-    })
-    .map_err(to_pyerr)
+    let out = TensorArg::new(out, "dequantize_4bit: out")?;
+    let n = out.len;
+    let packed = TensorArg::new(packed, "dequantize_4bit: packed")?.expect_of(Elem::U8, quant4::packed_len(n))?;
+    let absmax = TensorArg::new(absmax, "dequantize_4bit: absmax")?.expect_of(Elem::F32, quant4::num_blocks(n, blocksize))?;
+    no_overlap(&[&out], &[&packed, &absmax])?;
+    out.advise_huge_pages();
+    let (p, a) = (packed.slice()?, absmax.slice()?);
+    // SAFETY: out overlaps no other argument (checked above).
+    let o = unsafe { out.float_slice_mut()? };
+    py.detach(|| quant4::dequantize_4bit(p, a, qt, blocksize, o)).map_err(to_pyerr)
 }
 
 fn map256(map: Vec<f32>) -> PyResult<[f32; 256]> {
@@ -133,112 +66,115 @@ fn map256(map: Vec<f32>) -> PyResult<[f32; 256]> {
     })
 }
 
-/// Blockwise 8-bit quantization of n float32 values with a 256-entry sorted map.
+fn check_blocksize8(blocksize: usize) -> PyResult<()> {
+    if blocksize == 0 {
+        return Err(to_pyerr(crate::Error::unsupported("blocksize must be positive")));
+    }
+    Ok(())
+}
+
+/// Blockwise 8-bit quantization of the float32 tensor `input` with a 256-entry sorted map:
+/// one uint8 code per value into `out`, ceil(n/blocksize) float32 into `absmax`.
 #[pyfunction]
-#[pyo3(signature = (input_ptr, n, map, blocksize, out_ptr, absmax_ptr))]
+#[pyo3(signature = (input, map, blocksize, out, absmax))]
 fn quantize_blockwise_8bit(
     py: Python<'_>,
-    input_ptr: usize,
-    n: usize,
+    input: &Bound<'_, PyAny>,
     map: Vec<f32>,
     blocksize: usize,
-    out_ptr: usize,
-    absmax_ptr: usize,
+    out: &Bound<'_, PyAny>,
+    absmax: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
     let map = map256(map)?;
-    if blocksize == 0 {
-        return Err(to_pyerr(crate::Error::unsupported("blocksize must be positive")));
-    }
-    py.detach(|| unsafe {
-        blockwise8::quantize_blockwise_8bit(
-            slice(input_ptr, n),
-            &map,
-            blocksize,
-            slice_mut(out_ptr, n),
-            slice_mut(absmax_ptr, n.div_ceil(blocksize)),
-        )
-    })
-    .map_err(to_pyerr)
+    check_blocksize8(blocksize)?;
+    let input = TensorArg::new(input, "quantize_blockwise_8bit: input")?.expect(Elem::F32)?;
+    let n = input.len;
+    let out = TensorArg::new(out, "quantize_blockwise_8bit: out")?.expect_of(Elem::U8, n)?;
+    let absmax = TensorArg::new(absmax, "quantize_blockwise_8bit: absmax")?.expect_of(Elem::F32, n.div_ceil(blocksize))?;
+    no_overlap(&[&out, &absmax], &[&input])?;
+    let src = input.slice()?;
+    // SAFETY: out and absmax overlap nothing else (checked above).
+    let (o, a) = unsafe { (out.slice_mut()?, absmax.slice_mut()?) };
+    py.detach(|| blockwise8::quantize_blockwise_8bit(src, &map, blocksize, o, a)).map_err(to_pyerr)
 }
 
-/// Inverse of `quantize_blockwise_8bit`, into n float32 values at `out_ptr`.
+/// Inverse of `quantize_blockwise_8bit`: `q` (uint8) and `absmax` (float32) into the float32 `out`.
 #[pyfunction]
-#[pyo3(signature = (q_ptr, absmax_ptr, n, map, blocksize, out_ptr))]
+#[pyo3(signature = (q, absmax, map, blocksize, out))]
 fn dequantize_blockwise_8bit(
     py: Python<'_>,
-    q_ptr: usize,
-    absmax_ptr: usize,
-    n: usize,
+    q: &Bound<'_, PyAny>,
+    absmax: &Bound<'_, PyAny>,
     map: Vec<f32>,
     blocksize: usize,
-    out_ptr: usize,
+    out: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
     let map = map256(map)?;
-    if blocksize == 0 {
-        return Err(to_pyerr(crate::Error::unsupported("blocksize must be positive")));
-    }
-    py.detach(|| unsafe {
-        blockwise8::dequantize_blockwise_8bit(
-            slice(q_ptr, n),
-            slice(absmax_ptr, n.div_ceil(blocksize)),
-            &map,
-            blocksize,
-            slice_mut(out_ptr, n),
-        )
-    })
-    .map_err(to_pyerr)
+    check_blocksize8(blocksize)?;
+    let q = TensorArg::new(q, "dequantize_blockwise_8bit: q")?.expect(Elem::U8)?;
+    let n = q.len;
+    let absmax = TensorArg::new(absmax, "dequantize_blockwise_8bit: absmax")?.expect_of(Elem::F32, n.div_ceil(blocksize))?;
+    let out = TensorArg::new(out, "dequantize_blockwise_8bit: out")?.expect_of(Elem::F32, n)?;
+    no_overlap(&[&out], &[&q, &absmax])?;
+    let (qs, a) = (q.slice()?, absmax.slice()?);
+    // SAFETY: out overlaps no other argument (checked above).
+    let o = unsafe { out.slice_mut()? };
+    py.detach(|| blockwise8::dequantize_blockwise_8bit(qs, a, &map, blocksize, o)).map_err(to_pyerr)
 }
 
-/// Double-quantize `blocks` float32 absmax values: writes `blocks` bytes and ceil(blocks/256)
-/// nested absmax floats; returns the offset. `offset` is the mean to subtract (pass torch's
-/// `absmax.mean()`: bitsandbytes' offset on every CPU); without it the mean is summed in torch's
-/// order with `threads` intra-op threads (default: a fresh torch process's).
+/// Double-quantize the float32 block scales `absmax`: one uint8 code per block into `q`,
+/// ceil(blocks/256) nested absmax float32 into `nested`; returns the offset. `offset` is the mean
+/// to subtract (pass torch's `absmax.mean()`: bitsandbytes' offset on every CPU); without it the
+/// mean is summed in torch's order with `threads` intra-op threads (default: a fresh torch
+/// process's).
 #[pyfunction]
-#[pyo3(signature = (absmax_ptr, blocks, q_ptr, nested_ptr, offset=None, threads=None))]
+#[pyo3(signature = (absmax, q, nested, offset=None, threads=None))]
 fn double_quantize(
     py: Python<'_>,
-    absmax_ptr: usize,
-    blocks: usize,
-    q_ptr: usize,
-    nested_ptr: usize,
+    absmax: &Bound<'_, PyAny>,
+    q: &Bound<'_, PyAny>,
+    nested: &Bound<'_, PyAny>,
     offset: Option<f32>,
     threads: Option<usize>,
 ) -> PyResult<f32> {
     let order = SumOrder::new(TORCH_SUM_WIDTH, threads.unwrap_or_else(torch_default_threads));
-    py.detach(|| unsafe {
-        let absmax = slice(absmax_ptr, blocks);
-        let (q, nested) = (slice_mut(q_ptr, blocks), slice_mut(nested_ptr, blockwise8::nested_blocks(blocks)));
-        match offset {
-            Some(offset) => blockwise8::double_quantize_with_offset(absmax, offset, q, nested).map(|()| offset),
-            None => blockwise8::double_quantize_with(absmax, order, q, nested),
-        }
+    let absmax = TensorArg::new(absmax, "double_quantize: absmax")?.expect(Elem::F32)?;
+    let blocks = absmax.len;
+    let q = TensorArg::new(q, "double_quantize: q")?.expect_of(Elem::U8, blocks)?;
+    let nested = TensorArg::new(nested, "double_quantize: nested")?.expect_of(Elem::F32, blockwise8::nested_blocks(blocks))?;
+    no_overlap(&[&q, &nested], &[&absmax])?;
+    let a = absmax.slice()?;
+    // SAFETY: q and nested overlap nothing else (checked above).
+    let (qs, ns) = unsafe { (q.slice_mut()?, nested.slice_mut()?) };
+    py.detach(|| match offset {
+        Some(offset) => blockwise8::double_quantize_with_offset(a, offset, qs, ns).map(|()| offset),
+        None => blockwise8::double_quantize_with(a, order, qs, ns),
     })
     .map_err(to_pyerr)
 }
 
-/// Inverse of `double_quantize` with the given nested map, into `blocks` float32 at `out_ptr`.
+/// Inverse of `double_quantize` with the given nested map: `q` (uint8 per block) and `nested`
+/// (float32 per 256 blocks) into the float32 `out`.
 #[pyfunction]
-#[pyo3(signature = (q_ptr, nested_ptr, blocks, offset, map, out_ptr))]
+#[pyo3(signature = (q, nested, offset, map, out))]
 fn double_dequantize(
     py: Python<'_>,
-    q_ptr: usize,
-    nested_ptr: usize,
-    blocks: usize,
+    q: &Bound<'_, PyAny>,
+    nested: &Bound<'_, PyAny>,
     offset: f32,
     map: Vec<f32>,
-    out_ptr: usize,
+    out: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
     let map = map256(map)?;
-    py.detach(|| unsafe {
-        blockwise8::double_dequantize(
-            slice(q_ptr, blocks),
-            slice(nested_ptr, blockwise8::nested_blocks(blocks)),
-            offset,
-            &map,
-            slice_mut(out_ptr, blocks),
-        )
-    })
-    .map_err(to_pyerr)
+    let q = TensorArg::new(q, "double_dequantize: q")?.expect(Elem::U8)?;
+    let blocks = q.len;
+    let nested = TensorArg::new(nested, "double_dequantize: nested")?.expect_of(Elem::F32, blockwise8::nested_blocks(blocks))?;
+    let out = TensorArg::new(out, "double_dequantize: out")?.expect_of(Elem::F32, blocks)?;
+    no_overlap(&[&out], &[&q, &nested])?;
+    let (qs, ns) = (q.slice()?, nested.slice()?);
+    // SAFETY: out overlaps no other argument (checked above).
+    let o = unsafe { out.slice_mut()? };
+    py.detach(|| blockwise8::double_dequantize(qs, ns, offset, &map, o)).map_err(to_pyerr)
 }
 
 /// The 16 decode values of a 4-bit type ("nf4", "fp4", "int4"), index = nibble.

@@ -68,10 +68,7 @@ def quantize(
     blocks = -(-n // blocksize)
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8)
     absmax = torch.empty(blocks, dtype=torch.float32)
-    _lib.quantize_4bit(
-        src.data_ptr(), n, dtype_name(src.dtype), quant_type, blocksize, allow_nonfinite,
-        packed.data_ptr(), absmax.data_ptr(),
-    )
+    _lib.quantize_4bit(src.detach(), quant_type, blocksize, allow_nonfinite, packed, absmax)
     state = QuantState(
         absmax=absmax, shape=src.shape, dtype=src.dtype, blocksize=blocksize,
         quant_type=quant_type, code=code_table(quant_type),
@@ -91,7 +88,7 @@ def _double_quantize_into(state: QuantState) -> None:
     # bitsandbytes subtracts torch's float32 mean; taking it from torch makes the offset, and so
     # every nested code, identical on every CPU and torch version.
     offset = float(absmax.mean()) if blocks else 0.0
-    _lib.double_quantize(absmax.data_ptr(), blocks, q.data_ptr(), nested.data_ptr(), offset)
+    _lib.double_quantize(absmax, q, nested, offset)
     state.absmax, state.offset = q, offset
     state.nested_absmax, state.nested_code = nested, nested_code_table()
 
@@ -103,10 +100,7 @@ def absmax_float(state: QuantState) -> torch.Tensor:
     q = state.absmax.to("cpu").contiguous()
     nested = state.nested_absmax.to("cpu", torch.float32).contiguous()
     out = torch.empty(q.numel(), dtype=torch.float32)
-    _lib.double_dequantize(
-        q.data_ptr(), nested.data_ptr(), q.numel(), float(state.offset),
-        state.nested_code.to("cpu", torch.float32).tolist(), out.data_ptr(),
-    )
+    _lib.double_dequantize(q, nested, float(state.offset), state.nested_code.to("cpu", torch.float32).tolist(), out)
     return out
 
 
@@ -130,9 +124,7 @@ def dequantize(packed: torch.Tensor, state: QuantState, dtype: Optional[Any] = N
     state.validate()
     absmax = absmax_float(state)
     out = torch.empty(state.shape, dtype=out_dtype)
-    _lib.dequantize_4bit(
-        data.data_ptr(), absmax.data_ptr(), n, state.quant_type, state.blocksize, out.data_ptr(), dtype_name(out_dtype)
-    )
+    _lib.dequantize_4bit(data, absmax, state.quant_type, state.blocksize, out)
     return out if device.type == "cpu" else out.to(device)
 
 
@@ -148,7 +140,7 @@ def quantize_blockwise_8bit(
     n = src.numel()
     out = torch.empty(src.shape, dtype=torch.uint8)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
-    _lib.quantize_blockwise_8bit(src.data_ptr(), n, code.float().tolist(), blocksize, out.data_ptr(), absmax.data_ptr())
+    _lib.quantize_blockwise_8bit(src.detach(), code.float().tolist(), blocksize, out, absmax)
     return out, absmax
 
 
@@ -167,5 +159,5 @@ def dequantize_blockwise_8bit(
             f"dequantize_blockwise_8bit: absmax has {am.numel()} entries; {n} codes in blocks of {blocksize} need {-(-n // blocksize)}"
         )
     out = torch.empty(qc.shape, dtype=torch.float32)
-    _lib.dequantize_blockwise_8bit(qc.data_ptr(), am.data_ptr(), n, code.float().tolist(), blocksize, out.data_ptr())
+    _lib.dequantize_blockwise_8bit(qc.detach(), am.detach(), code.float().tolist(), blocksize, out)
     return out

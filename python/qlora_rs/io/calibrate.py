@@ -335,8 +335,8 @@ def _quantize_one(name: str, w: torch.Tensor, u: torch.Tensor, h32: torch.Tensor
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
     absmax = torch.empty(blocks, dtype=torch.uint8 if double_quant else torch.float32)
     nested = torch.empty(-(-blocks // 256), dtype=torch.float32) if double_quant else torch.empty(0)
-    r = _lib.calibrate_4bit(w.data_ptr(), rows, cols, u.data_ptr(), quant_type, blocksize, double_quant, False,
-                            packed.data_ptr(), absmax.data_ptr(), nested.data_ptr())
+    r = _lib.calibrate_4bit(w.detach(), rows, cols, u.detach(), quant_type, blocksize, double_quant, False,
+                            packed, absmax, nested)
     cw = CalibratedWeight(
         name=name, shape=(rows, cols), quant_type=quant_type, blocksize=blocksize, packed=packed, absmax=absmax,
         nested_absmax=nested if double_quant else None, offset=r["offset"], error=math.nan, rtn_error=math.nan,
@@ -484,7 +484,7 @@ def _calibrate_block(block, chosen, batches, weights, quant_type, blocksize, dou
         if g not in factors:
             t0 = time.perf_counter()
             u = torch.empty(h.shape, dtype=torch.float32)
-            _lib.hessian_factor(h.data_ptr(), h.shape[0], float(damp), u.data_ptr())
+            _lib.hessian_factor(h, h.shape[0], float(damp), u)
             factors[g] = u
             timings["factor"] += time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -623,12 +623,10 @@ def convert_calibrated(
         if t is None or tuple(w.shape) not in (tuple(t.shape), tuple(reversed(t.shape))):
             raise FormatError(f"{src}: the model's {name} {list(w.shape)} is not a tensor of that shape in the checkpoint")
         nested = w.nested_absmax if w.nested_absmax is not None else torch.empty(0, dtype=torch.float32)
-        weights[name] = (w.packed.data_ptr(), w.packed.numel(), w.absmax.data_ptr(),
-                         w.absmax.numel() * w.absmax.element_size(), nested.data_ptr(), nested.numel(), w.offset)
+        weights[name] = (w.packed, w.absmax, nested, w.offset)
     extra = json.dumps({CONFIG_KEY: result.record()})
     d = _lib.convert_calibrated(src, dst, *opts, weights, extra, progress, dtype=gguf_opts["dtype"],
                                 add_files=_gguf_metadata(src, gguf_opts["dtype"]) if is_gguf(src) else None)
-    # `result` holds the tensors behind the pointers until the call returns.
     d["seconds"] = time.perf_counter() - start  # the whole conversion, calibration included
     return ConvertSummary(**d, calibration=result.record())
 
