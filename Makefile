@@ -36,7 +36,7 @@ bench: build
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benches/cpu_matmul_bench.py --crossover
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benches/generate_bench.py
 
-# The QLoRA paper's claims on SmolLM2-135M-Instruct: the whole grid (about 30 minutes) or a subset
+# The QLoRA paper's claims on SmolLM2-135M-Instruct: the whole grid (about 20 minutes on 2 cores) or a subset
 # (about 5). make cannot take --quick itself: `make replicate-quick` or `make replicate ARGS=--quick`.
 replicate: build
 	$(BIN)/python benches/replicate_paper.py $(ARGS)

@@ -23,7 +23,7 @@ LoRA, the base's perplexity, peak memory (resident set during training, each run
 process) and training tokens/s; then whether each of the paper's orderings holds here. Results go to
 bench-out/replicate/ (results.json, replicate.png, table.md).
 
-    python benches/replicate_paper.py            # the whole grid (6 arms x 3 seeds), about 30 minutes on 2 cores
+    python benches/replicate_paper.py            # the whole grid (6 arms x 3 seeds), about 20 minutes on 2 cores
     python benches/replicate_paper.py --quick    # lora16, nf4_dq, fp4 x 1 seed, fewer steps: about 5 minutes
 """
 
@@ -32,11 +32,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import random
 import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -225,46 +227,74 @@ def _bar(done: float, total: float, started: float, label: str) -> None:
     width = 30
     fill = int(width * frac)
     msg = (f"\r[{'#' * fill}{'.' * (width - fill)}] {100 * frac:5.1f}%  {elapsed / 60:4.1f} min, "
-           f"ETA {eta / 60:4.1f} min  {label:<56}")
+           f"ETA {eta / 60:4.1f} min  {label[:90]:<90}")
     print(msg, end="", file=sys.stderr, flush=True)
 
 
-def run_grid(arms: list[str], seeds: list[int], steps: int, batch: int) -> dict:
+def run_grid(arms: list[str], seeds: list[int], steps: int, batch: int, jobs: int) -> dict:
+    """Every (arm, seed) run in its own process, `jobs` at a time with the cores split between
+    them: one run leaves much of a second core idle (small ops, Python), so two one-thread runs
+    side by side finish the grid sooner than one two-thread run after another."""
     OUT.mkdir(parents=True, exist_ok=True)
     model_dir = reference_model(OUT)
     _, _, data_info = make_data(OUT)
     runs = [(a, s) for s in seeds for a in arms]
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=str(threads), QLORA_RS_NUM_THREADS=str(threads))
     # Progress in training steps, with a fixed allowance per run for loading and evaluation.
     overhead = 3.0
-    total = len(runs) * (steps + overhead) + len(arms) * overhead
-    done, started = 0.0, time.perf_counter()
-    results = []
-    for arm, seed in runs:
-        measure = seed == seeds[0]
-        cmd = [sys.executable, __file__, "--worker", arm, "--seed", str(seed), "--steps", str(steps),
-               "--batch-size", str(batch)] + (["--measure-base"] if measure else [])
-        label = f"{arm} seed {seed}"
-        _bar(done, total, started, label)
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
-        last = None
-        base = done + (overhead if measure else 0)
+
+    def start_units(run: tuple) -> float:
+        return overhead if run[1] == seeds[0] else 0.0  # the base is measured before training
+
+    total = sum(start_units(r) + steps + overhead for r in runs)
+    events: queue.Queue = queue.Queue()
+
+    def read(run: tuple, proc: subprocess.Popen) -> None:
         for line in proc.stdout:
-            rec = json.loads(line)
-            if "progress" in rec:
-                _bar(base + rec["progress"], total, started, label)
-            elif "doing" in rec:
-                _bar(base + (steps if rec["doing"].startswith("held-out") else 0), total, started,
-                     f"{label}: {rec['doing']}")
+            events.put((run, line))
+        events.put((run, None))
+
+    started = time.perf_counter()
+    pending, running, doing, progress, results = list(runs), {}, {}, {}, []
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                run = pending.pop(0)
+                cmd = [sys.executable, __file__, "--worker", run[0], "--seed", str(run[1]), "--steps", str(steps),
+                       "--batch-size", str(batch)] + (["--measure-base"] if run[1] == seeds[0] else [])
+                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+                running[run] = [proc, None]
+                doing[run], progress[run] = "loading", 0.0
+                threading.Thread(target=read, args=(run, proc), daemon=True).start()
+            run, line = events.get()
+            if line is None:
+                proc, last = running.pop(run)
+                if proc.wait() != 0 or last is None:
+                    raise SystemExit(f"\nthe {run[0]} seed {run[1]} run failed (exit {proc.returncode})")
+                results.append(last)
+                progress[run] = start_units(run) + steps + overhead
+                doing.pop(run)
             else:
-                last = rec
-        if proc.wait() != 0 or last is None:
-            raise SystemExit(f"\nthe {label} run failed (exit {proc.returncode})")
-        results.append(last)
-        done = base + steps + overhead
+                rec = json.loads(line)
+                if "progress" in rec:
+                    progress[run] = start_units(run) + rec["progress"]
+                    doing[run] = f"step {rec['progress']}/{steps}"
+                elif "doing" in rec:
+                    doing[run] = rec["doing"]
+                    if rec["doing"].startswith("held-out"):
+                        progress[run] = start_units(run) + steps
+                else:
+                    running[run][1] = rec
+            _bar(sum(progress.values()), total, started, "; ".join(f"{a} seed {s}: {d}" for (a, s), d in doing.items()))
+    finally:
+        for proc, _ in running.values():
+            proc.kill()
     _bar(total, total, started, "done")
     print(file=sys.stderr)
-    return {"arms": arms, "seeds": seeds, "steps": steps, "batch": batch, "train": TRAIN, "data": data_info,
-            "minutes": (time.perf_counter() - started) / 60, "runs": results}
+    results.sort(key=lambda r: (seeds.index(r["seed"]), arms.index(r["arm"])))
+    return {"arms": arms, "seeds": seeds, "steps": steps, "batch": batch, "jobs": jobs, "threads_per_run": threads,
+            "train": TRAIN, "data": data_info, "minutes": (time.perf_counter() - started) / 60, "runs": results}
 
 
 def summarize(res: dict) -> dict:
@@ -334,7 +364,8 @@ def table(res: dict, rows: dict) -> str:
     lines.append(f"{len(res['seeds'])} seed(s), {res['steps']} steps of batch {res['batch']} (r={TRAIN['r']}, "
                  f"alpha={TRAIN['alpha']}, lr {TRAIN['lr']:g} cosine after {TRAIN['warmup']} warmup steps, AdamW); "
                  f"{d['train_pairs']} training pairs from {d['train_topics']} topics, {d['heldout_pairs']} held-out pairs "
-                 f"from {d['heldout_topics']} other topics; the grid took {res['minutes']:.1f} min.")
+                 f"from {d['heldout_topics']} other topics; the grid took {res['minutes']:.1f} min "
+                 f"({res.get('jobs', 1)} run(s) at a time, {res.get('threads_per_run', '?')} thread(s) each).")
     runs = [r for r in res["runs"] if "phase_seconds" in r]
     if runs:
         mean = {k: statistics.mean(r["phase_seconds"].get(k, 0.0) for r in runs) for k in ("load", "train", "eval_after")}
@@ -380,6 +411,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=None, help="training steps per run (default 10; 8 with --quick)")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                    help="runs at a time, the cores split between them (default 2)")
     ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=None)
     ap.add_argument("--worker", choices=list(ARMS), help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -395,7 +428,7 @@ def main() -> None:
         return
     arms = args.arms or (list(QUICK_ARMS) if args.quick else list(ARMS))
     seeds = list(range(1 if args.quick else args.seeds))
-    res = run_grid(arms, seeds, steps, args.batch_size)
+    res = run_grid(arms, seeds, steps, args.batch_size, max(1, args.jobs))
     rows = summarize(res)
     res["summary"] = rows
     (OUT / "results.json").write_text(json.dumps(res, indent=1))
