@@ -260,6 +260,30 @@ def test_inference_path_equals_the_op_path(bias):
         assert fast.dtype == x.dtype and torch.equal(fast, slow.detach()), m
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_lora_inference_path_equals_the_function_path(bias, x_dtype):
+    from qlora_rs.nn import LoraLinear4bit
+
+    torch.manual_seed(0)
+    lora = LoraLinear4bit(layer(bias), r=8, alpha=16, dropout=0.1)
+    torch.nn.init.normal_(lora.lora_B.weight)  # B starts at zero: make the adapters count
+    lora.eval()
+    assert lora.base_layer._cpu_kernel_weight() is not None
+    for m in (1, 5, ops.CPU_FUSED_GEMM_MAX_M + 3):
+        x = torch.randn(2, m, 96).to(x_dtype)
+        with torch.no_grad():
+            fast = lora(x)
+        slow = lora(x)  # grad enabled and the adapters require grad: the autograd function
+        assert slow.grad_fn is not None and fast.grad_fn is None
+        assert fast.dtype == x_dtype and torch.equal(fast, slow.detach()), m
+    # Training with dropout takes the function (a mask per call), even without gradients.
+    lora.train()
+    with torch.no_grad():
+        a, b = lora(x), lora(x)
+    assert not torch.equal(a, b)
+
+
 def test_inference_path_follows_weight_changes():
     q = layer()
     x = torch.randn(2, 96)
