@@ -3,7 +3,11 @@ bf16 transformers, transformers + bitsandbytes NF4, and ``qlora_rs.from_pretrain
 loaded from the same bf16 checkpoint and timed in this run with the repeats interleaved. Prints
 tokens/s and the ratios the issue asks for (qlora-rs vs bitsandbytes, qlora-rs vs bf16).
 
-    OMP_WAIT_POLICY=PASSIVE python benches/generate_bench.py [--tokens 40] [--repeat 5] [--threads 2]
+    OMP_WAIT_POLICY=PASSIVE python benches/generate_bench.py [--tokens 40] [--repeat 5] [--threads 2] [--adapter]
+
+``--adapter`` adds chatting with a LoRA adapter (r=16 on every linear layer, as ``qlora-rs chat
+--adapter`` runs one): transformers + bitsandbytes + PEFT against qlora-rs, both 4-bit models with
+the same adapter weights.
 
 (`make bench` sets OMP_WAIT_POLICY=PASSIVE: torch's OpenMP threads otherwise spin between ops and
 take the cores the other contenders need; it applies to all three alike.) It also prints tokens per
@@ -25,11 +29,14 @@ from pathlib import Path
 
 import torch
 
+
 def _cache() -> Path:
     import transformers
 
     return (Path(__file__).resolve().parent.parent / "target" / "test-cache"
             / f"smollm2-135m-instruct-bf16-{transformers.__version__}")
+
+
 PROMPT = "Explain in two sentences why the sky is blue."
 
 
@@ -57,7 +64,7 @@ def bf16_checkpoint() -> Path:
     return cache
 
 
-def load_models(path: Path) -> dict:
+def load_models(path: Path, adapter: bool = False) -> dict:
     from transformers import AutoModelForCausalLM
 
     import qlora_rs
@@ -78,9 +85,51 @@ def load_models(path: Path) -> dict:
     except ImportError as e:
         print(f"bitsandbytes not usable ({e}): skipped")
     models["qlora_rs.from_pretrained nf4"] = qlora_rs.from_pretrained(path)
+    if adapter:
+        add_adapters(models, path)
     for m in models.values():
         m.eval()
     return models
+
+
+def add_adapters(models: dict, path: Path) -> None:
+    """The same LoRA adapter (r=16, every linear layer, B not zero so that it counts) on a
+    bitsandbytes model through PEFT and on a qlora-rs model."""
+    import qlora_rs
+
+    ours = qlora_rs.from_pretrained(path)
+    qlora_rs.add_lora(ours, r=16, alpha=32, dropout=0.05, target_modules="all-linear")
+    generator = torch.Generator().manual_seed(0)
+    weights = {name: torch.randn(p.shape, generator=generator) * 0.01
+               for name, p in ours.named_parameters() if "lora_B" in name}
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if name in weights:
+                p.copy_(weights[name])
+    models["qlora_rs nf4 + LoRA"] = ours
+    if "transformers + bitsandbytes nf4" not in models:
+        return
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bnb = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=config,
+                                                   device_map="cpu")
+        peft = get_peft_model(bnb, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear"))
+    ours_a = {n.split("base_model.")[-1]: p for n, p in ours.named_parameters() if "lora_A" in n}
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_" not in name:
+                continue
+            key = name.replace("base_model.model.", "").replace(".default", "")
+            source = weights.get(key) if "lora_B" in key else ours_a.get(key)
+            if source is None or source.shape != p.shape:
+                raise SystemExit(f"adapter weight {name} has no counterpart in the qlora-rs model")
+            p.copy_(source)
+    models["transformers + bitsandbytes nf4 + PEFT LoRA"] = peft
 
 
 def main() -> None:
@@ -88,6 +137,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=40)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (qlora-rs: QLORA_RS_NUM_THREADS)")
+    ap.add_argument("--adapter", action="store_true", help="also generate with a LoRA adapter (PEFT vs qlora-rs)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("QLORA_RS_NUM_THREADS", str(args.threads))
@@ -105,7 +155,7 @@ def main() -> None:
     ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, return_tensors="pt")
     if not isinstance(ids, torch.Tensor):  # transformers returning a BatchEncoding
         ids = ids["input_ids"]
-    models = load_models(path)
+    models = load_models(path, args.adapter)
 
     def generate(model) -> torch.Tensor:
         with torch.inference_mode():
@@ -133,12 +183,17 @@ def main() -> None:
     # figure that does not depend on how long the process waited for a core.
     cpu_rate = {name: args.tokens / statistics.median(t) for name, t in cpu.items()}
     for name in models:
-        print(f"  {name:<34} {rate[name]:7.1f} tokens/s  (best {args.tokens / min(times[name]):.1f}; "
+        print(f"  {name:<44} {rate[name]:7.1f} tokens/s  (best {args.tokens / min(times[name]):.1f}; "
               f"per CPU second {cpu_rate[name]:.1f})")
     ours, ours_cpu = rate["qlora_rs.from_pretrained nf4"], cpu_rate["qlora_rs.from_pretrained nf4"]
     for name in models:
-        if not name.startswith("qlora_rs"):
+        if not name.startswith("qlora_rs") and not name.endswith("LoRA"):
             print(f"qlora-rs vs {name}: {ours / rate[name]:.2f}x (per CPU second {ours_cpu / cpu_rate[name]:.2f}x)")
+    ours_lora, peft_lora = "qlora_rs nf4 + LoRA", "transformers + bitsandbytes nf4 + PEFT LoRA"
+    if ours_lora in rate and peft_lora in rate:
+        print(f"with the adapter, qlora-rs vs bitsandbytes + PEFT: {rate[ours_lora] / rate[peft_lora]:.2f}x "
+              f"(per CPU second {cpu_rate[ours_lora] / cpu_rate[peft_lora]:.2f}x); qlora-rs with the adapter "
+              f"runs at {rate[ours_lora] / ours:.2f} of its speed without")
     prompt_len = ids.shape[1]
     for name, out in outputs.items():
         print(f"  [{name}] {tok.decode(out[0, prompt_len:], skip_special_tokens=True)!r}")
