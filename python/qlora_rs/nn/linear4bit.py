@@ -434,18 +434,24 @@ class Linear4bit(nn.Linear):
             self.__dict__["_cpu_weight"] = cached
         return cached[1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Inference on the CPU: the kernels straight from the weight checked once (no per-call
-        # argument checks, op dispatch or autograd node; the same kernels and results as the op).
+    def _cpu_inference(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """``x @ W^T + bias`` in ``compute_dtype`` by the CPU kernels straight from the weight
+        checked once (no per-call argument checks, op dispatch or autograd node; the same kernels
+        and results as the op), or None when the op must run: not a plain CPU tensor, something
+        records or traces the call, or ``x`` does not fit."""
         bias = self._parameters["bias"]
-        if type(x) is torch.Tensor and x.is_cpu and _untraced(x, bias):
-            weight = self._cpu_kernel_weight()
-            if weight is not None and x.dim() > 0 and x.shape[-1] == self.in_features and x.is_floating_point():
-                dtype = x.dtype
-                y = weight.matmul(x if dtype == self.compute_dtype else x.to(self.compute_dtype))
-                if bias is not None:
-                    y = y + bias.to(y.dtype)
-                return y if y.dtype == dtype else y.to(dtype)
+        if type(x) is not torch.Tensor or not x.is_cpu or not _untraced(x, bias):
+            return None
+        weight = self._cpu_kernel_weight()
+        if weight is None or x.dim() == 0 or x.shape[-1] != self.in_features or not x.is_floating_point():
+            return None
+        y = weight.matmul(x if x.dtype == self.compute_dtype else x.to(self.compute_dtype))
+        return y if bias is None else y + bias.to(y.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._cpu_inference(x)
+        if y is not None:
+            return y if y.dtype == x.dtype else y.to(x.dtype)
         self._check_input(x)
         y = Linear4bitFunction.apply(x.to(self.compute_dtype), self.bias, *self._op_args())
         return y.to(x.dtype)

@@ -10,7 +10,7 @@ autograd function. The attribute names follow PEFT's (``base_layer``, ``lora_A.w
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ from torch import nn
 from ..core.autograd import LoraLinear4bitFunction, LoraLinearFunction
 from ..errors import InvalidArgumentError
 from ..core.quant_state import dtype_name, parse_dtype
-from .linear4bit import Linear4bit, _untraced
+from .linear4bit import Linear4bit
 
 __all__ = ["LoraLinear4bit", "LoraLinear", "LORA_INITS"]
 
@@ -140,12 +140,12 @@ class LoraLinear4bit(_LoraLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         p = self.dropout if self.training else 0.0
-        if p == 0.0 and type(x) is torch.Tensor and x.is_cpu and _untraced(x, base.bias) and not (
+        if p == 0.0 and not (
             torch.is_grad_enabled() and (self.lora_A.weight.requires_grad or self.lora_B.weight.requires_grad)
         ):
-            y = self._cpu_inference(x)
+            y = base._cpu_inference(x)
             if y is not None:
-                return y
+                return self._add_adapters(x, y)
         base._check_input(x)
         self._check_adapters()
         y = LoraLinear4bitFunction.apply(
@@ -153,22 +153,13 @@ class LoraLinear4bit(_LoraLayer):
         )
         return y.to(x.dtype)
 
-    def _cpu_inference(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """The forward of :class:`LoraLinear4bitFunction` without dropout, for chat and evaluation on
-        the CPU: the base through the weight its layer checked once (as ``Linear4bit`` does), the
-        adapters as two small products; the same operations in the same dtypes, so the same result.
-        None when the kernels cannot take ``x``."""
-        base = self.base_layer
-        weight = base._cpu_kernel_weight()
-        if weight is None or x.dim() == 0 or x.shape[-1] != self.in_features or not x.is_floating_point():
-            return None
+    def _add_adapters(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The rest of :class:`LoraLinear4bitFunction`'s forward without dropout, for chat and
+        evaluation on the CPU, given the base's ``y`` from its kernels: the adapters as two small
+        products, the same operations in the same dtypes, so the same result."""
         self._check_adapters()
         a, b = self.lora_A.weight, self.lora_B.weight
-        xc = x.to(base.compute_dtype)
-        y = weight.matmul(xc)
-        if base.bias is not None:
-            y = y + base.bias.to(y.dtype)
-        lora = F.linear(F.linear(xc.to(a.dtype), a), b) * self.scaling
+        lora = F.linear(F.linear(x.to(self.base_layer.compute_dtype).to(a.dtype), a), b) * self.scaling
         return (y + lora.to(y.dtype)).to(x.dtype)
 
 
