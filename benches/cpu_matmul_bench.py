@@ -10,7 +10,8 @@ drifts affects all of them alike. Prints medians and ratios:
   cache twice over, as the layers of a model do during generation: a weight repeated from cache
   would time the cache, not the bytes a quarter-size format saves (``--warm`` keeps one copy);
 - dequantize 4096x4096 NF4 + double quant to bf16: qlora-rs into a new tensor and into a
-  preallocated one, against bitsandbytes' ``dequantize_4bit``; Gparam/s and GB/s (bytes read +
+  preallocated one (by the op's arguments, and from the weight as ``Linear4bit`` keeps it: block
+  scales decoded to float32 once), against bitsandbytes' ``dequantize_4bit``; Gparam/s and GB/s (bytes read +
   written), and the anchor the machine sets: torch copying a bf16 tensor of the output's size;
 - ``--crossover``: the fused kernel against dequantize + ``F.linear`` for M = 1..32, the table
   behind ``qlora_rs.ops.CPU_FUSED_GEMM_MAX_M``.
@@ -146,10 +147,12 @@ def dequantize_table(repeat: int) -> None:
     args = ops.quant_args(packed, state)
     buffer = torch.empty(n_out, k, dtype=torch.bfloat16)
     source = torch.randn(n_out, k, dtype=torch.bfloat16)
+    cached = ops.CpuPackedWeight(*args, float_scales=True)  # as Linear4bit keeps its weight
     contenders = {
         "torch copy_ (anchor)": lambda: buffer.copy_(source),
         "qlora-rs, new tensor": lambda: torch.ops.qlora_rs.dequantize_4bit(*args, torch.bfloat16),
         "qlora-rs, preallocated": lambda: ops.dequantize_4bit_cpu(*args, torch.bfloat16, out=buffer),
+        "Linear4bit's weight, prealloc.": lambda: cached.dequantize(torch.bfloat16, out=buffer),
     }
     try:
         import bitsandbytes.functional as BF
@@ -164,7 +167,7 @@ def dequantize_table(repeat: int) -> None:
     print(f"\ndequantize {n_out}x{k} NF4 + double quant -> bf16; median of {repeat} interleaved repeats")
     for name, s in t.items():
         moved = 4 * n if name.startswith("torch copy_") else traffic
-        print(f"  {name:<26}{s * 1e3:>8.2f} ms {n / s / 1e9:>7.2f} Gparam/s {moved / s / 1e9:>7.1f} GB/s")
+        print(f"  {name:<31}{s * 1e3:>8.2f} ms {n / s / 1e9:>7.2f} Gparam/s {moved / s / 1e9:>7.1f} GB/s")
     print(f"preallocated dequantize vs this machine's bf16 copy of the same output: "
           f"{t['torch copy_ (anchor)'] / t['qlora-rs, preallocated']:.2f}x")
     if "bitsandbytes, new tensor" in t:

@@ -122,6 +122,45 @@ def test_large_products_split_over_threads_cover_every_row():
     assert_matches_reference(ops.gemm_4bit_cpu(x, *ops.quant_args(packed, state)), x, reference_weight(packed, state))
 
 
+def test_layer_kernels_run_on_torchs_openmp_team_with_its_thread_count():
+    # PyTorch's CPU ops run on GNU OpenMP, whose threads spin after each op: the per-layer kernels
+    # use that team (crate::threads), sized by torch.set_num_threads, and give the same bits as
+    # on one thread or on the rayon pool (QLORA_RS_OPENMP=0, in a fresh process).
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the OpenMP team is looked up in a Linux process")
+    assert qlora_rs.build_info()["layer_threads"] == "openmp"
+    packed, state = quantized(1030, 1024, "nf4", 64, True)
+    args = ops.quant_args(packed, state)
+    x = torch.randn(3, 1024, dtype=torch.bfloat16)
+    # 8.4 M bf16 values: 16 MiB, decoded in parallel chunks with streamed stores.
+    big_packed, big_state = quantized(2048, 4100, "nf4", 64, True)
+    big = ops.quant_args(big_packed, big_state)
+    before = torch.get_num_threads()
+    results = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert qlora_rs.build_info()["layer_team_size"] == min(threads, qlora_rs.build_info()["threads"])
+            results[threads] = (ops.gemm_4bit_cpu(x, *args), ops.dequantize_4bit_cpu(*big, torch.bfloat16))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[1][0], results[2][0]) and torch.equal(results[1][1], results[2][1])
+    assert torch.equal(results[1][1], reference_weight(big_packed, big_state).to(torch.bfloat16))
+    code = (
+        "import sys, torch, qlora_rs; from qlora_rs.core import ops; torch.manual_seed(0); "
+        "w = torch.randn(1030, 1024); p, s = qlora_rs.quantize(w, 'nf4', 64, double_quant=True); "
+        "x = torch.randn(3, 1024, dtype=torch.bfloat16); y = ops.gemm_4bit_cpu(x, *ops.quant_args(p, s)); "
+        "print(qlora_rs.build_info()['layer_threads'], float(y.double().sum()), float((y.double() ** 2).sum()))"
+    )
+    runs = {}
+    for flag in ("1", "0"):
+        env = dict(os.environ, QLORA_RS_OPENMP=flag)
+        runs[flag] = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                    check=True).stdout.split()
+    assert runs["1"][0] == "openmp" and runs["0"][0] == "rayon"
+    assert runs["1"][1:] == runs["0"][1:]
+
+
 @settings(max_examples=25)
 @given(
     m=st.integers(1, 16),

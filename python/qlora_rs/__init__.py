@@ -29,7 +29,10 @@ __version__ = _lib.__version__
 
 def build_info() -> dict:
     """Build facts: ``version``, ``cuda_kernels`` (compiled in?), ``threads`` (rayon threads in use,
-    set with ``QLORA_RS_NUM_THREADS``), and the CUDA architectures and nvcc version when built with kernels."""
+    set with ``QLORA_RS_NUM_THREADS``), ``layer_threads`` and ``layer_team_size`` (where the per-layer
+    CPU kernels run: ``"openmp"``, the OpenMP team of PyTorch's own CPU ops, ``torch.get_num_threads()``
+    threads capped by ``threads``; or ``"rayon"``), and the CUDA architectures and nvcc version when
+    built with kernels."""
     return dict(_lib.build_info())
 
 

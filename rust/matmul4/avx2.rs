@@ -87,22 +87,45 @@ unsafe fn bf16_bits(v: __m256) -> __m256i {
 /// Stores 16 values (element order) as `T`.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn store<T: Element>(dst: *mut T, a: __m256, b: __m256) {
+unsafe fn store<T: Element>(dst: *mut T, a: __m256, b: __m256, stream: bool) {
+    let d = dst as *mut u8;
     match T::DTYPE {
         DType::F32 => {
-            _mm256_storeu_ps(dst as *mut f32, a);
-            _mm256_storeu_ps((dst as *mut f32).add(8), b);
+            put_256(d, _mm256_castps_si256(a), stream);
+            put_256(d.add(32), _mm256_castps_si256(b), stream);
         }
         DType::F16 => {
             const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT;
-            _mm_storeu_si128(dst as *mut __m128i, _mm256_cvtps_ph::<NEAREST>(a));
-            _mm_storeu_si128((dst as *mut __m128i).add(1), _mm256_cvtps_ph::<NEAREST>(b));
+            put_128(d, _mm256_cvtps_ph::<NEAREST>(a), stream);
+            put_128(d.add(16), _mm256_cvtps_ph::<NEAREST>(b), stream);
         }
         DType::BF16 => {
             // packus interleaves 128-bit halves: a0-3 b0-3 a4-7 b4-7; the permute restores order.
             let packed = _mm256_packus_epi32(bf16_bits(a), bf16_bits(b));
-            _mm256_storeu_si256(dst as *mut __m256i, _mm256_permute4x64_epi64::<0b11_01_10_00>(packed));
+            put_256(d, _mm256_permute4x64_epi64::<0b11_01_10_00>(packed), stream);
         }
+    }
+}
+
+/// Stores 32 bytes at `dst`: past the caches (non-temporal) when `stream` and `dst` is aligned.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn put_256(dst: *mut u8, v: __m256i, stream: bool) {
+    if stream && (dst as usize).is_multiple_of(32) {
+        _mm256_stream_si256(dst as *mut __m256i, v);
+    } else {
+        _mm256_storeu_si256(dst as *mut __m256i, v);
+    }
+}
+
+/// Stores 16 bytes at `dst`, as [`put_256`].
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn put_128(dst: *mut u8, v: __m128i, stream: bool) {
+    if stream && (dst as usize).is_multiple_of(16) {
+        _mm_stream_si128(dst as *mut __m128i, v);
+    } else {
+        _mm_storeu_si128(dst as *mut __m128i, v);
     }
 }
 
@@ -114,6 +137,7 @@ pub unsafe fn decode_chunk<T: Element, F: Fn(usize) -> f32>(
     code: &[f32; 16],
     blocksize: usize,
     scale: F,
+    stream: bool,
 ) {
     let (src, dst) = (packed.as_ptr(), out.as_mut_ptr());
     let n = out.len();
@@ -127,7 +151,7 @@ pub unsafe fn decode_chunk<T: Element, F: Fn(usize) -> f32>(
         for h in 0..halves {
             let e = start + 16 * h;
             let (lo, hi) = decode_half(src.add(e / 2), table);
-            store(dst.add(e), lo, hi);
+            store(dst.add(e), lo, hi, stream);
         }
         let done = start + 16 * halves;
         if done < start + len {
@@ -135,6 +159,10 @@ pub unsafe fn decode_chunk<T: Element, F: Fn(usize) -> f32>(
         }
         start += len;
         b += 1;
+    }
+    if stream {
+        // Streamed stores are weakly ordered: make them visible before whatever follows.
+        _mm_sfence();
     }
 }
 

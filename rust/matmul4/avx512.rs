@@ -50,23 +50,46 @@ unsafe fn bf16_bits(v: __m512) -> __m256i {
     _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, quiet))
 }
 
-/// Stores 32 values (element order) as `T`.
+/// Stores 64 bytes at `dst`: past the caches (non-temporal) when `stream` and `dst` is aligned.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 #[inline]
-unsafe fn store<T: Element>(dst: *mut T, a: __m512, b: __m512) {
+unsafe fn put_512(dst: *mut u8, v: __m512i, stream: bool) {
+    if stream && (dst as usize).is_multiple_of(64) {
+        _mm512_stream_si512(dst as *mut __m512i, v);
+    } else {
+        _mm512_storeu_si512(dst as *mut __m512i, v);
+    }
+}
+
+/// Stores 32 bytes at `dst`, as [`put_512`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+unsafe fn put_256(dst: *mut u8, v: __m256i, stream: bool) {
+    if stream && (dst as usize).is_multiple_of(32) {
+        _mm256_stream_si256(dst as *mut __m256i, v);
+    } else {
+        _mm256_storeu_si256(dst as *mut __m256i, v);
+    }
+}
+
+/// Stores 32 values (element order) as `T` (see [`put_512`] for `stream`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+unsafe fn store<T: Element>(dst: *mut T, a: __m512, b: __m512, stream: bool) {
+    let d = dst as *mut u8;
     match T::DTYPE {
         DType::F32 => {
-            _mm512_storeu_ps(dst as *mut f32, a);
-            _mm512_storeu_ps((dst as *mut f32).add(16), b);
+            put_512(d, _mm512_castps_si512(a), stream);
+            put_512(d.add(64), _mm512_castps_si512(b), stream);
         }
         DType::F16 => {
             const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT;
-            _mm256_storeu_si256(dst as *mut __m256i, _mm512_cvtps_ph::<NEAREST>(a));
-            _mm256_storeu_si256((dst as *mut __m256i).add(1), _mm512_cvtps_ph::<NEAREST>(b));
+            put_256(d, _mm512_cvtps_ph::<NEAREST>(a), stream);
+            put_256(d.add(32), _mm512_cvtps_ph::<NEAREST>(b), stream);
         }
         DType::BF16 => {
-            _mm256_storeu_si256(dst as *mut __m256i, bf16_bits(a));
-            _mm256_storeu_si256((dst as *mut __m256i).add(1), bf16_bits(b));
+            put_256(d, bf16_bits(a), stream);
+            put_256(d.add(32), bf16_bits(b), stream);
         }
     }
 }
@@ -80,6 +103,7 @@ unsafe fn decode_blocks<T: Element, F: Fn(usize) -> f32, P: Fn(*mut T, __m512, _
     code: &[f32; 16],
     blocksize: usize,
     scale: F,
+    stream: bool,
     put: P,
 ) {
     let table = _mm512_loadu_ps(code.as_ptr());
@@ -104,6 +128,10 @@ unsafe fn decode_blocks<T: Element, F: Fn(usize) -> f32, P: Fn(*mut T, __m512, _
         start += len;
         b += 1;
     }
+    if stream {
+        // Streamed stores are weakly ordered: make them visible before whatever follows.
+        _mm_sfence();
+    }
 }
 
 /// See [`super::decode_chunk`].
@@ -114,8 +142,9 @@ pub unsafe fn decode_chunk<T: Element, F: Fn(usize) -> f32>(
     code: &[f32; 16],
     blocksize: usize,
     scale: F,
+    stream: bool,
 ) {
-    decode_blocks(packed, out, code, blocksize, scale, |dst, a, b, _| store(dst, a, b));
+    decode_blocks(packed, out, code, blocksize, scale, stream, |dst, a, b, _| store(dst, a, b, stream));
 }
 
 /// Scales below this may give products under the float32 normal range, which
@@ -130,14 +159,15 @@ pub unsafe fn decode_chunk_bf16_native<F: Fn(usize) -> f32>(
     code: &[f32; 16],
     blocksize: usize,
     scale: F,
+    stream: bool,
 ) {
-    decode_blocks(packed, out, code, blocksize, scale, |dst, a, b, s| {
+    decode_blocks(packed, out, code, blocksize, scale, stream, |dst, a, b, s| {
         if s.abs() >= SUBNORMAL_RISK || s.is_nan() {
             // Low half from the second operand: elements 0..16 first.
             let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(b, a));
-            _mm512_storeu_si512(dst as *mut __m512i, v);
+            put_512(dst as *mut u8, v, stream);
         } else {
-            store(dst, a, b);
+            store(dst, a, b, stream);
         }
     });
 }

@@ -251,3 +251,51 @@ fn unsupported_levels_and_mismatched_nested_scales_are_errors() {
     let err = dequantize_4bit_with(&q.packed, bad, QuantType::Nf4, 64, FloatSliceMut::F32(&mut out), Isa::Portable);
     assert!(err.unwrap_err().to_string().contains("nested_absmax has 0 entries"));
 }
+
+/// Streamed (non-temporal) stores write the same bits as cached ones, on every level and output
+/// type, whether the destination is aligned for them or not (then they fall back to plain stores).
+#[test]
+fn streamed_decode_writes_the_same_bits() {
+    fn check<T: Element + PartialEq + std::fmt::Debug>() {
+        let n = 3 * 4096 + 96;
+        let packed: Vec<u8> = (0..packed_len(n)).map(|i| (i * 131 + 7) as u8).collect();
+        let absmax: Vec<f32> = (0..num_blocks(n, 64)).map(|b| 0.25 + b as f32 * 0.01).collect();
+        let code = QuantType::Nf4.code();
+        for isa in Isa::available() {
+            let mut want = vec![T::from_f32(0.0); n];
+            // SAFETY: `isa` is available on this CPU.
+            unsafe { decode_chunk(isa, &packed, &mut want, code, 64, |b| absmax[b], false) };
+            // Offsets 0 and 1 element into a 64-byte aligned buffer: aligned and misaligned stores.
+            for shift in [0, 1] {
+                let mut buf = vec![0u8; (n + shift) * std::mem::size_of::<T>() + 128];
+                let base = buf.as_mut_ptr().align_offset(64);
+                // SAFETY: `base + shift` elements in, `n` elements fit in `buf` (128 spare bytes).
+                let got = unsafe {
+                    std::slice::from_raw_parts_mut((buf.as_mut_ptr().add(base) as *mut T).add(shift), n)
+                };
+                unsafe { decode_chunk(isa, &packed, got, code, 64, |b| absmax[b], true) };
+                assert!(got == &want[..], "{isa:?} {:?} shift {shift}", T::DTYPE);
+            }
+        }
+    }
+    check::<f32>();
+    check::<f16>();
+    check::<bf16>();
+}
+
+/// Outputs of STREAM_MIN_BYTES and more are written past the caches, in parallel chunks: the whole
+/// decode still equals the portable one.
+#[test]
+fn large_decode_is_exact() {
+    let n = STREAM_MIN_BYTES / 2 + 4096 * 3 + 64; // bf16: just over the threshold
+    let q = Quantized::new(&noise(n, 21), QuantType::Nf4, 64);
+    for double in [false, true] {
+        let mut want = vec![bf16::ZERO; n];
+        dequantize_4bit_with(&q.packed, q.scales(double), QuantType::Nf4, 64, FloatSliceMut::BF16(&mut want), Isa::Portable).unwrap();
+        for isa in Isa::available() {
+            let mut got = vec![bf16::ZERO; n];
+            dequantize_4bit_with(&q.packed, q.scales(double), QuantType::Nf4, 64, FloatSliceMut::BF16(&mut got), isa).unwrap();
+            assert!(got == want, "{isa:?} double={double}");
+        }
+    }
+}

@@ -49,13 +49,17 @@ pub(crate) fn to_pyerr(err: Error) -> PyErr {
     })
 }
 
-/// Build facts: version, whether CUDA kernels are compiled in, thread count.
+/// Build facts: version, whether CUDA kernels are compiled in, thread count; and where the
+/// per-layer CPU kernels run their threads in this process (`layer_threads`: "openmp" on the
+/// OpenMP team PyTorch loaded, else "rayon"; `layer_team_size`: how many).
 #[pyfunction]
 fn build_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("version", crate::VERSION)?;
     d.set_item("cuda_kernels", crate::CUDA_KERNELS)?;
     d.set_item("threads", crate::threads::current())?;
+    d.set_item("layer_threads", crate::threads::team_backend())?;
+    d.set_item("layer_team_size", crate::threads::team_size())?;
     d.set_item("cuda_archs", option_env!("QLORA_RS_CUDA_ARCHS").unwrap_or(""))?;
     d.set_item("nvcc", option_env!("QLORA_RS_NVCC_VERSION").unwrap_or(""))?;
     d.set_item("debug", cfg!(debug_assertions))?;

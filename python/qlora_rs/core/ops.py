@@ -4,8 +4,8 @@
 Each has a schema, a fake (meta) implementation, so that ``torch.compile`` and meta-device models
 see through it, and per-device kernels behind it:
 
-- CPU: the Rust core (GIL released, rayon, kernels chosen at run time for the CPU's instruction
-  set). ``gemm_4bit`` with few rows (``M <= CPU_FUSED_GEMM_MAX_M``) runs a fused kernel that reads
+- CPU: the Rust core (GIL released; threads from torch's own OpenMP team, ``torch.get_num_threads()``
+  of them; kernels chosen at run time for the CPU's instruction set). ``gemm_4bit`` with few rows (``M <= CPU_FUSED_GEMM_MAX_M``) runs a fused kernel that reads
   the packed weight directly; with more, the core decodes and the matmul is torch's (MKL/oneDNN).
 - CUDA: kernels registered for the ``CUDA`` dispatch key by ``qlora_rs.core.cuda_ops`` when compiled in.
   Without them every other device (CUDA included) runs a pure-torch decode registered as the
