@@ -132,7 +132,7 @@ def test_layer_kernels_run_on_torchs_openmp_team_with_its_thread_count():
     packed, state = quantized(1030, 1024, "nf4", 64, True)
     args = ops.quant_args(packed, state)
     x = torch.randn(3, 1024, dtype=torch.bfloat16)
-    # 8.4 M bf16 values: 16 MiB, decoded in parallel chunks with streamed stores.
+    # 8.4 M bf16 values, over 16 MiB: decoded in parallel chunks, streamed into a buffer in use.
     big_packed, big_state = quantized(2048, 4100, "nf4", 64, True)
     big = ops.quant_args(big_packed, big_state)
     before = torch.get_num_threads()
@@ -141,11 +141,16 @@ def test_layer_kernels_run_on_torchs_openmp_team_with_its_thread_count():
         for threads in (1, 2):
             torch.set_num_threads(threads)
             assert qlora_rs.build_info()["layer_team_size"] == min(threads, qlora_rs.build_info()["threads"])
-            results[threads] = (ops.gemm_4bit_cpu(x, *args), ops.dequantize_4bit_cpu(*big, torch.bfloat16))
+            # A new tensor (written through the cache) and a buffer in use (streamed past it).
+            buffer = torch.full(tuple(big_state.shape), 7.0, dtype=torch.bfloat16)
+            results[threads] = (ops.gemm_4bit_cpu(x, *args), ops.dequantize_4bit_cpu(*big, torch.bfloat16),
+                                ops.dequantize_4bit_cpu(*big, torch.bfloat16, out=buffer))
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(results[1][0], results[2][0]) and torch.equal(results[1][1], results[2][1])
-    assert torch.equal(results[1][1], reference_weight(big_packed, big_state).to(torch.bfloat16))
+    want = reference_weight(big_packed, big_state).to(torch.bfloat16)
+    for got in (*results[1][1:], *results[2][1:]):
+        assert torch.equal(got, want)
+    assert torch.equal(results[1][0], results[2][0])
     code = (
         "import sys, torch, qlora_rs; from qlora_rs.core import ops; torch.manual_seed(0); "
         "w = torch.randn(1030, 1024); p, s = qlora_rs.quantize(w, 'nf4', 64, double_quant=True); "

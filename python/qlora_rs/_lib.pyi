@@ -98,9 +98,11 @@ def cpu_gemm_4bit(weight: PackedWeight4, x: _Tensor, out: _Tensor, isa: str | No
     (float32, float16 or bfloat16) and out of the same dtype. `isa`: a level from `cpu_isas()`
     (default: `cpu_isa()`)."""
 
-def cpu_dequantize_4bit(weight: PackedWeight4, out: _Tensor, isa: str | None = None) -> None:
+def cpu_dequantize_4bit(weight: PackedWeight4, out: _Tensor, isa: str | None = None, fresh: bool = False) -> None:
     """Decodes the weight into `out` (float32, float16 or bfloat16) on the CPU, decoding
-    double-quantized scales block by block. `isa`: a level from `cpu_isas()` (default: `cpu_isa()`)."""
+    double-quantized scales chunk by chunk. `isa`: a level from `cpu_isas()` (default: `cpu_isa()`).
+    `fresh`: out was just allocated (written through the cache; else outputs of 16 MiB and more
+    are streamed past it)."""
 
 def cpu_isa() -> str:
     """The instruction-set level the CPU kernels use in this process: the widest this CPU runs,

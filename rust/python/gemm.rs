@@ -9,7 +9,7 @@ use super::tensor_arg::{no_overlap, Elem, HeldTensor, TensorArg};
 use super::to_pyerr;
 use crate::cpu_isa::Isa;
 use crate::matmul4::{self, Weight4};
-use crate::quant4::{self, BlockScales};
+use crate::quant4::{self, BlockScales, OutputMemory};
 use crate::{blockwise8, QuantType};
 
 enum HeldScales {
@@ -176,20 +176,28 @@ fn cpu_gemm_4bit(
 }
 
 /// Decodes the weight into `out` (float32, float16 or bfloat16, rows * cols elements) on the CPU,
-/// decoding double-quantized scales block by block (no float32 copy). `isa`: a level from
-/// `cpu_isas()` (default: `cpu_isa()`).
+/// decoding double-quantized scales chunk by chunk (no float32 copy). `isa`: a level from
+/// `cpu_isas()` (default: `cpu_isa()`). `fresh`: `out` was just allocated for this call (its
+/// pages untouched: written through the cache; else large outputs are streamed past it).
 #[pyfunction]
-#[pyo3(signature = (weight, out, isa=None))]
-fn cpu_dequantize_4bit(py: Python<'_>, weight: &Bound<'_, PackedWeight4>, out: &Bound<'_, PyAny>, isa: Option<&str>) -> PyResult<()> {
+#[pyo3(signature = (weight, out, isa=None, fresh=false))]
+fn cpu_dequantize_4bit(
+    py: Python<'_>,
+    weight: &Bound<'_, PackedWeight4>,
+    out: &Bound<'_, PyAny>,
+    isa: Option<&str>,
+    fresh: bool,
+) -> PyResult<()> {
     let w = weight.get();
     let isa = isa_or_current(isa)?;
     let out = TensorArg::new(out, "cpu_dequantize_4bit: out")?.expect_len(w.rows * w.cols)?;
     w.check_out(&out, &[])?;
     out.advise_huge_pages();
     let weight = w.weight()?;
+    let memory = if fresh { OutputMemory::Fresh } else { OutputMemory::Touched };
     // SAFETY: out overlaps none of the weight's tensors (checked above).
     let os = unsafe { out.float_slice_mut()? };
-    py.detach(|| quant4::dequantize_4bit_with(weight.packed, weight.scales, weight.quant_type, weight.blocksize, os, isa))
+    py.detach(|| quant4::dequantize_4bit_into(weight.packed, weight.scales, weight.quant_type, weight.blocksize, os, isa, memory))
         .map_err(to_pyerr)
 }
 

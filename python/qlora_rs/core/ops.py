@@ -152,14 +152,15 @@ class CpuPackedWeight:
     def dequantize(self, dtype: torch.dtype, *, isa: Optional[str] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The weight decoded to ``dtype`` (into ``out``, a contiguous CPU tensor of its size, if given)."""
         n = math.prod(self.shape)
-        if out is None:
+        fresh = out is None
+        if fresh:
             out = torch.empty(self.shape, dtype=dtype)
         elif out.device.type != "cpu" or out.dtype != dtype or out.numel() != n or not out.is_contiguous():
             raise InvalidArgumentError(
                 f"{_DEQUANTIZE} (CPU): out is {dtype_name(out.dtype)} {list(out.shape)} on {out.device} (contiguous: "
                 f"{out.is_contiguous()}); expected a contiguous CPU {dtype_name(dtype)} tensor of {n} elements"
             )
-        _lib.cpu_dequantize_4bit(self._weight, _capsule(out.detach()), isa)
+        _lib.cpu_dequantize_4bit(self._weight, _capsule(out.detach()), isa, fresh)
         return out
 
     def fused_matmul(self, x: torch.Tensor, *, isa: Optional[str] = None) -> torch.Tensor:
