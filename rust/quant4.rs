@@ -548,10 +548,18 @@ fn dequantize_typed<T: Element>(
             // decode they cost about a third of it.
             BlockScales::Double { codes, nested_absmax, nested_map, offset } => {
                 let mut decoded = [0f32; CHUNK_ELEMENTS / BLOCKSIZES[0]];
-                let decoded = &mut decoded[..(end - start).div_ceil(blocksize)];
-                for (b, d) in decoded.iter_mut().enumerate() {
-                    // As BlockScales::get: two roundings.
-                    *d = nested_map[codes[first + b] as usize] * nested_absmax[(first + b) / NESTED_BLOCKSIZE] + offset;
+                let count = (end - start).div_ceil(blocksize);
+                let decoded = &mut decoded[..count];
+                // Runs of blocks that share a nested scale; two roundings, as BlockScales::get.
+                let mut i = 0;
+                while i < count {
+                    let b = first + i;
+                    let run = ((b / NESTED_BLOCKSIZE + 1) * NESTED_BLOCKSIZE - first).min(count);
+                    let nested = nested_absmax[b / NESTED_BLOCKSIZE];
+                    for (d, &c) in decoded[i..run].iter_mut().zip(&codes[b..first + run]) {
+                        *d = nested_map[c as usize] * nested + offset;
+                    }
+                    i = run;
                 }
                 unsafe { matmul4::decode_chunk(isa, ps, os, code, blocksize, |b| decoded[b], stream) }
             }

@@ -166,6 +166,33 @@ def test_layer_kernels_run_on_torchs_openmp_team_with_its_thread_count():
     assert runs["1"][1:] == runs["0"][1:]
 
 
+def test_layer_kernels_from_several_python_threads_at_once():
+    # Each Python thread that calls in leads its own team (OpenMP gives every outside thread one).
+    import threading
+
+    packed, state = quantized(1030, 1024, "nf4", 64, True)
+    args = ops.quant_args(packed, state)
+    xs = [torch.randn(2, 1024, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    want = [ops.gemm_4bit_cpu(x, *args) for x in xs]
+    got = [None] * len(xs)
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(20):
+                got[i] = ops.gemm_4bit_cpu(xs[i], *args)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
 @settings(max_examples=25)
 @given(
     m=st.integers(1, 16),
