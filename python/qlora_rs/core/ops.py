@@ -168,7 +168,7 @@ class CpuPackedWeight:
         float32/float16/bfloat16 tensor ``[..., in_features]`` (checked by the caller)."""
         n_out = self.shape[0]
         x = x.contiguous()
-        out = torch.empty(x.shape[:-1] + (n_out,), dtype=x.dtype)
+        out = x.new_empty((*x.shape[:-1], n_out))  # 2 us less than torch.empty of a torch.Size + tuple
         _lib.cpu_gemm_4bit(self._weight, _capsule(x), _capsule(out), isa)
         return out
 
@@ -182,7 +182,7 @@ class CpuPackedWeight:
             return F.linear(x.to(mm), self.dequantize(mm)).to(x.dtype)
         # fused_matmul, inlined: this runs once per linear layer and generated token.
         x = x.contiguous()
-        out = torch.empty(x.shape[:-1] + (n_out,), dtype=x.dtype)
+        out = x.new_empty((*x.shape[:-1], n_out))  # 2 us less than torch.empty of a torch.Size + tuple
         _lib.cpu_gemm_4bit(self._weight, _capsule(x), _capsule(out), None)
         return out
 
