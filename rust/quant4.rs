@@ -23,7 +23,7 @@ pub const BLOCKSIZES: [usize; 8] = [32, 64, 128, 256, 512, 1024, 2048, 4096];
 /// Smallest absmax used as a divisor (bitsandbytes clamps to this so an all-zero block gives 0, not NaN).
 pub const MIN_ABSMAX: f32 = 1e-38;
 
-/// Elements one rayon task quantizes or dequantizes: large enough to amortise scheduling,
+/// Elements one task quantizes or dequantizes: large enough to amortise scheduling,
 /// small enough to balance two to a few dozen cores.
 const CHUNK_ELEMENTS: usize = 1 << 15;
 
@@ -539,13 +539,13 @@ fn dequantize_typed<T: Element>(
         let os = unsafe { std::slice::from_raw_parts_mut(out.at(start), end - start) };
         let ps = &packed[start / 2..end.div_ceil(2)];
         let first = c * (chunk / blocksize);
-        // SAFETY: `isa` was checked to be supported by this CPU (dequantize_4bit_with).
         match scales {
+            // SAFETY (both arms): `isa` was checked to be supported by this CPU (dequantize_4bit_into).
             BlockScales::F32(absmax) => unsafe {
                 matmul4::decode_chunk(isa, ps, os, code, blocksize, |b| absmax[first + b], stream)
             },
-            // The chunk's double-quantized scales first, in one tight loop: per block inside the
-            // decode they cost about a third of it.
+            // The chunk's double-quantized scales first, in one tight loop, rather than a lookup
+            // and two roundings per block inside the decode.
             BlockScales::Double { codes, nested_absmax, nested_map, offset } => {
                 let mut decoded = [0f32; CHUNK_ELEMENTS / BLOCKSIZES[0]];
                 let count = (end - start).div_ceil(blocksize);
@@ -571,7 +571,7 @@ fn dequantize_typed<T: Element>(
 struct SharedOut<T>(*mut T);
 
 // SAFETY: the threads write disjoint chunks of a buffer that outlives them.
-unsafe impl<T> Sync for SharedOut<T> {}
+unsafe impl<T: Send> Sync for SharedOut<T> {}
 
 impl<T> SharedOut<T> {
     /// SAFETY: `i` is within the buffer.

@@ -80,11 +80,18 @@ mod openmp {
     #[cfg(unix)]
     use std::ffi::{c_int, c_uint, c_void};
 
+    /// `void GOMP_parallel(void (*fn)(void *), void *data, unsigned num_threads, unsigned flags)`
+    #[cfg(unix)]
+    type GompParallel = unsafe extern "C" fn(extern "C" fn(*mut c_void), *mut c_void, c_uint, c_uint);
+    /// `int omp_get_max_threads(void)`
+    #[cfg(unix)]
+    type MaxThreads = unsafe extern "C" fn() -> c_int;
+
     pub struct OpenMp {
         #[cfg(unix)]
-        parallel: unsafe extern "C" fn(extern "C" fn(*mut c_void), *mut c_void, c_uint, c_uint),
+        parallel: GompParallel,
         #[cfg(unix)]
-        max_threads: unsafe extern "C" fn() -> c_int,
+        max_threads: MaxThreads,
     }
 
     /// The loaded libgomp, looked up once it is there (a process may load PyTorch after us).
@@ -117,7 +124,10 @@ mod openmp {
             if parallel.is_null() || max_threads.is_null() {
                 return None;
             }
-            Some(OpenMp { parallel: std::mem::transmute(parallel), max_threads: std::mem::transmute(max_threads) })
+            Some(OpenMp {
+                parallel: std::mem::transmute::<*mut c_void, GompParallel>(parallel),
+                max_threads: std::mem::transmute::<*mut c_void, MaxThreads>(max_threads),
+            })
         }
     }
 

@@ -77,9 +77,9 @@ impl Weight4<'_> {
 /// caches: a weight this large does not stay in cache for the product that reads it next, and
 /// writing around the cache skips reading each line in first. Measured on 2 cores (AVX-512, a
 /// 105 MiB L3 shared with other tenants), bf16 into a preallocated output: 4096x4096 (32 MiB)
-/// 5.5 -> 8.5-9.2 Gparam/s, and its decode + `F.linear` at M = 32 7.0 -> 6.0 ms; 2048x2048
+/// 5.5 -> 8.2-9.2 Gparam/s, and its decode + `F.linear` at M = 32 7.0 -> 6.0 ms; 2048x2048
 /// (8 MiB) about the same either way; 576x576 41 -> 65 us (small outputs are read back from
-/// the cache, so they keep to it).
+/// the cache, so they keep to it). Only into buffers already in use: see `quant4::OutputMemory`.
 pub const STREAM_MIN_BYTES: usize = 16 << 20;
 
 /// The kernel family a product runs, which also fixes the activation layout.
@@ -147,7 +147,7 @@ impl Kernel {
 /// `out[m, rows] = x[m, cols] @ dequant(W)^T`, summed in float32 and rounded once to the output
 /// type, on the kernels of `isa` (an error if this CPU lacks it). Any `m` works; the kernels are
 /// meant for a few rows (up to 16), where decoding the whole weight first costs more than the
-/// product. Multithreaded over output rows on the rayon pool.
+/// product. Multithreaded over output rows ([`crate::threads::run_team`]).
 pub fn gemm_4bit(x: FloatSlice<'_>, m: usize, w: &Weight4<'_>, out: FloatSliceMut<'_>, isa: Isa) -> Result<()> {
     w.check()?;
     isa.check_supported()?;
