@@ -26,15 +26,15 @@ test: build
 test-oldest-torch: build
 	bash scripts/test-oldest-torch.sh
 
-# OMP_WAIT_POLICY=PASSIVE: OpenMP threads that spin while waiting would take the cores the CPU
-# inference benchmarks share with the Rust pool (and, on a shared machine, with other work).
+# The CPU inference benchmarks run with OpenMP's default wait policy, as users run: the per-layer
+# kernels run on PyTorch's OpenMP team (rust/threads.rs), whose spinning threads take the work at once.
 bench: build
 	$(BIN)/python benches/quantize_bench.py
 	$(BIN)/python benches/convert_bench.py
 	$(BIN)/python benches/train_step_bench.py
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benches/cpu_matmul_bench.py
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benches/cpu_matmul_bench.py --crossover
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benches/generate_bench.py
+	$(BIN)/python benches/cpu_matmul_bench.py
+	$(BIN)/python benches/cpu_matmul_bench.py --crossover
+	$(BIN)/python benches/generate_bench.py
 
 # The QLoRA paper's claims on SmolLM2-135M-Instruct: the whole grid (about 20 minutes on 2 cores) or a subset
 # (about 5). make cannot take --quick itself: `make replicate-quick` or `make replicate ARGS=--quick`.

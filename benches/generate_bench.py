@@ -3,15 +3,15 @@ bf16 transformers, transformers + bitsandbytes NF4, and ``qlora_rs.from_pretrain
 loaded from the same bf16 checkpoint and timed in this run with the repeats interleaved. Prints
 tokens/s and the ratios the issue asks for (qlora-rs vs bitsandbytes, qlora-rs vs bf16).
 
-    OMP_WAIT_POLICY=PASSIVE python benches/generate_bench.py [--tokens 40] [--repeat 5] [--threads 2] [--adapter]
+    python benches/generate_bench.py [--tokens 40] [--repeat 5] [--threads 2] [--adapter]
 
 ``--adapter`` adds chatting with a LoRA adapter (r=16 on every linear layer, as ``qlora-rs chat
 --adapter`` runs one): transformers + bitsandbytes + PEFT against qlora-rs, both 4-bit models with
 the same adapter weights.
 
-(`make bench` sets OMP_WAIT_POLICY=PASSIVE: torch's OpenMP threads otherwise spin between ops and
-take the cores the other contenders need; it applies to all three alike.) It also prints tokens per
-CPU second, which depends less on how busy a shared machine is.
+OpenMP keeps its default wait policy, as for users: qlora-rs's per-layer kernels run on PyTorch's
+OpenMP team, so no second pool competes with its spinning threads. It also prints tokens per CPU
+second, which depends less on how busy a shared machine is.
 
 The bf16 checkpoint is the one the test fixture ``smollm2_dir`` (tests/conftest.py) makes from
 the GGUF file and keeps under target/test-cache; it is made here the same way when missing.
