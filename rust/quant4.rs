@@ -440,6 +440,27 @@ impl BlockScales<'_> {
         Ok(())
     }
 
+    /// The float32 scales of blocks `first..first + out.len()`, as [`BlockScales::get`] gives
+    /// them: double-quantized ones in runs that share a nested scale, one lookup and two roundings
+    /// a block.
+    pub fn decode_range(&self, first: usize, out: &mut [f32]) {
+        match self {
+            BlockScales::F32(a) => out.copy_from_slice(&a[first..first + out.len()]),
+            BlockScales::Double { codes, nested_absmax, nested_map, offset } => {
+                let mut i = 0;
+                while i < out.len() {
+                    let b = first + i;
+                    let run = ((b / NESTED_BLOCKSIZE + 1) * NESTED_BLOCKSIZE - first).min(out.len());
+                    let nested = nested_absmax[b / NESTED_BLOCKSIZE];
+                    for (d, &c) in out[i..run].iter_mut().zip(&codes[b..first + run]) {
+                        *d = nested_map[c as usize] * nested + offset;
+                    }
+                    i = run;
+                }
+            }
+        }
+    }
+
     /// The float32 scale of block `b`.
     #[inline(always)]
     pub fn get(&self, b: usize) -> f32 {
@@ -529,7 +550,9 @@ fn dequantize_typed<T: Element>(
     // A forward pass decodes between PyTorch's ops: on their OpenMP team (crate::threads).
     let out = SharedOut(out.as_mut_ptr());
     let next = AtomicUsize::new(0);
-    crate::threads::run_team(crate::threads::team_size().min(chunks), &|| loop {
+    // (One chunk runs here alone: no need to look the team up.)
+    let threads = if chunks > 1 { crate::threads::team_size().min(chunks) } else { 1 };
+    crate::threads::run_team(threads, &|| loop {
         let c = next.fetch_add(1, Ordering::Relaxed);
         if c >= chunks {
             break;
@@ -538,32 +561,12 @@ fn dequantize_typed<T: Element>(
         // SAFETY: chunks are disjoint ranges of `out`, each taken by one thread once.
         let os = unsafe { std::slice::from_raw_parts_mut(out.at(start), end - start) };
         let ps = &packed[start / 2..end.div_ceil(2)];
-        let first = c * (chunk / blocksize);
-        match scales {
-            // SAFETY (both arms): `isa` was checked to be supported by this CPU (dequantize_4bit_into).
-            BlockScales::F32(absmax) => unsafe {
-                matmul4::decode_chunk(isa, ps, os, code, blocksize, |b| absmax[first + b], stream)
-            },
-            // The chunk's double-quantized scales first, in one tight loop, rather than a lookup
-            // and two roundings per block inside the decode.
-            BlockScales::Double { codes, nested_absmax, nested_map, offset } => {
-                let mut decoded = [0f32; CHUNK_ELEMENTS / BLOCKSIZES[0]];
-                let count = (end - start).div_ceil(blocksize);
-                let decoded = &mut decoded[..count];
-                // Runs of blocks that share a nested scale; two roundings, as BlockScales::get.
-                let mut i = 0;
-                while i < count {
-                    let b = first + i;
-                    let run = ((b / NESTED_BLOCKSIZE + 1) * NESTED_BLOCKSIZE - first).min(count);
-                    let nested = nested_absmax[b / NESTED_BLOCKSIZE];
-                    for (d, &c) in decoded[i..run].iter_mut().zip(&codes[b..first + run]) {
-                        *d = nested_map[c as usize] * nested + offset;
-                    }
-                    i = run;
-                }
-                unsafe { matmul4::decode_chunk(isa, ps, os, code, blocksize, |b| decoded[b], stream) }
-            }
-        }
+        // The chunk's scales first, in one tight loop, rather than a lookup per block inside the decode.
+        let mut scale = [0f32; CHUNK_ELEMENTS / BLOCKSIZES[0]];
+        let scale = &mut scale[..(end - start).div_ceil(blocksize)];
+        scales.decode_range(c * (chunk / blocksize), scale);
+        // SAFETY: `isa` was checked to be supported by this CPU (dequantize_4bit_into).
+        unsafe { matmul4::decode_chunk(isa, ps, os, code, blocksize, |b| scale[b], stream) }
     });
 }
 

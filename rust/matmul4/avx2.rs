@@ -108,9 +108,10 @@ unsafe fn store<T: Element>(dst: *mut T, a: __m256, b: __m256, stream: bool) {
 }
 
 /// Stores 32 bytes at `dst`: past the caches (non-temporal) when `stream` and `dst` is aligned.
+/// (The AVX-512 level stores its 32-byte halves with it too.)
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn put_256(dst: *mut u8, v: __m256i, stream: bool) {
+pub(super) unsafe fn put_256(dst: *mut u8, v: __m256i, stream: bool) {
     if stream && (dst as usize).is_multiple_of(32) {
         _mm256_stream_si256(dst as *mut __m256i, v);
     } else {

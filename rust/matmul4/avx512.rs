@@ -9,6 +9,7 @@ use std::arch::x86_64::*;
 
 use half::bf16;
 
+use super::avx2::put_256;
 use super::{portable, Weight4};
 use crate::quant4::BlockScales;
 use crate::dtype::{DType, Element};
@@ -58,17 +59,6 @@ unsafe fn put_512(dst: *mut u8, v: __m512i, stream: bool) {
         _mm512_stream_si512(dst as *mut __m512i, v);
     } else {
         _mm512_storeu_si512(dst as *mut __m512i, v);
-    }
-}
-
-/// Stores 32 bytes at `dst`, as [`put_512`].
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-#[inline]
-unsafe fn put_256(dst: *mut u8, v: __m256i, stream: bool) {
-    if stream && (dst as usize).is_multiple_of(32) {
-        _mm256_stream_si256(dst as *mut __m256i, v);
-    } else {
-        _mm256_storeu_si256(dst as *mut __m256i, v);
     }
 }
 

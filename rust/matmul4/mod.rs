@@ -184,8 +184,9 @@ pub fn gemm_4bit(x: FloatSlice<'_>, m: usize, w: &Weight4<'_>, out: FloatSliceMu
     };
     let rows = w.rows;
     let work = m.saturating_mul(rows).saturating_mul(w.cols);
-    let threads = crate::threads::team_size();
-    let tasks = if work < PARALLEL_MIN_WORK || threads == 1 { 1 } else { threads * TASKS_PER_THREAD };
+    // Small products run here alone: no need to look the team up.
+    let threads = if work < PARALLEL_MIN_WORK { 1 } else { crate::threads::team_size() };
+    let tasks = if threads == 1 { 1 } else { threads * TASKS_PER_THREAD };
     let per_task = rows.div_ceil(tasks).next_multiple_of(kernel.tile_rows());
     let run = |r0: usize| {
         let r1 = (r0 + per_task).min(rows);
