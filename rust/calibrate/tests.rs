@@ -269,7 +269,7 @@ fn timing() {
     eprintln!("factor {:.3} s", cpu_seconds() - t);
     for (dq, fixed) in [(false, false), (true, false), (false, true), (true, true)] {
         let t = cpu_seconds();
-        let c = Calibrated::run(&w, rows, cols, &f, &CalibrateOptions { fixed_scales: fixed, ..options(QuantType::Nf4, 64, dq) });
+        std::hint::black_box(Calibrated::run(&w, rows, cols, &f, &CalibrateOptions { fixed_scales: fixed, ..options(QuantType::Nf4, 64, dq) }));
         let s = cpu_seconds() - t;
         eprintln!("sweep dq {dq} fixed {fixed}: {s:.3} s, {:.2} GFMA/s", (rows * cols * cols) as f64 / 2.0 / s / 1e9);
     }

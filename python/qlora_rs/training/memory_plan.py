@@ -520,28 +520,32 @@ def _layer_saved_per_token(counts: ModelCounts, linears: list[LinearShape], run:
     return total
 
 
-def _layer_transient_per_token(linears: list[LinearShape], run: _Run, hidden: int) -> tuple[int, int]:
-    """(bytes per token, bytes) one layer holds briefly on top of what it keeps: the widest
-    adapted layer's float32 LoRA input copies and output, the dequantized weight of the largest
-    4-bit layer (or a weight cast for the product when ``matmul_dtype`` differs), and the
-    gradient of the residual stream."""
+def _layer_transient(linears: list[LinearShape], run: _Run, hidden: int, tokens: int) -> int:
+    """Bytes one layer holds briefly on top of what it keeps: the gradient of the residual
+    stream, and the most that one linear layer's backward holds at once. That backward runs in
+    two phases whose temporaries are never alive together: the adapter's (its float32 input
+    copies, dropout applied, and output gradient), then the base product's input gradient (the
+    dequantized weight of a 4-bit layer, or a 16-bit weight cast when ``matmul_dtype`` differs;
+    the product and its casts; the adapter's input gradient, kept to be added to it). One
+    linear layer's temporaries are freed before the next one's are made."""
     c, l, m = run.dtype_bytes, run.lora_bytes, run.matmul_bytes
-    per_token = 0
-    fixed = 0
+    most = 0
     for lin in linears:
+        cast = m * (lin.in_features + lin.out_features) if m != c else 0
         if run.method == "full_16bit":
-            t = c * (lin.in_features + lin.out_features)
-        elif lin.lora:
+            most = max(most, (c * (lin.in_features + lin.out_features) + cast) * tokens)
+            continue
+        if lin.lora:
             copies = 3 * l * lin.in_features if run.dropout else (l * lin.in_features if l != c else 0)
-            t = copies + l * lin.out_features
+            adapter = copies + l * lin.out_features
         else:
-            t = c * lin.out_features
-        if m != c:
-            t += m * (lin.in_features + lin.out_features)
-        per_token = max(per_token, t)
+            adapter = c * lin.out_features
+        weight = 0
         if (run.method == "qlora" and lin.quantized) or (run.method == "lora_16bit" and lin.lora and m != c):
-            fixed = max(fixed, m * lin.in_features * lin.out_features)
-    return per_token + 2 * c * hidden, fixed
+            weight = m * lin.in_features * lin.out_features
+        base = c * lin.in_features + cast + (c * lin.in_features if lin.lora else 0)
+        most = max(most, adapter * tokens, base * tokens + weight)
+    return most + 2 * c * hidden * tokens
 
 
 def _activation_parts(counts: ModelCounts, run: _Run) -> dict:
@@ -561,11 +565,7 @@ def _activation_parts(counts: ModelCounts, run: _Run) -> dict:
             and not run.gradient_checkpointing:
         # Layer 0's input norm reads the frozen embedding's output: nothing needs its gradient.
         first_norm = 4 * counts.layer_norms[0][1] + 4
-    transient_per_token, transient_fixed = 0, 0
-    for lins in by_layer.values():
-        pt, fx = _layer_transient_per_token(lins, run, h)
-        transient_per_token, transient_fixed = max(transient_per_token, pt), max(transient_fixed, fx)
-    transient = transient_per_token * tokens + transient_fixed
+    transient = max((_layer_transient(lins, run, h, tokens) for lins in by_layer.values()), default=0)
 
     once = 0
     if counts.final_norm == "rms":
