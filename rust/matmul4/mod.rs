@@ -5,10 +5,11 @@
 //! order, is what [`crate::quant4::dequantize_4bit`] runs.
 //!
 //! One module per instruction-set level ([`Isa`], chosen at run time): `avx512`, `avx2`,
-//! `portable`. The activations are converted to float32 once per call; for the vector kernels
-//! each group of `2L` of them (L = lanes) is laid out as its L even elements, then its L odd ones,
-//! which is the order in which a vector of packed bytes yields high nibbles (even elements) and
-//! low nibbles (odd elements): no shuffle is needed in the inner loop.
+//! `portable`. The activations are converted to float32 once per call, in the order in which the
+//! kernel decodes the weights, so that no shuffle is needed in the inner loop: for AVX-512 each
+//! group of 32 is laid out as its 16 even elements, then its 16 odd ones (a vector of packed bytes
+//! yields high nibbles, the even elements, and low nibbles, the odd ones); the AVX2 order is
+//! `avx2::layout_activations`'s.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -107,14 +108,14 @@ impl Kernel {
         }
     }
 
-    /// Lanes of the even/odd activation layout (0: natural order).
-    fn lanes(self) -> usize {
+    /// The activations (rows of `cols`) as float32 in the kernel's layout.
+    fn activations<T: Element>(self, x: &[T], cols: usize) -> Vec<f32> {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512 => 16,
+            Kernel::Avx512 => even_odd(x, cols, 16),
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => 8,
-            Kernel::Portable => 0,
+            Kernel::Avx2 => avx2::layout_activations(x, cols),
+            Kernel::Portable => x.iter().map(|v| v.to_f32()).collect(),
         }
     }
 
@@ -124,7 +125,7 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512 => avx512::TILE_ROWS,
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => avx2::TILE_ROWS,
+            Kernel::Avx2 => 1,
             Kernel::Portable => 1,
         }
     }
@@ -178,9 +179,9 @@ pub fn gemm_4bit(x: FloatSlice<'_>, m: usize, w: &Weight4<'_>, out: FloatSliceMu
     }
     let kernel = Kernel::choose(isa, w.cols);
     let xs = match x {
-        FloatSlice::F32(x) => activations(x, w.cols, kernel.lanes()),
-        FloatSlice::F16(x) => activations(x, w.cols, kernel.lanes()),
-        FloatSlice::BF16(x) => activations(x, w.cols, kernel.lanes()),
+        FloatSlice::F32(x) => kernel.activations(x, w.cols),
+        FloatSlice::F16(x) => kernel.activations(x, w.cols),
+        FloatSlice::BF16(x) => kernel.activations(x, w.cols),
     };
     let rows = w.rows;
     let work = m.saturating_mul(rows).saturating_mul(w.cols);
@@ -213,16 +214,11 @@ pub fn gemm_4bit(x: FloatSlice<'_>, m: usize, w: &Weight4<'_>, out: FloatSliceMu
     Ok(())
 }
 
-/// The activations as float32 rows of `cols`, in the layout of a kernel with `lanes` lanes.
-fn activations<T: Element>(x: &[T], cols: usize, lanes: usize) -> Vec<f32> {
+/// Rows of `cols` (a multiple of 32) as float32, each group of `2 * lanes` laid out as its
+/// `lanes` even elements, then its odd ones.
+#[cfg(target_arch = "x86_64")]
+fn even_odd<T: Element>(x: &[T], cols: usize, lanes: usize) -> Vec<f32> {
     let mut xs = vec![0f32; x.len()];
-    if lanes == 0 {
-        for (d, s) in xs.iter_mut().zip(x) {
-            *d = s.to_f32();
-        }
-        return xs;
-    }
-    // cols is a multiple of 32 here, hence of 2 * lanes.
     for (src, dst) in x.chunks_exact(cols).zip(xs.chunks_exact_mut(cols)) {
         for (s, d) in src.chunks_exact(2 * lanes).zip(dst.chunks_exact_mut(2 * lanes)) {
             let (even, odd) = d.split_at_mut(lanes);
