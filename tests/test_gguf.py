@@ -418,7 +418,7 @@ def test_real_file_output_gives_the_logits_of_bitsandbytes(converted, monkeypatc
     logits (both computing in the checkpoint's bfloat16). Its files are bitsandbytes' own quantization
     of transformers' GGUF load byte for byte (the test above), so these are that model's logits.
 
-    24 tokens: more rows than the fused CPU kernel takes (ops.CPU_FUSED_GEMM_MAX_M), so our layers
+    More tokens than the fused CPU kernel takes (ops.CPU_FUSED_GEMM_MAX_M rows), so our layers
     decode and multiply as bitsandbytes does, bit for bit, when both multiply in bfloat16. That is our
     default only on CPUs with native bf16 matrix units (AVX512-BF16, AMX); elsewhere our products run
     in float32 (ops.matmul_dtype: bf16 GEMMs are slow there), so the bit-for-bit comparison sets
@@ -432,7 +432,7 @@ def test_real_file_output_gives_the_logits_of_bitsandbytes(converted, monkeypatc
     from qlora_rs.core import ops
     from qlora_rs.core.ops import CPU_FUSED_GEMM_MAX_M
 
-    tokens = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 49152, (1, CPU_FUSED_GEMM_MAX_M + 8), generator=torch.Generator().manual_seed(0))
     assert tokens.shape[1] > CPU_FUSED_GEMM_MAX_M
 
     def logits(model, t):

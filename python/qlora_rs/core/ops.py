@@ -90,13 +90,15 @@ _GEMM = "qlora_rs::gemm_4bit"
 
 #: Largest number of activation rows M (the product of x's leading dimensions) for which the CPU
 #: ``gemm_4bit`` runs the fused kernel (the packed weight read directly, never decoded to memory);
-#: larger M decodes the weight and runs torch's GEMM, whose matrix units win once the decode is
-#: shared by enough rows. Measured with ``benches/cpu_matmul_bench.py --crossover`` (fused vs
-#: dequantize + F.linear, bf16, NF4 + double quant, M = 1..32 on 4096x4096, 4096x14336 and
-#: 14336x4096, 2 threads, a 2-core Xeon with AVX-512 + AMX, two runs): the fused kernel is 1.5-2.0x
-#: faster at M = 16, 1.0-1.4x at 24 and 0.8-1.1x at 32. 16, the end of the range the kernel is
-#: built for, keeps a margin. Either side gives the same result up to float32 rounding.
-CPU_FUSED_GEMM_MAX_M: int = 16
+#: larger M decodes the weight and runs torch's GEMM, which wins once the decode is shared by
+#: enough rows. Measured with ``benches/cpu_matmul_bench.py --crossover`` (fused vs dequantize +
+#: F.linear, bf16 activations, NF4 + double quant, 2 threads). With bf16 matrix units (a 2-core
+#: Xeon with AVX-512 + AMX, two runs) the fused kernel is 1.5-2.0x faster at M = 16, 1.0-1.4x at 24
+#: and 0.8-1.1x at 32: 16, the end of the range the kernel is built for, keeps a margin. Without
+#: them the products run in float32 (:func:`matmul_dtype`) and the crossover is higher (a 2-core
+#: AMD EPYC with AVX2, one run: 1.2-2.3x at M = 32 on 576x1536 to 4096x14336, 0.8-1.5x at 64): 32.
+#: Either side gives the same result up to float32 rounding.
+CPU_FUSED_GEMM_MAX_M: int = 16 if _CPU_NATIVE[torch.bfloat16] else 32
 
 
 def _check_cpu(where: str, **tensors: Optional[torch.Tensor]) -> None:
