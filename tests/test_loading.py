@@ -32,7 +32,11 @@ def float_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tokens() -> torch.Tensor:
-    return torch.randint(0, 160, (2, 9), generator=torch.Generator().manual_seed(1))
+    # More rows than the fused CPU kernel takes: the 4-bit layers decode and multiply as
+    # bitsandbytes does, so logits can be compared with its bit for bit.
+    from qlora_rs.core.ops import CPU_FUSED_GEMM_MAX_M
+
+    return torch.randint(0, 160, (2, CPU_FUSED_GEMM_MAX_M // 2 + 4), generator=torch.Generator().manual_seed(1))
 
 
 def reference_logits(model_dir: Path, tokens: torch.Tensor, **quant) -> torch.Tensor:
