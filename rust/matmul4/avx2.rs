@@ -456,3 +456,26 @@ impl Pass<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every value of a group has its own position, and a last half group is padded with zeros.
+    #[test]
+    fn activation_layout_is_a_permutation_with_zero_padding() {
+        let mut seen = [false; GROUP];
+        for &p in &POSITIONS {
+            assert!(!seen[p as usize], "position {p} twice");
+            seen[p as usize] = true;
+        }
+        let x: Vec<f32> = (1..=96).map(|v| v as f32).collect(); // one row: a group and a half
+        let xs = layout_activations(&x, 96);
+        assert_eq!(xs.len(), 128);
+        for (e, &p) in POSITIONS.iter().enumerate() {
+            assert_eq!(xs[p as usize], (e + 1) as f32);
+            let tail = xs[64 + p as usize];
+            assert_eq!(tail, if e < 32 { (65 + e) as f32 } else { 0.0 });
+        }
+    }
+}
