@@ -208,22 +208,22 @@ pub unsafe fn decode_chunk<T: Element, F: Fn(usize) -> f32>(
         let len = blocksize.min(n - start);
         let s = scale(b);
         let table = Table::new(code, s);
+        let end = start + len;
         let mut done = start;
-        if half_table {
+        if half_table && len >= GROUP {
             let (low, high) = half_tables::<T>(table);
-            for e in (start..start + len / GROUP * GROUP).step_by(GROUP) {
-                decode_group_16bit(src.add(e / 2), dst.add(e) as *mut u8, low, high, stream);
+            while done + GROUP <= end {
+                decode_group_16bit(src.add(done / 2), dst.add(done) as *mut u8, low, high, stream);
+                done += GROUP;
             }
-            done += len / GROUP * GROUP;
         }
-        for h in 0..(start + len - done) / 16 {
-            let e = done + 16 * h;
-            let (lo, hi) = decode_half(src.add(e / 2), table);
-            store(dst.add(e), lo, hi, stream);
+        while done + 16 <= end {
+            let (lo, hi) = decode_half(src.add(done / 2), table);
+            store(dst.add(done), lo, hi, stream);
+            done += 16;
         }
-        done += (start + len - done) / 16 * 16;
-        if done < start + len {
-            portable::decode_block(&packed[done / 2..(start + len).div_ceil(2)], &mut out[done..start + len], code, s);
+        if done < end {
+            portable::decode_block(&packed[done / 2..end.div_ceil(2)], &mut out[done..end], code, s);
         }
         start += len;
         b += 1;
