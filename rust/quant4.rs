@@ -392,7 +392,7 @@ mod avx2 {
     #[target_feature(enable = "avx2")]
     #[inline]
     pub unsafe fn encode(s: &Search, x: &[f32], out: &mut [u8]) {
-        debug_assert!(x.len() % 16 == 0 && out.len() * 2 == x.len());
+        debug_assert!(x.len().is_multiple_of(16) && out.len() * 2 == x.len());
         for (xs, os) in x.chunks_exact(16).zip(out.chunks_exact_mut(8)) {
             let a = pair_bytes(s.nibbles(_mm256_loadu_ps(xs.as_ptr())));
             let b = pair_bytes(s.nibbles(_mm256_loadu_ps(xs.as_ptr().add(8))));
@@ -641,7 +641,7 @@ mod tests {
             xs.extend(qt.code().iter().copied());
             xs.extend((0..20_000).map(|i| i as f32 / 10_000.0 - 1.0));
             xs.retain(|x| x.abs() <= 1.0);
-            while xs.len() % 16 != 0 {
+            while !xs.len().is_multiple_of(16) {
                 xs.push(0.5);
             }
             let mut got = vec![0u8; xs.len() / 2];

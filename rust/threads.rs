@@ -12,7 +12,7 @@
 //! it is wherever PyTorch is): its spinning threads take the work at once. Elsewhere (cargo tests,
 //! a process without OpenMP) the rayon pool runs it. `QLORA_RS_OPENMP=0` keeps to rayon.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Once, OnceLock};
 
 static INIT: Once = Once::new();
@@ -94,18 +94,59 @@ mod openmp {
         max_threads: MaxThreads,
     }
 
+    /// Lookups of libgomp made so far (see [`team`]).
+    pub(super) static LOOKUPS: AtomicUsize = AtomicUsize::new(0);
+
     /// The loaded libgomp, looked up once it is there (a process may load PyTorch after us).
+    /// While it is not, it is looked up again only once the process has loaded another shared
+    /// object: a failed `dlopen` searches the library path, ~35 us, which every product of a
+    /// process without OpenMP (a Rust user's, cargo's tests) paid (measured on a 2-core Zen 3,
+    /// 576x576 at M = 1 on one thread: 44 -> 24 cycles per 64 values).
     pub fn team() -> Option<&'static OpenMp> {
         static FOUND: OnceLock<OpenMp> = OnceLock::new();
         static DISABLED: OnceLock<bool> = OnceLock::new();
+        /// The count of loaded objects when a lookup last failed (u64::MAX: none failed).
+        static MISSED_AT: AtomicU64 = AtomicU64::new(u64::MAX);
         if *DISABLED.get_or_init(|| std::env::var("QLORA_RS_OPENMP").is_ok_and(|v| v.trim() == "0")) {
             return None;
         }
         if let Some(found) = FOUND.get() {
             return Some(found);
         }
-        let found = lookup()?;
-        Some(FOUND.get_or_init(|| found))
+        let loaded = objects_loaded();
+        if loaded.is_some_and(|n| n == MISSED_AT.load(Ordering::Relaxed)) {
+            return None;
+        }
+        LOOKUPS.fetch_add(1, Ordering::Relaxed);
+        match lookup() {
+            Some(found) => Some(FOUND.get_or_init(|| found)),
+            None => {
+                if let Some(n) = loaded {
+                    MISSED_AT.store(n, Ordering::Relaxed);
+                }
+                None
+            }
+        }
+    }
+
+    /// How many shared objects the process has loaded so far (the C library's running count,
+    /// which only grows), or None where it is not kept.
+    #[cfg(target_os = "linux")]
+    fn objects_loaded() -> Option<u64> {
+        unsafe extern "C" fn first(info: *mut libc::dl_phdr_info, _size: usize, data: *mut c_void) -> c_int {
+            // SAFETY: both pointers are valid for this call (the loader's entry, our u64).
+            unsafe { *(data as *mut u64) = (*info).dlpi_adds };
+            1 // every entry carries the same count: stop at the first
+        }
+        let mut adds = 0u64;
+        // SAFETY: the callback only reads the entry it is given and writes `adds`.
+        let stopped = unsafe { libc::dl_iterate_phdr(Some(first), &mut adds as *mut u64 as *mut c_void) };
+        (stopped == 1).then_some(adds)
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn objects_loaded() -> Option<u64> {
+        None
     }
 
     #[cfg(unix)]
@@ -214,6 +255,19 @@ mod tests {
             done.sort();
             assert_eq!(done, (0..100).collect::<Vec<_>>());
         }
+    }
+
+    /// Without libgomp a failed lookup is not repeated on every call (only after the process
+    /// loads another object: other tests may, so a few more are allowed); with it, it is found
+    /// once and kept.
+    #[test]
+    fn libgomp_is_not_looked_up_on_every_call() {
+        let before = openmp::LOOKUPS.load(Ordering::Relaxed);
+        for _ in 0..100 {
+            let _ = team_size();
+        }
+        let looked = openmp::LOOKUPS.load(Ordering::Relaxed) - before;
+        assert!(looked <= 5, "{looked} lookups in 100 calls");
     }
 
     #[test]

@@ -224,6 +224,7 @@ fn cholesky(a: &mut Tiles) -> std::result::Result<(), NotPositiveDefinite> {
 
 /// `L⁻¹` of a tiled lower Cholesky factor, by column panels (independent, in parallel):
 /// `M(k, k) = L(k, k)⁻¹`, `M(i, k) = -L(i, i)⁻¹ Σ_{k<=m<i} L(i, m) M(m, k)`.
+#[allow(clippy::needless_range_loop)] // i names a tile row: sizes, tile indices and diag_inv
 fn lower_inverse(l: &Tiles) -> Tiles {
     let (n, count) = (l.n, l.count);
     let diag_inv: Vec<Vec<f64>> =

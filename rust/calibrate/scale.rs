@@ -293,7 +293,7 @@ mod tests {
             let x: Vec<f32> = (0..64)
                 .map(|_| {
                     s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                    ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * if s % 17 == 0 { 4.0 } else { 1.0 }
+                    ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * if s.is_multiple_of(17) { 4.0 } else { 1.0 }
                 })
                 .collect();
             let d: Vec<f32> = (0..64).map(|j| 1.0 + (j % 5) as f32).collect();

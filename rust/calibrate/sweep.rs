@@ -122,7 +122,7 @@ pub fn calibrate_4bit(
     let fused = Fused::detect();
     let map = blockwise8::signed_dynamic_map();
     let mut codes = vec![0u8; n];
-    let sweep_scales = !opts.fixed_scales && cols % bs == 0;
+    let sweep_scales = !opts.fixed_scales && cols.is_multiple_of(bs);
     // Scales chosen from the original weights: the fixed scales of blocks across row ends, and
     // the pilot that sets the double-quantization range for scales chosen in the sweep.
     let original_scales = || {

@@ -128,7 +128,7 @@ impl Dequantize4bit {
             grid: grid_of(chunks.div_ceil(DEQUANT_THREADS), "dequantize_4bit")?,
             block: DEQUANT_THREADS as u32,
             shared_bytes: 0,
-            vectorized: self.packed % 16 == 0 && self.out % 16 == 0,
+            vectorized: self.packed.is_multiple_of(16) && self.out.is_multiple_of(16),
         }))
     }
 }
@@ -189,7 +189,7 @@ impl Gemm4bit {
                 self.kernel, self.m
             )));
         }
-        if self.n == 0 || self.k == 0 || self.k % 32 != 0 {
+        if self.n == 0 || self.k == 0 || !self.k.is_multiple_of(32) {
             return Err(Error::unsupported(format!(
                 "the fused 4-bit GEMM needs a weight [N, K] with N > 0 and K a positive multiple of 32, got [{}, {}]",
                 self.n, self.k
@@ -201,7 +201,7 @@ impl Gemm4bit {
         if self.x == 0 || self.packed == 0 || self.out == 0 {
             return Err(Error::unsupported("gemm_4bit: x/packed/out is a null device pointer"));
         }
-        if self.x % 16 != 0 || self.packed % 16 != 0 {
+        if !self.x.is_multiple_of(16) || !self.packed.is_multiple_of(16) {
             return Err(Error::unsupported(
                 "the fused 4-bit GEMM needs x and the packed weight 16-byte aligned (use dequantize + matmul)",
             ));

@@ -66,7 +66,7 @@ impl GgmlType {
 
     /// Bytes of one row of `row_len` elements, or None if `row_len` is not a whole number of blocks.
     pub fn row_bytes(self, row_len: u64) -> Option<u64> {
-        (row_len % self.block_len as u64 == 0).then(|| row_len / self.block_len as u64 * self.block_bytes as u64)
+        row_len.is_multiple_of(self.block_len as u64).then(|| row_len / self.block_len as u64 * self.block_bytes as u64)
     }
 
     /// Bits per element as stored.

@@ -135,7 +135,7 @@ impl GgufSource {
             Some(groups) => names::unpermuted_source_row(r, rows, groups),
             None => r,
         };
-        let aligned = first % row_len == 0 && n % row_len == 0;
+        let aligned = first.is_multiple_of(row_len) && n.is_multiple_of(row_len);
         match out {
             FloatSliceMut::F32(o) if aligned => decode::decode_rows(g.ggml_type, data, row_len, r0, &source_row, o),
             FloatSliceMut::F16(o) if aligned => decode::decode_rows(g.ggml_type, data, row_len, r0, &source_row, o),
@@ -151,7 +151,7 @@ impl GgufSource {
     /// Bytes `at..at + len` of `t` as the little-endian `dtype` tensor it decodes to.
     pub fn decode_bytes(&self, t: &TensorInfo, at: usize, len: usize) -> Result<Vec<u8>> {
         let size = self.dtype.size();
-        if at % size != 0 || len % size != 0 {
+        if !at.is_multiple_of(size) || !len.is_multiple_of(size) {
             return Err(Error::shape(format!("tensor {:?}: byte range {at}+{len} cuts elements", t.name)));
         }
         let (first, n) = (at / size, len / size);
