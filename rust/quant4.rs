@@ -447,15 +447,11 @@ impl BlockScales<'_> {
         match self {
             BlockScales::F32(a) => out.copy_from_slice(&a[first..first + out.len()]),
             BlockScales::Double { codes, nested_absmax, nested_map, offset } => {
-                let mut i = 0;
-                while i < out.len() {
-                    let b = first + i;
-                    let run = ((b / NESTED_BLOCKSIZE + 1) * NESTED_BLOCKSIZE - first).min(out.len());
-                    let nested = nested_absmax[b / NESTED_BLOCKSIZE];
-                    for (d, &c) in out[i..run].iter_mut().zip(&codes[b..first + run]) {
+                for (run, group) in nested_runs(first, out.len()) {
+                    let nested = nested_absmax[group];
+                    for (d, &c) in out[run.clone()].iter_mut().zip(&codes[first + run.start..first + run.end]) {
                         *d = nested_map[c as usize] * nested + offset;
                     }
-                    i = run;
                 }
             }
         }
@@ -471,6 +467,21 @@ impl BlockScales<'_> {
             }
         }
     }
+}
+
+/// Blocks `first..first + len` in runs that share a second-level (nested) scale: each run as a
+/// range of offsets into `0..len`, with the index of its nested scale.
+pub(crate) fn nested_runs(first: usize, len: usize) -> impl Iterator<Item = (std::ops::Range<usize>, usize)> {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        (i < len).then(|| {
+            let group = (first + i) / NESTED_BLOCKSIZE;
+            let end = ((group + 1) * NESTED_BLOCKSIZE - first).min(len);
+            let run = (i..end, group);
+            i = end;
+            run
+        })
+    })
 }
 
 /// Dequantizes `packed`/`absmax` into `out` (its length is the element count n).

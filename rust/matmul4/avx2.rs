@@ -26,8 +26,7 @@ use std::arch::x86_64::*;
 
 use super::{portable, Weight4};
 use crate::dtype::{DType, Element};
-use crate::blockwise8::NESTED_BLOCKSIZE;
-use crate::quant4::BlockScales;
+use crate::quant4::{nested_runs, BlockScales};
 
 /// Activation rows per pass over a tile.
 const PASS_ROWS: usize = 4;
@@ -350,22 +349,19 @@ pub unsafe fn gemm_rows(w: &Weight4<'_>, xs: &[f32], m: usize, r0: usize, r1: us
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn decode_scales(codes: &[u8], nested: &[f32], map: &[f32; 256], offset: f32, first: usize, out: &mut [f32]) {
     let codes = &codes[first..first + out.len()];
-    let mut i = 0;
-    while i < out.len() {
-        // A run of blocks that share their second-level scale.
-        let b = first + i;
-        let run = ((b / NESTED_BLOCKSIZE + 1) * NESTED_BLOCKSIZE - first).min(out.len());
-        let scale = nested[b / NESTED_BLOCKSIZE];
-        let (s, o) = (_mm256_set1_ps(scale), _mm256_set1_ps(offset));
-        while i + 8 <= run {
+    let o = _mm256_set1_ps(offset);
+    for (run, group) in nested_runs(first, out.len()) {
+        let scale = nested[group];
+        let s = _mm256_set1_ps(scale);
+        let mut i = run.start;
+        while i + 8 <= run.end {
             let code = _mm256_cvtepu8_epi32(_mm_loadl_epi64(codes.as_ptr().add(i) as *const __m128i));
             let value = _mm256_i32gather_ps::<4>(map.as_ptr(), code);
             _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_add_ps(_mm256_mul_ps(value, s), o));
             i += 8;
         }
-        while i < run {
+        for i in i..run.end {
             out[i] = map[codes[i] as usize] * scale + offset;
-            i += 1;
         }
     }
 }
