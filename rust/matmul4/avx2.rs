@@ -58,22 +58,16 @@ impl Table {
         }
     }
 
-    /// Values of the 8 indices in bits 0-3 of each lane, `bit3` holding bit 3 in its sign bit.
+    /// Values of 8 indices 0..16 (one per lane; the lanes above bit 3 may hold anything): the
+    /// permutes read bits 0-2, and a shift moves bit 3 into the sign bit the blend reads.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn lookup(self, index: __m256i, bit3: __m256i) -> __m256 {
+    unsafe fn lookup(self, index: __m256i) -> __m256 {
         _mm256_blendv_ps(
             _mm256_permutevar8x32_ps(self.low, index),
             _mm256_permutevar8x32_ps(self.high, index),
-            _mm256_castsi256_ps(bit3),
+            _mm256_castsi256_ps(_mm256_slli_epi32::<28>(index)),
         )
-    }
-
-    /// Values of 8 indices 0..16 (one per lane; the lanes above bit 3 may hold anything).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn lookup_nibble(self, index: __m256i) -> __m256 {
-        self.lookup(index, _mm256_slli_epi32::<28>(index))
     }
 }
 
@@ -87,7 +81,7 @@ unsafe fn decode_half(p: *const u8, table: Table) -> (__m256, __m256) {
     let order = _mm_unpacklo_epi8(high, bytes);
     let first = _mm256_cvtepu8_epi32(order);
     let second = _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(order));
-    (table.lookup_nibble(first), table.lookup_nibble(second))
+    (table.lookup(first), table.lookup(second))
 }
 
 /// float32 -> bfloat16 bits in the low 16 bits of each lane, rounding to nearest even and
@@ -200,7 +194,7 @@ pub unsafe fn decode_chunk<T: Element, F: Fn(usize) -> f32>(
     let (src, dst) = (packed.as_ptr(), out.as_mut_ptr());
     let n = out.len();
     // 16-bit outputs: each block's 16 possible values rounded once, then looked up as bytes.
-    let half_table = T::DTYPE != DType::F32 && blocksize >= GROUP;
+    let half_table = T::DTYPE != DType::F32;
     let mut start = 0;
     let mut b = 0;
     while start < n {
