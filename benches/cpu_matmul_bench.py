@@ -6,9 +6,11 @@ drifts affects all of them alike. Prints medians and ratios:
   14336x4096 (NF4, blocksize 64, double quantization, bf16 activations): qlora-rs
   (``torch.ops.qlora_rs.gemm_4bit``, and ``qlora_rs.nn.Linear4bit`` under ``torch.no_grad``)
   against bf16 ``F.linear`` and bitsandbytes' CPU path (``bnb.nn.Linear4bit``, eval mode). Each
-  contender cycles through enough copies of its weight that the bf16 copies overflow the last-level
-  cache twice over, as the layers of a model do during generation: a weight repeated from cache
-  would time the cache, not the bytes a quarter-size format saves (``--warm`` keeps one copy);
+  contender cycles through enough copies of its weight that its bytes overflow the last-level
+  cache twice over (the bf16 copies, and the 4-bit ones, whose op and module contenders start half
+  a cycle apart so that neither reads a weight the other has just brought in), as the layers of a
+  model do during generation: a weight repeated from cache would time the cache, not the bytes a
+  quarter-size format saves (``--warm`` keeps one copy);
 - dequantize 4096x4096 NF4 + double quant to bf16: qlora-rs into a new tensor and into a
   preallocated one (by the op's arguments, and from the weight as ``Linear4bit`` keeps it: block
   scales decoded to float32 once), against bitsandbytes' ``dequantize_4bit``; Gparam/s and GB/s (bytes read +
@@ -84,10 +86,10 @@ def last_level_cache_bytes() -> int:
     return max(sizes, default=256 * 2**20)
 
 
-def cycling(make, copies: int):
-    """A contender calling ``make(i)()`` for copy i = 0, 1, ... in turn."""
+def cycling(make, copies: int, start: int = 0):
+    """A contender calling ``make(i)()`` for copy i = start, start + 1, ... (mod copies) in turn."""
     fns = [make(i) for i in range(copies)]
-    turn = [0]
+    turn = [start]
 
     def call():
         turn[0] = (turn[0] + 1) % copies
@@ -102,32 +104,37 @@ def matmul_table(repeat: int, warm: bool) -> None:
     cache = last_level_cache_bytes()
     print(f"\nmatmul y = x @ W^T, NF4 blocksize 64 + double quant, bf16 x; median ms of {repeat} interleaved repeats")
     print("weights " + ("repeated (cache-warm)" if warm else
-                        f"cycled through copies whose bf16 bytes exceed twice the {cache / 2**20:.0f} MiB last-level cache"))
+                        f"cycled through copies whose bytes (bf16; 4-bit) exceed twice the {cache / 2**20:.0f} MiB last-level cache"))
     print(f"{'W [out x in]':<14}{'M':>3}{'bf16 F.linear':>15}{'bnb':>9}{'qlora op':>10}{'Linear4bit':>12}"
           f"{'op/bf16':>9}{'op/bnb':>8}{'mod/bf16':>10}{'mod/bnb':>9}")
     for n_out, k in SHAPES:
+        # bf16 (and bitsandbytes, much slower either way) copies by the bf16 bytes; ours by the
+        # packed bytes, op and module half a cycle apart (when there are two copies or more).
         copies = 1 if warm else -(-2 * cache // (2 * n_out * k))
-        ws, layers, bnbs, argss = [], [], [], []
-        for c in range(copies):
+        copies4 = 1 if warm else -(-2 * cache // (n_out * k // 2))
+        ws, bnbs, layers, argss = [], [], [], []
+        for c in range(max(copies, copies4)):
             torch.manual_seed(c)
             w = torch.randn(n_out, k, dtype=torch.bfloat16) * 0.02
-            layer = Linear4bit.from_linear(torch.nn.Linear(k, n_out, bias=False, dtype=torch.bfloat16))
-            layer.quantize_weight_(w)
-            ws.append(w)
-            layers.append(layer)
-            argss.append(qlora_rs.ops.quant_args(layer.packed_weight(), layer.quant_state))
-            bnbs.append(bnb_linear(w))
+            if c < copies4:
+                layer = Linear4bit.from_linear(torch.nn.Linear(k, n_out, bias=False, dtype=torch.bfloat16))
+                layer.quantize_weight_(w)
+                layers.append(layer)
+                argss.append(qlora_rs.ops.quant_args(layer.packed_weight(), layer.quant_state))
+            if c < copies:
+                ws.append(w)
+                bnbs.append(bnb_linear(w))
         for m in ROWS:
             x = torch.randn(m, k, dtype=torch.bfloat16)
             contenders = {
                 "bf16": cycling(lambda i: lambda: F.linear(x, ws[i]), copies),
-                "op": cycling(lambda i: lambda: torch.ops.qlora_rs.gemm_4bit(x, *argss[i]), copies),
-                "module": cycling(lambda i: lambda: layers[i](x), copies),
+                "op": cycling(lambda i: lambda: torch.ops.qlora_rs.gemm_4bit(x, *argss[i]), copies4),
+                "module": cycling(lambda i: lambda: layers[i](x), copies4, start=copies4 // 2),
             }
             if bnbs[0] is not None:
                 contenders["bnb"] = quiet(cycling(lambda i: lambda: bnbs[i](x), copies))
             with torch.no_grad():
-                t = interleaved(contenders, repeat * copies)
+                t = interleaved(contenders, repeat * max(copies, copies4))
             tb = t.get("bnb", float("nan"))
             print(f"{f'{n_out}x{k}':<14}{m:>3}{t['bf16'] * 1e3:>15.3f}{tb * 1e3:>9.3f}{t['op'] * 1e3:>10.3f}"
                   f"{t['module'] * 1e3:>12.3f}{t['bf16'] / t['op']:>8.2f}x{tb / t['op']:>7.2f}x"
