@@ -170,6 +170,28 @@ fn parallel_tasks_cover_every_row_once() {
     }
 }
 
+/// A weight large enough for the AVX2 one- and two-row loop to prefetch it (the shapes above are
+/// all below that size): one and two activation rows, and three (the general loop).
+#[test]
+fn weights_past_the_prefetch_size_match_the_reference() {
+    let (rows, cols, bs) = (3072, 4096, 64);
+    #[cfg(target_arch = "x86_64")]
+    assert!(rows * cols / 2 >= super::avx2::PREFETCH_MIN_WEIGHT);
+    let q = Quantized::new(&noise(rows * cols, 11), QuantType::Nf4, bs);
+    let wd = decoded(&q, true, QuantType::Nf4, bs, rows * cols);
+    let w = Weight4 { packed: &q.packed, scales: q.scales(true), quant_type: QuantType::Nf4, blocksize: bs, rows, cols };
+    for m in 1..=3 {
+        let x = noise(m * cols, 12 + m as u64);
+        let (want, mag) = reference(&x, &wd, m, rows, cols);
+        for isa in Isa::available() {
+            let got = run_gemm(isa, &x, m, &w);
+            for (o, ((g, w), s)) in got.iter().zip(&want).zip(&mag).enumerate() {
+                assert!((*g as f64 - w).abs() <= s * cols as f64 * 2f64.powi(-23), "{isa:?} m={m} out {o}: {g} vs {w}");
+            }
+        }
+    }
+}
+
 #[test]
 fn bad_sizes_are_errors_that_say_what_was_expected() {
     let q = Quantized::new(&noise(64, 1), QuantType::Nf4, 64);
