@@ -40,13 +40,6 @@ pub const GROUP: usize = 64;
 /// cycled from memory: 16 KiB ahead 1.4-1.7x faster than the vpermps kernel, 2-8 KiB 1.7-2.1x.
 const PREFETCH_BYTES: usize = 4096;
 
-/// Packed weights below this size are not prefetched by the one- and two-row loop
-/// ([`Pass::run_few`]): the hardware prefetcher keeps up with them, and the prefetches only cost
-/// instructions. Measured on a 2-core Zen 3, M = 1, weights cycled from memory, without against
-/// with: 1.03-1.30x faster from 192x576 to 8192x576 and 4096x1536 (SmolLM2's layers are 576 wide),
-/// 0.98-1.03x at 2048x4096 and 3072x4096, 0.91-1.01x at 4096x4096 and larger.
-pub(super) const PREFETCH_MIN_WEIGHT: usize = 6 << 20;
-
 /// A code table split over two registers, scaled.
 #[derive(Clone, Copy)]
 struct Table {
@@ -313,7 +306,6 @@ pub unsafe fn gemm_rows(w: &Weight4<'_>, xs: &[f32], m: usize, r0: usize, r1: us
     // Both lanes of every group lie in one block when groups start on multiples of 64 and
     // blocks are at least that long; else each lane (32 values, never split) has its own.
     let shared = bs >= GROUP && k.is_multiple_of(GROUP);
-    let prefetch = w.packed.len() >= PREFETCH_MIN_WEIGHT;
     let mut decoded = Vec::new();
     for r in r0..r1 {
         // The row's block scales (double-quantized ones decoded once for all its passes).
@@ -331,10 +323,8 @@ pub unsafe fn gemm_rows(w: &Weight4<'_>, xs: &[f32], m: usize, r0: usize, r1: us
             let rows = (m - i).min(PASS_ROWS);
             let pass = Pass { w, tables: &tables, scales, first, xs, stride, i, r, r0, r1 };
             match (rows, shared) {
-                (1, true) if prefetch => pass.run_few::<1, true>(acc),
-                (2, true) if prefetch => pass.run_few::<2, true>(acc),
-                (1, true) => pass.run_few::<1, false>(acc),
-                (2, true) => pass.run_few::<2, false>(acc),
+                (1, true) => pass.run::<1, true>(acc),
+                (2, true) => pass.run::<2, true>(acc),
                 (3, true) => pass.run::<3, true>(acc),
                 (_, true) => pass.run::<4, true>(acc),
                 (1, false) => pass.run::<1, false>(acc),
@@ -385,32 +375,6 @@ struct Pass<'a> {
     r1: usize,
 }
 
-/// The products of one group (64 packed values at `p`) with `MR` rows of activations (64 each,
-/// in the kernel's layout, at `x`), summed to a vector per row, unscaled; prefetches the bytes
-/// `ahead` of `p` with PREFETCH.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn group_sums<const MR: usize, const PREFETCH: bool>(tables: [__m256i; 4], p: *const u8, x: [*const f32; MR], ahead: usize) -> [__m256; MR] {
-    if PREFETCH {
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead) as *const i8);
-    }
-    let v = _mm256_loadu_si256(p as *const __m256i);
-    let nibbles = _mm256_set1_epi8(0x0f);
-    // Two sums per row, so that the multiply-adds of a group form two chains, not one.
-    let mut sums = [[_mm256_setzero_ps(); 2]; MR];
-    for h in 0..2 {
-        let index = if h == 0 { _mm256_srli_epi16::<4>(v) } else { v };
-        let values = ByteTables(tables).lookup(_mm256_and_si256(index, nibbles));
-        for q in 0..4 {
-            for j in 0..MR {
-                let xv = _mm256_loadu_ps(x[j].add(32 * h + 8 * q));
-                sums[j][q % 2] = _mm256_fmadd_ps(values[q], xv, sums[j][q % 2]);
-            }
-        }
-    }
-    sums.map(|[a, b]| _mm256_add_ps(a, b))
-}
-
 /// Horizontal sum of 8 lanes.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
@@ -421,73 +385,6 @@ unsafe fn sum(v: __m256) -> f32 {
 }
 
 impl Pass<'_> {
-    /// One or two activation rows, both lanes of every group in one block: the case of
-    /// generation (M = 1), kept apart from [`Pass::run`] so that its loop holds the byte tables
-    /// and the nibble mask in registers. The general loop, with its arrays of per-row sums,
-    /// spills the tables and broadcasts the mask again for every group (one more shuffle per 24).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    #[allow(clippy::needless_range_loop)] // j indexes several arrays at once
-    unsafe fn run_few<const MR: usize, const PREFETCH: bool>(&self, acc: &mut [f32]) {
-        let Pass { w, tables, scales, first, xs, stride, i, r, r0, r1 } = *self;
-        let (k, bs) = (w.cols, w.blocksize);
-        let groups = k / GROUP;
-        let row = w.packed.as_ptr().add(r * k / 2);
-        let x: [*const f32; MR] = std::array::from_fn(|j| xs.as_ptr().add((i + j) * stride));
-        let ahead = (PREFETCH_BYTES / (k / 2)).max(1) * k / 2;
-        let tables = tables.0;
-        let group = |g: usize| group_sums::<MR, PREFETCH>(tables, row.add(GROUP / 2 * g), x.map(|x| x.add(GROUP * g)), ahead);
-        let scale = |b: usize| _mm256_set1_ps(*scales.get_unchecked(b));
-        // Two running totals a row, indexed by constants only (an array indexed by g % 2 would
-        // live on the stack).
-        let mut totals = [[_mm256_setzero_ps(); 2]; MR];
-        if bs == GROUP {
-            // A block per group, and rows start on one (k is a multiple of 64).
-            let mut g = 0;
-            while g + 2 <= groups {
-                let (a, b) = (group(g), group(g + 1));
-                let (sa, sb) = (scale(g), scale(g + 1));
-                for j in 0..MR {
-                    totals[j][0] = _mm256_fmadd_ps(a[j], sa, totals[j][0]);
-                    totals[j][1] = _mm256_fmadd_ps(b[j], sb, totals[j][1]);
-                }
-                g += 2;
-            }
-            if g < groups {
-                let (a, sa) = (group(g), scale(g));
-                for j in 0..MR {
-                    totals[j][0] = _mm256_fmadd_ps(a[j], sa, totals[j][0]);
-                }
-            }
-        } else {
-            // Runs of groups that share a block; the row's first block may have begun on the
-            // row before (k not a multiple of the blocksize).
-            let mut g = 0;
-            let mut end = (((first + 1) * bs - r * k) / GROUP).min(groups);
-            let mut b = 0;
-            while g < groups {
-                let mut block = [_mm256_setzero_ps(); MR];
-                while g < end {
-                    let a = group(g);
-                    for j in 0..MR {
-                        block[j] = _mm256_add_ps(block[j], a[j]);
-                    }
-                    g += 1;
-                }
-                let s = scale(b);
-                for j in 0..MR {
-                    totals[j][0] = _mm256_fmadd_ps(block[j], s, totals[j][0]);
-                }
-                b += 1;
-                end = (end + bs / GROUP).min(groups);
-            }
-        }
-        let width = r1 - r0;
-        for j in 0..MR {
-            acc[(i + j) * width + (r - r0)] = sum(_mm256_add_ps(totals[j][0], totals[j][1]));
-        }
-    }
-
     /// SHARED: both lanes of every group have the same block (see [`gemm_rows`]).
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]

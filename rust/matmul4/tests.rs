@@ -170,13 +170,11 @@ fn parallel_tasks_cover_every_row_once() {
     }
 }
 
-/// A weight large enough for the AVX2 one- and two-row loop to prefetch it (the shapes above are
-/// all below that size): one and two activation rows, and three (the general loop).
+/// A weight of a real model's size (6 MiB packed, double-quantized: the loops' prefetches and
+/// scale decode over many rows), one to three activation rows.
 #[test]
-fn weights_past_the_prefetch_size_match_the_reference() {
+fn model_sized_weights_match_the_reference() {
     let (rows, cols, bs) = (3072, 4096, 64);
-    #[cfg(target_arch = "x86_64")]
-    assert!(rows * cols / 2 >= super::avx2::PREFETCH_MIN_WEIGHT);
     let q = Quantized::new(&noise(rows * cols, 11), QuantType::Nf4, bs);
     let wd = decoded(&q, true, QuantType::Nf4, bs, rows * cols);
     let w = Weight4 { packed: &q.packed, scales: q.scales(true), quant_type: QuantType::Nf4, blocksize: bs, rows, cols };
