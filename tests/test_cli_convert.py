@@ -188,11 +188,11 @@ CHILD = textwrap.dedent(
     import os, signal, sys
     import qlora_rs, qlora_rs.cli as cli
     src, interrupted, killed = sys.argv[1:]
-    # Ctrl-C during a conversion: the CLI stops, cleans up and exits with 130. The signal goes to
-    # this (the main) thread, whose handler then runs at once: os.kill of the process may deliver
-    # it to another thread, which a loaded machine can leave unscheduled until after the
-    # conversion has finished (seen once in CI: rc 0).
-    cli.ProgressBar.__call__ = lambda self, *a: signal.raise_signal(signal.SIGINT)
+    # Ctrl-C during a conversion: the CLI stops, cleans up and exits with 130. Python's handler is
+    # installed first, as in a terminal: a test run started as a background job (`... &` in a
+    # script) inherits SIGINT ignored, and Ctrl-C would then do nothing (seen: rc 0).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    cli.ProgressBar.__call__ = lambda self, *a: os.kill(os.getpid(), signal.SIGINT)
     print("rc", cli.main(["convert", src, "-o", interrupted]), flush=True)
     # kill -9 during a conversion: nothing can clean up.
     qlora_rs.convert_checkpoint(src, killed, progress=lambda *a: os.kill(os.getpid(), signal.SIGKILL))
