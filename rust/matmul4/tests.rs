@@ -79,6 +79,16 @@ fn run_gemm(isa: Isa, x: &[f32], m: usize, w: &Weight4<'_>) -> Vec<f32> {
     out
 }
 
+/// Asserts that each output is within float32 summation error of [`reference`]'s (`want`, with
+/// `mag` its sums of |x| |w|) for products of `cols` terms (a few units of 2^-24 per term), plus
+/// `slack`; `what` names the case in the message.
+fn assert_near_reference(got: &[f32], (want, mag): &(Vec<f64>, Vec<f64>), cols: usize, slack: f64, what: &dyn Fn() -> String) {
+    for (o, ((g, w), s)) in got.iter().zip(want).zip(mag).enumerate() {
+        let tol = s * cols as f64 * 2f64.powi(-23) + slack;
+        assert!((*g as f64 - w).abs() <= tol, "{} out {o}: {g} vs {w}", what());
+    }
+}
+
 /// Every level against the float64 reference: each type, with and without double quantization,
 /// rows that are and are not multiples of 32 (odd lengths, rows starting mid-byte and mid-block),
 /// partial last blocks, tiles with leftover rows, 1..16 activation rows.
@@ -109,18 +119,13 @@ fn every_level_matches_the_reference() {
                 let q = Quantized::new(&w, qt, bs);
                 for double in [false, true] {
                     let wd = decoded(&q, double, qt, bs, rows * cols);
-                    let (want, mag) = reference(&x, &wd, m, rows, cols);
+                    let want = reference(&x, &wd, m, rows, cols);
                     let weight = Weight4 { packed: &q.packed, scales: q.scales(double), quant_type: qt, blocksize: bs, rows, cols };
                     for isa in Isa::available() {
                         let got = run_gemm(isa, &x, m, &weight);
-                        for (o, ((g, w), s)) in got.iter().zip(&want).zip(&mag).enumerate() {
-                            // float32 summation of `cols` products: a few units of 2^-24 per term.
-                            let tol = s * cols as f64 * 2f64.powi(-23) + 1e-30;
-                            assert!(
-                                (*g as f64 - w).abs() <= tol,
-                                "{isa:?} {qt:?} bs={bs} double={double} [{m}x{cols}]@[{rows}x{cols}]^T out {o}: {g} vs {w}"
-                            );
-                        }
+                        assert_near_reference(&got, &want, cols, 1e-30, &|| {
+                            format!("{isa:?} {qt:?} bs={bs} double={double} [{m}x{cols}]@[{rows}x{cols}]^T")
+                        });
                     }
                 }
             }
@@ -161,12 +166,9 @@ fn parallel_tasks_cover_every_row_once() {
     assert!(m * rows * cols >= PARALLEL_MIN_WORK);
     let x = noise(m * cols, 10);
     let wd = decoded(&q, false, QuantType::Fp4, bs, rows * cols);
-    let (want, mag) = reference(&x, &wd, m, rows, cols);
+    let want = reference(&x, &wd, m, rows, cols);
     for isa in Isa::available() {
-        let got = run_gemm(isa, &x, m, &w);
-        for (o, ((g, w), s)) in got.iter().zip(&want).zip(&mag).enumerate() {
-            assert!((*g as f64 - w).abs() <= s * cols as f64 * 2f64.powi(-23), "{isa:?} out {o}: {g} vs {w}");
-        }
+        assert_near_reference(&run_gemm(isa, &x, m, &w), &want, cols, 0.0, &|| format!("{isa:?}"));
     }
 }
 
@@ -180,12 +182,9 @@ fn model_sized_weights_match_the_reference() {
     let w = Weight4 { packed: &q.packed, scales: q.scales(true), quant_type: QuantType::Nf4, blocksize: bs, rows, cols };
     for m in 1..=3 {
         let x = noise(m * cols, 12 + m as u64);
-        let (want, mag) = reference(&x, &wd, m, rows, cols);
+        let want = reference(&x, &wd, m, rows, cols);
         for isa in Isa::available() {
-            let got = run_gemm(isa, &x, m, &w);
-            for (o, ((g, w), s)) in got.iter().zip(&want).zip(&mag).enumerate() {
-                assert!((*g as f64 - w).abs() <= s * cols as f64 * 2f64.powi(-23), "{isa:?} m={m} out {o}: {g} vs {w}");
-            }
+            assert_near_reference(&run_gemm(isa, &x, m, &w), &want, cols, 0.0, &|| format!("{isa:?} m={m}"));
         }
     }
 }
