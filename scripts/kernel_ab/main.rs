@@ -10,8 +10,9 @@ fn var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
-fn list(name: &str, default: &str) -> Vec<usize> {
-    var(name).unwrap_or(default.into()).split(',').map(|t| t.trim().parse().expect("a list of numbers")).collect()
+/// "1,4,16" -> [1, 4, 16].
+fn numbers(list: &str) -> Vec<usize> {
+    list.split(',').map(|t| t.trim().parse().expect("a list of numbers")).collect()
 }
 
 /// xorshift64: the same inputs for both crates and every run.
@@ -91,9 +92,9 @@ fn main() {
     let shapes: Vec<(usize, usize)> = match var("SHAPES") {
         Some(v) => v
             .split(';')
-            .map(|s| {
-                let p: Vec<usize> = s.split(',').map(|t| t.trim().parse().unwrap()).collect();
-                (p[0], p[1])
+            .map(|s| match numbers(s)[..] {
+                [rows, cols] => (rows, cols),
+                _ => panic!("SHAPES: rows,cols pairs separated by ';', not {s:?}"),
             })
             .collect(),
         None => vec![(4096, 4096), (4096, 14336), (14336, 4096), (576, 576), (1536, 576)],
@@ -129,7 +130,7 @@ fn main() {
             );
             continue;
         }
-        for m in list("MS", "1,4,16") {
+        for m in numbers(&var("MS").unwrap_or("1,4,16".into())) {
             let x: Vec<bf16> = (0..m * cols).map(|_| bf16::from_f32((noise.next() % 2000) as f32 / 1000.0 - 1.0)).collect();
             let (mut o1, mut o2) = (vec![bf16::ZERO; m * rows], vec![bf16::ZERO; m * rows]);
             gemm!(old, &packed[0], &absmax[0], rows, cols, &x, m, &mut o1);
