@@ -11,10 +11,12 @@ drifts affects all of them alike. Prints medians and ratios:
   a cycle apart so that neither reads a weight the other has just brought in), as the layers of a
   model do during generation: a weight repeated from cache would time the cache, not the bytes a
   quarter-size format saves (``--warm`` keeps one copy);
-- dequantize 4096x4096 NF4 + double quant to bf16: qlora-rs into a new tensor and into a
-  preallocated one (by the op's arguments, and from the weight as ``Linear4bit`` keeps it: block
-  scales decoded to float32 once), against bitsandbytes' ``dequantize_4bit``; Gparam/s and GB/s (bytes read +
-  written), and the anchor the machine sets: torch copying a bf16 tensor of the output's size;
+- dequantize 4096x4096 NF4 + double quant to bf16: qlora-rs into a new tensor (the op) and into a
+  preallocated one (``ops.dequantize_4bit_cpu(..., out=)``: the weight checked once and its block
+  scales decoded to float32 once, as every CPU entry point keeps them; and, for comparison, a weight
+  checked and its double-quantized scales decoded in every call), against bitsandbytes'
+  ``dequantize_4bit``; Gparam/s and GB/s (bytes read + written), and the anchor the machine sets:
+  torch copying a bf16 tensor of the output's size;
 - ``--crossover``: the fused kernel against dequantize + ``F.linear`` for M = 1..32, the table
   behind ``qlora_rs.ops.CPU_FUSED_GEMM_MAX_M``.
 
@@ -154,12 +156,11 @@ def dequantize_table(repeat: int) -> None:
     args = ops.quant_args(packed, state)
     buffer = torch.empty(n_out, k, dtype=torch.bfloat16)
     source = torch.randn(n_out, k, dtype=torch.bfloat16)
-    cached = ops.CpuPackedWeight(*args, float_scales=True)  # as Linear4bit keeps its weight
     contenders = {
         "torch copy_ (anchor)": lambda: buffer.copy_(source),
         "qlora-rs, new tensor": lambda: torch.ops.qlora_rs.dequantize_4bit(*args, torch.bfloat16),
         "qlora-rs, preallocated": lambda: ops.dequantize_4bit_cpu(*args, torch.bfloat16, out=buffer),
-        "Linear4bit's weight, prealloc.": lambda: cached.dequantize(torch.bfloat16, out=buffer),
+        "prealloc., checked every call": lambda: ops.CpuPackedWeight(*args).dequantize(torch.bfloat16, out=buffer),
     }
     try:
         import bitsandbytes.functional as BF

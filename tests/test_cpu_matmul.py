@@ -7,6 +7,7 @@ level this CPU runs; the decode, bit for bit on every level; the crossover in
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import subprocess
 import sys
@@ -252,6 +253,66 @@ def test_op_gradient_wrt_x_on_the_fused_path():
     g = torch.randn(3, 24)
     (torch.ops.qlora_rs.gemm_4bit(x, *ops.quant_args(packed, state)) * g).sum().backward()
     torch.testing.assert_close(x.grad, g @ reference_weight(packed, state), rtol=1e-5, atol=1e-5)
+
+
+def _entries_for(t: torch.Tensor) -> int:
+    return sum(entry[1]() is t for entry in list(ops._cpu_weights.values()))
+
+
+def test_op_checks_each_weight_once_and_follows_changes():
+    packed, state = quantized(40, 96, "nf4", 64, True)
+    args = ops.quant_args(packed, state)
+    x = torch.randn(2, 96)
+    first = ops.cpu_weight(*args)
+    y = torch.ops.qlora_rs.gemm_4bit(x, *args)
+    assert ops.cpu_weight(*args) is first and _entries_for(packed) == 1  # the op used it too
+    assert_matches_reference(y, x, reference_weight(packed, state))
+    # Each way of changing the description builds it again, and the op follows.
+    changes = [
+        lambda: state.absmax.__setitem__(slice(0, 3), state.absmax[:3] // 2),  # written in place: a new version
+        lambda: packed.__setitem__(slice(0, 8), 0x77),
+        lambda: setattr(state, "nested_absmax", state.nested_absmax * 2),  # another tensor
+        lambda: setattr(state, "offset", state.offset + 0.01),
+    ]
+    for change in changes:
+        change()
+        args = ops.quant_args(packed, state)
+        rebuilt = ops.cpu_weight(*args)
+        assert rebuilt is not first and ops.cpu_weight(*args) is rebuilt and _entries_for(packed) == 1
+        first = rebuilt
+        assert_matches_reference(torch.ops.qlora_rs.gemm_4bit(x, *args), x, reference_weight(packed, state))
+        assert torch.equal(torch.ops.qlora_rs.dequantize_4bit(*args, torch.float32), reference_weight(packed, state))
+
+
+def test_kept_weights_go_with_their_tensors():
+    # Nothing the cache keeps holds its key alive: neither op arguments nor a module's weight
+    # (whose byte view, a view's _base, once did).
+    gc.collect()
+    before = len(ops._cpu_weights)
+    packed, state = quantized(16, 64, "fp4", 32, False)
+    q = layer()
+    with torch.no_grad():
+        torch.ops.qlora_rs.gemm_4bit(torch.randn(1, 64), *ops.quant_args(packed, state))
+        q(torch.randn(1, 96))
+    assert _entries_for(packed) == 1 and _entries_for(q.weight) == 1
+    del packed, state, q
+    gc.collect()
+    assert len(ops._cpu_weights) == before
+
+
+def test_inference_tensors_are_kept_only_by_a_module_that_forgets_its_writes():
+    with torch.inference_mode():
+        packed, state = quantized(16, 64, "nf4", 64, True)
+        args = ops.quant_args(packed, state)
+        assert ops.cpu_weight(*args) is not ops.cpu_weight(*args)  # no version to see writes by
+        q, x = layer(), torch.randn(2, 96)
+        before = q(x)
+        assert q._cpu_kernel_weight() is q._cpu_kernel_weight() and _entries_for(q.weight) == 1
+        q.quantize_weight_(torch.randn(40, 96))  # written in place; _put forgets what was kept
+        assert _entries_for(q.weight) == 0
+        after = q(x)
+        assert not torch.equal(before, after)
+        assert torch.equal(after, torch.ops.qlora_rs.gemm_4bit(x.bfloat16(), *q._op_args()).float())
 
 
 def test_bad_arguments_name_what_is_wrong():

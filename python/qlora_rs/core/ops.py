@@ -5,8 +5,10 @@ Each has a schema, a fake (meta) implementation, so that ``torch.compile`` and m
 see through it, and per-device kernels behind it:
 
 - CPU: the Rust core (GIL released; threads from torch's own OpenMP team, ``torch.get_num_threads()``
-  of them; kernels chosen at run time for the CPU's instruction set). ``gemm_4bit`` with few rows (``M <= CPU_FUSED_GEMM_MAX_M``) runs a fused kernel that reads
-  the packed weight directly; with more, the core decodes and the matmul is torch's (MKL/oneDNN).
+  of them; kernels chosen at run time for the CPU's instruction set). ``gemm_4bit`` with few rows
+  (``M <= CPU_FUSED_GEMM_MAX_M``) runs a fused kernel that reads the packed weight directly; with
+  more, the core decodes and the matmul is torch's (MKL/oneDNN). Each packed weight is checked, and
+  its double-quantized scales decoded, once while it lives and stays unchanged (:func:`cpu_weight`).
 - CUDA: kernels registered for the ``CUDA`` dispatch key by ``qlora_rs.core.cuda_ops`` when compiled in.
   Without them every other device (CUDA included) runs a pure-torch decode registered as the
   ``CompositeExplicitAutograd`` default; it is exact but slow and says so once in the log.
@@ -22,7 +24,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Optional, Sequence
+import weakref
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -122,9 +125,9 @@ class CpuPackedWeight:
     with ``float_scales``, once here into float32 (4 bytes a block instead of 1: the kernels'
     inner loop then only loads each scale).
 
-    A module keeps one between calls (:class:`qlora_rs.nn.Linear4bit` rebuilds it when its weight
-    or state changes), so that its forward pays for no argument check, no contiguity copy and no
-    scale conversion: per call only ``x`` and the output cross to Rust."""
+    The CPU ops and :class:`qlora_rs.nn.Linear4bit` keep one per packed tensor (:func:`cpu_weight`,
+    rebuilt when a tensor or the state changes), so that a call pays for no argument check, no
+    contiguity copy and no scale conversion: per call only ``x`` and the output cross to Rust."""
 
     __slots__ = ("shape", "_weight")
 
@@ -132,8 +135,11 @@ class CpuPackedWeight:
                  where: str = _GEMM + " (CPU)", *, float_scales: bool = False):
         _check_cpu(where, packed=packed, absmax=absmax, nested_absmax=nested_absmax, nested_code=nested_code)
         check_quant_args(where, packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape)
-        # The op builds one of these per call: capsules, not __dlpack__, keep that cheap.
-        data = _capsule(packed_bytes(packed))
+        # Capsules, not __dlpack__: cheap (the uncached ops build one per call). The bytes are
+        # held through a tensor of their own over the same storage: a view would keep `packed`
+        # itself alive (its _base), and with it the weakly keyed cache entry (cpu_weight).
+        data = packed_bytes(packed)
+        data = _capsule(torch.empty(0, dtype=torch.uint8).set_(data.untyped_storage(), data.storage_offset(), data.shape))
         absmax = absmax.contiguous()
         if nested_absmax is not None:
             nested_absmax = nested_absmax.contiguous()
@@ -189,6 +195,69 @@ class CpuPackedWeight:
         return out
 
 
+# One CpuPackedWeight per packed tensor given to the CPU ops, kept while that tensor lives and
+# used again while nothing of the description has changed: training reaches the op with the same
+# tensors every step, and Linear4bit's inference calls the kernels through it. Keyed by id(packed)
+# with a weak reference to it (cheaper to look up than torch's WeakIdKeyDictionary): the entry
+# goes when the tensor does.
+_cpu_weights: dict = {}
+
+
+def _same(ref, t) -> bool:
+    return ref is None if t is None else ref is not None and ref() is t
+
+
+def cpu_weight(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape,
+               where: Union[str, Callable[[], str]] = _GEMM, *, unversioned: bool = False) -> CpuPackedWeight:
+    """The :class:`CpuPackedWeight` of the ops' arguments after ``x``, checked and built once per
+    description (block scales decoded to float32: +1/16 byte a weight while cached, no
+    double-quant decode in any call) and kept while ``packed`` lives. It is built again when any of
+    the tensors is another object, has another address or was written to (version counter).
+
+    Inference tensors count no versions, so a write to one in inference mode would go unseen:
+    they are not cached unless ``unversioned`` (for an owner that calls :func:`forget_cpu_weight`
+    after each of its own writes, as :class:`qlora_rs.nn.Linear4bit` does). ``where`` names the
+    caller in errors; a callable is called only when the weight is built."""
+    # Runs once per layer and token in generation: a flat tuple. Arguments that are not tensors
+    # as expected leave it None: the build below then names what is wrong.
+    key, versioned = None, False
+    nested = nested_absmax is not None and nested_code is not None
+    try:
+        key = (packed.data_ptr(), packed.shape, absmax.data_ptr(), nested_absmax is None, nested_code is None, offset,
+               quant_type, blocksize, tuple(shape))
+        if nested:
+            key += (nested_absmax.data_ptr(), nested_code.data_ptr())
+        key += (packed._version, absmax._version) + ((nested_absmax._version, nested_code._version) if nested else ())
+        versioned = True
+    except RuntimeError:  # an inference tensor (no version counter), or one without storage
+        pass
+    except (AttributeError, TypeError):
+        key = None
+    entry = _cpu_weights.get(id(packed))
+    if (entry is not None and entry[0] == key and entry[1]() is packed and _same(entry[2], absmax)
+            and _same(entry[3], nested_absmax) and _same(entry[4], nested_code)):
+        return entry[5]
+    weight = CpuPackedWeight(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape,
+                             where if isinstance(where, str) else where(), float_scales=True)
+    if key is not None and (versioned or unversioned):
+        ident = id(packed)
+
+        def drop(ref, ident=ident):
+            if _cpu_weights.get(ident, (None, None))[1] is ref:
+                del _cpu_weights[ident]
+
+        refs = tuple(None if t is None else weakref.ref(t) for t in (absmax, nested_absmax, nested_code))
+        _cpu_weights[ident] = (key, weakref.ref(packed, drop), *refs, weight)
+    return weight
+
+
+def forget_cpu_weight(packed: Optional[torch.Tensor]) -> None:
+    """Drops what :func:`cpu_weight` keeps for ``packed`` (its scales and its hold on the tensors)."""
+    entry = _cpu_weights.get(id(packed))
+    if entry is not None and entry[1]() is packed:
+        del _cpu_weights[id(packed)]
+
+
 def dequantize_4bit_cpu(
     packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape, dtype,
     *, isa: Optional[str] = None, out: Optional[torch.Tensor] = None,
@@ -199,7 +268,7 @@ def dequantize_4bit_cpu(
     gives the same bits."""
     where = _DEQUANTIZE + " (CPU)"
     check_out_dtype(where, dtype)
-    weight = CpuPackedWeight(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape, where)
+    weight = cpu_weight(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape, where)
     return weight.dequantize(dtype, isa=isa, out=out).view([int(s) for s in shape])
 
 
@@ -212,7 +281,7 @@ def gemm_4bit_cpu(
     where = _GEMM + " (CPU)"
     _check_cpu(where, x=x)
     check_gemm_input(where, x, shape)
-    weight = CpuPackedWeight(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape, where)
+    weight = cpu_weight(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape, where)
     return weight.fused_matmul(x, isa=isa)
 
 
@@ -234,7 +303,7 @@ def _dequantize_cpu(packed, absmax, nested_absmax, nested_code, offset, quant_ty
 
 def _gemm_cpu(x, packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape):
     check_gemm_input(_GEMM, x, shape)
-    return CpuPackedWeight(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape, _GEMM).matmul(x)
+    return cpu_weight(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape).matmul(x)
 
 
 # ---------------------------------------------------------------------------------------------

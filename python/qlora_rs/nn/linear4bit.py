@@ -29,7 +29,7 @@ from .. import _lib
 from ..core.autograd import Linear4bitFunction
 from ..errors import FormatError, InvalidArgumentError
 from ..core.functional import quantize
-from ..core.ops import CpuPackedWeight
+from ..core.ops import CpuPackedWeight, cpu_weight, forget_cpu_weight
 from ..core.ops import dequantize_4bit as _dequantize_op
 from ..core.quant_state import QUANT_TYPES, QuantState, code_table, dtype_name, nested_code_table, parse_dtype
 
@@ -205,7 +205,7 @@ class Linear4bit(nn.Linear):
 
     @torch.no_grad()
     def _put(self, name: str, value: Optional[torch.Tensor], device: torch.device, copy: bool) -> None:
-        self.__dict__.pop("_cpu_weight", None)  # let the old tensors go now, not at the next forward
+        forget_cpu_weight(self._parameters.get("weight"))  # let the old tensors go now, not at the next forward
         current = getattr(self, name)
         if value is None:
             setattr(self, name, None)
@@ -363,14 +363,8 @@ class Linear4bit(nn.Linear):
             )
         self._set_quantized(weight, state, copy=True)
 
-    def __getstate__(self) -> dict:
-        # Copies and pickles leave out the kernels' view of the weight (it is rebuilt on use).
-        state = self.__dict__.copy()
-        state.pop("_cpu_weight", None)
-        return state
-
     def _apply(self, fn, recurse=True):
-        self.__dict__.pop("_cpu_weight", None)
+        forget_cpu_weight(self._parameters.get("weight"))
         # Module.to(dtype)/half()/float() cast every floating tensor; the packed bytes (which may
         # be viewed as floats) and the quantization scales must only move between devices.
         protected = {id(t): t for t in (self.weight, *(getattr(self, b) for b in _QUANT_BUFFERS)) if t is not None}
@@ -410,29 +404,21 @@ class Linear4bit(nn.Linear):
             )
 
     def _cpu_kernel_weight(self) -> Optional[CpuPackedWeight]:
-        """The weight checked once for the CPU kernels, kept until one of its tensors is replaced
-        or written to (its address or version counter changes) or the state changes; None unless
-        it is a plain CPU tensor (not meta, another device or a sharded DTensor)."""
+        """The weight checked once for the CPU kernels (:func:`qlora_rs.core.ops.cpu_weight`: kept
+        until one of its tensors is replaced or written to, or the state changes); None unless it
+        is a plain CPU tensor (not meta, another device or a sharded DTensor)."""
         weight = self._parameters["weight"]
         if type(weight) is not nn.Parameter or not weight.is_cpu or weight.dtype != self.quant_storage:
             return None
+        # The arguments of _op_args from the module's dicts (attribute access to buffers goes through
+        # Module.__getattr__: microseconds a forward). unversioned: inference tensors are cached
+        # too; this module's own writes (_put) forget them.
         buffers = self._buffers
-        absmax, nested, code = buffers["weight_absmax"], buffers["weight_nested_absmax"], buffers["weight_nested_quant_map"]
-        key = (weight.data_ptr(), absmax.data_ptr(), self.weight_offset, self.quant_type, self.blocksize,
-               self.in_features, self.out_features)
-        if nested is not None:
-            key += (nested.data_ptr(), code.data_ptr())
-        try:
-            key += (weight._version, absmax._version) + ((nested._version, code._version) if nested is not None else ())
-        except RuntimeError:
-            pass  # inference tensors count no versions (this module's own writes drop the cache in _put)
-        cached = self.__dict__.get("_cpu_weight")
-        if cached is None or cached[0] != key:
-            # The block scales decoded to float32 once per state: +1/16 byte a weight in memory,
-            # no double-quant decode in any forward.
-            cached = (key, CpuPackedWeight(*self._op_args(), where=self._describe(), float_scales=True))
-            self.__dict__["_cpu_weight"] = cached
-        return cached[1]
+        return cpu_weight(
+            weight, buffers["weight_absmax"], buffers["weight_nested_absmax"], buffers["weight_nested_quant_map"],
+            self.weight_offset, self.quant_type, self.blocksize, (self.out_features, self.in_features),
+            self._describe, unversioned=True,
+        )
 
     def _cpu_inference(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """``x @ W^T + bias`` in ``compute_dtype`` by the CPU kernels straight from the weight
