@@ -39,12 +39,16 @@ ROWS = [1, 4, 16]
 
 
 def interleaved(contenders: dict, repeat: int) -> dict:
-    """Median seconds per call of each contender; repeats interleaved, after one warm-up each."""
+    """Median seconds per call of each contender; repeats interleaved, after one warm-up each. Each
+    repeat starts one contender later, so that none always follows the same one (the one after
+    a new 32 MiB tensor, or after bitsandbytes' 30 ms calls, finds the caches and pages as that one
+    left them: 5-10% slower in a fixed order)."""
     for fn in contenders.values():
         fn()
     times: dict = {name: [] for name in contenders}
-    for _ in range(repeat):
-        for name, fn in contenders.items():
+    items = list(contenders.items())
+    for r in range(repeat):
+        for name, fn in items[r % len(items):] + items[:r % len(items)]:
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
