@@ -135,11 +135,12 @@ class CpuPackedWeight:
                  where: str = _GEMM + " (CPU)", *, float_scales: bool = False):
         _check_cpu(where, packed=packed, absmax=absmax, nested_absmax=nested_absmax, nested_code=nested_code)
         check_quant_args(where, packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape)
-        # Capsules, not __dlpack__: cheap (the uncached ops build one per call). The bytes are
-        # held through a tensor of their own over the same storage: a view would keep `packed`
-        # itself alive (its _base), and with it the weakly keyed cache entry (cpu_weight).
+        # Capsules, not __dlpack__: cheap (inference tensors given to the ops build one per call).
+        # The bytes are held through a tensor of their own over the same storage: a view would keep
+        # `packed` itself alive (its _base), and with it the weakly keyed cache entry (cpu_weight).
         data = packed_bytes(packed)
-        data = _capsule(torch.empty(0, dtype=torch.uint8).set_(data.untyped_storage(), data.storage_offset(), data.shape))
+        own = torch.empty(0, dtype=torch.uint8).set_(data.untyped_storage(), data.storage_offset(), data.shape)
+        data = _capsule(own)
         absmax = absmax.contiguous()
         if nested_absmax is not None:
             nested_absmax = nested_absmax.contiguous()
