@@ -265,21 +265,28 @@ class Linear4bit(nn.Linear):
         if getattr(self, "bias", None) is not None:
             nn.init.zeros_(self.bias)
 
-    def _op_args(self) -> tuple:
-        if self.weight.dtype != self.quant_storage:
+    def _op_args(self, weight: Optional[torch.Tensor] = None) -> tuple:
+        """The ops' arguments after ``x`` for this layer's weight (``weight``: the packed weight when
+        the caller has it already, else ``self.weight``)."""
+        if weight is None:
+            weight = self.weight
+        if weight.dtype != self.quant_storage:
             # Only a cast of the whole parameter gets here: an FSDP MixedPrecisionPolicy whose
             # param_dtype differs from a float quant_storage (Module.to(dtype) keeps it).
             raise InvalidArgumentError(
-                f"{self._describe()}: the packed 4-bit weight reached the forward as {dtype_name(self.weight.dtype)} "
+                f"{self._describe()}: the packed 4-bit weight reached the forward as {dtype_name(weight.dtype)} "
                 f"but is stored as {dtype_name(self.quant_storage)}: something (an FSDP MixedPrecisionPolicy with "
-                f"param_dtype={dtype_name(self.weight.dtype)}?) converted its bytes to numbers; quantize with "
+                f"param_dtype={dtype_name(weight.dtype)}?) converted its bytes to numbers; quantize with "
                 "quant_storage=torch.uint8, or shard with qlora_rs.distributed.shard_model, which checks the policy"
             )
+        # Buffers from the module's dict: attribute access goes through Module.__getattr__, about a
+        # microsecond each, and the CPU inference path asks for these once per forward.
+        buffers = self._buffers
         return (
-            self.weight,
-            self.weight_absmax,
-            self.weight_nested_absmax,
-            self.weight_nested_quant_map,
+            weight,
+            buffers["weight_absmax"],
+            buffers["weight_nested_absmax"],
+            buffers["weight_nested_quant_map"],
             self.weight_offset,
             self.quant_type,
             self.blocksize,
@@ -410,15 +417,8 @@ class Linear4bit(nn.Linear):
         weight = self._parameters["weight"]
         if type(weight) is not nn.Parameter or not weight.is_cpu or weight.dtype != self.quant_storage:
             return None
-        # The arguments of _op_args from the module's dicts (attribute access to buffers goes through
-        # Module.__getattr__: microseconds a forward). unversioned: inference tensors are cached
-        # too; this module's own writes (_put) forget them.
-        buffers = self._buffers
-        return cpu_weight(
-            weight, buffers["weight_absmax"], buffers["weight_nested_absmax"], buffers["weight_nested_quant_map"],
-            self.weight_offset, self.quant_type, self.blocksize, (self.out_features, self.in_features),
-            self._describe, unversioned=True,
-        )
+        # unversioned: inference tensors are cached too; this module's own writes (_put) forget them.
+        return cpu_weight(*self._op_args(weight), self._describe, unversioned=True)
 
     def _cpu_inference(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """``x @ W^T + bias`` in ``compute_dtype`` by the CPU kernels straight from the weight
