@@ -111,6 +111,28 @@ impl Isa {
     }
 }
 
+/// Which CPU runs a kernel call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Host {
+    /// This one: the level is checked against it and the work is spread over the thread team.
+    Native,
+    /// An emulated CPU that the caller vouches runs the level (the tests run the levels this CPU
+    /// lacks under an emulator: `qlora_rs._lib.set_cpu_emulator`). No check against this CPU,
+    /// and one thread: the call must neither start threads nor look the CPU up, which the
+    /// emulator cannot do or would answer for the emulated CPU (an answer cached process-wide).
+    Emulated,
+}
+
+impl Host {
+    /// Errors unless this host runs the level.
+    pub fn check(self, isa: Isa) -> Result<()> {
+        match self {
+            Host::Native => isa.check_supported(),
+            Host::Emulated => Ok(()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use crate::blockwise8::NESTED_BLOCKSIZE;
 use crate::codebook::{Encoder4, FP4_CODE, FP4_ENCODER, INT4_CODE, INT4_ENCODER, NF4_CODE, NF4_ENCODER};
-use crate::cpu_isa::Isa;
+use crate::cpu_isa::{Host, Isa};
 use crate::dtype::{Element, FloatSlice, FloatSliceMut};
 use crate::error::{Error, Result};
 use crate::matmul4;
@@ -508,7 +508,7 @@ pub fn dequantize_4bit_with(
     out: FloatSliceMut<'_>,
     isa: Isa,
 ) -> Result<()> {
-    dequantize_4bit_into(packed, scales, quant_type, blocksize, out, isa, OutputMemory::Touched)
+    dequantize_4bit_into(packed, scales, quant_type, blocksize, out, isa, OutputMemory::Touched, Host::Native)
 }
 
 /// What the output of a decode is, which decides how it is written.
@@ -523,7 +523,9 @@ pub enum OutputMemory {
     Touched,
 }
 
-/// [`dequantize_4bit_with`] into an output of the given kind.
+/// [`dequantize_4bit_with`] into an output of the given kind, on the given host (an emulated
+/// CPU: one thread, the level not checked).
+#[allow(clippy::too_many_arguments)]
 pub fn dequantize_4bit_into(
     packed: &[u8],
     scales: BlockScales<'_>,
@@ -532,19 +534,22 @@ pub fn dequantize_4bit_into(
     out: FloatSliceMut<'_>,
     isa: Isa,
     memory: OutputMemory,
+    host: Host,
 ) -> Result<()> {
     check_buffers(out.len(), blocksize, packed.len(), scales.len())?;
     scales.check()?;
-    isa.check_supported()?;
+    host.check(isa)?;
     let stream = memory == OutputMemory::Touched && out.len() * out.dtype().size() >= matmul4::STREAM_MIN_BYTES;
+    let one_thread = host == Host::Emulated;
     match out {
-        FloatSliceMut::F32(o) => dequantize_typed(packed, scales, quant_type, blocksize, o, isa, stream),
-        FloatSliceMut::F16(o) => dequantize_typed(packed, scales, quant_type, blocksize, o, isa, stream),
-        FloatSliceMut::BF16(o) => dequantize_typed(packed, scales, quant_type, blocksize, o, isa, stream),
+        FloatSliceMut::F32(o) => dequantize_typed(packed, scales, quant_type, blocksize, o, isa, stream, one_thread),
+        FloatSliceMut::F16(o) => dequantize_typed(packed, scales, quant_type, blocksize, o, isa, stream, one_thread),
+        FloatSliceMut::BF16(o) => dequantize_typed(packed, scales, quant_type, blocksize, o, isa, stream, one_thread),
     }
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn dequantize_typed<T: Element>(
     packed: &[u8],
     scales: BlockScales<'_>,
@@ -553,6 +558,7 @@ fn dequantize_typed<T: Element>(
     out: &mut [T],
     isa: Isa,
     stream: bool,
+    one_thread: bool,
 ) {
     let code = quant_type.code();
     let chunk = chunk_elements(blocksize);
@@ -562,7 +568,7 @@ fn dequantize_typed<T: Element>(
     let out = SharedOut(out.as_mut_ptr());
     let next = AtomicUsize::new(0);
     // (One chunk runs here alone: no need to look the team up.)
-    let threads = if chunks > 1 { crate::threads::team_size().min(chunks) } else { 1 };
+    let threads = if chunks > 1 && !one_thread { crate::threads::team_size().min(chunks) } else { 1 };
     crate::threads::run_team(threads, &|| loop {
         let c = next.fetch_add(1, Ordering::Relaxed);
         if c >= chunks {
@@ -576,7 +582,7 @@ fn dequantize_typed<T: Element>(
         let mut scale = [0f32; CHUNK_ELEMENTS / BLOCKSIZES[0]];
         let scale = &mut scale[..(end - start).div_ceil(blocksize)];
         scales.decode_range(c * (chunk / blocksize), scale);
-        // SAFETY: `isa` was checked to be supported by this CPU (dequantize_4bit_into).
+        // SAFETY: `isa` was checked to be supported by this CPU, or the emulated one (dequantize_4bit_into).
         unsafe { matmul4::decode_chunk(isa, ps, os, code, blocksize, |b| scale[b], stream) }
     });
 }

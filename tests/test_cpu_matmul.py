@@ -1,11 +1,13 @@
 """The CPU kernels over packed 4-bit weights (rust/matmul4): the fused matmul against dequantize +
 a float64 product, for every quant type, with and without double quantization, rows of any
 length, partial last blocks, 1..16 activation rows, each float type and each instruction-set
-level this CPU runs; the decode, bit for bit on every level; the crossover in
-``torch.ops.qlora_rs.gemm_4bit``; and ``Linear4bit``'s checked-once inference path."""
+level this CPU runs and, on an emulated CPU, the AVX-512 levels it lacks; the decode, bit for bit
+on every level; the crossover in ``torch.ops.qlora_rs.gemm_4bit``; and ``Linear4bit``'s
+checked-once inference path."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import os
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import emulated_cpu
 import qlora_rs
 from _reference import dequantize as reference_dequantize
 from qlora_rs.core import ops
@@ -27,6 +30,11 @@ from qlora_rs.nn import Linear4bit
 
 ISAS = ops.cpu_isas()
 ALL_ISAS = ["avx512bf16", "avx512", "avx2", "portable"]
+# Levels this CPU lacks run on an emulated CPU where one is to be had (tests/emulated_cpu.py), so
+# that the AVX-512 kernels are tested on every machine, not only on AVX-512 ones.
+EMULATOR = emulated_cpu.emulator()
+EMULATED = [] if isinstance(EMULATOR, str) else [isa for isa in EMULATOR.levels if isa not in ISAS]
+TESTED = [isa for isa in ALL_ISAS if isa in ISAS or isa in EMULATED]
 QUANT_TYPES = ["nf4", "fp4", "int4"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Half a unit in the last place of each output type: the one rounding of the float32 sum.
@@ -34,8 +42,20 @@ OUTPUT_ROUNDING = {torch.float32: 0.0, torch.float16: 2.0**-11, torch.bfloat16: 
 
 
 def isa_param(isa: str):
-    # Levels this CPU lacks are skipped here, as the dispatch would never pick them.
-    return pytest.param(isa, marks=pytest.mark.skipif(isa not in ISAS, reason=f"this CPU does not run {isa}"))
+    if isa in TESTED:
+        return isa
+    why = f"no CPU emulator ({EMULATOR})" if isinstance(EMULATOR, str) else "nor does the emulated one"
+    return pytest.param(isa, marks=pytest.mark.skip(reason=f"this CPU does not run {isa}; {why}"))
+
+
+@contextlib.contextmanager
+def on_level(isa: str):
+    """Within: the kernels run at ``isa`` natively, or on the emulated CPU if this one lacks it."""
+    if isa in ISAS:
+        yield
+    else:
+        with EMULATOR.installed():
+            yield
 
 
 ISA_PARAMS = [isa_param(isa) for isa in ALL_ISAS]
@@ -93,7 +113,8 @@ def assert_matches_reference(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) 
 def test_fused_matmul_matches_the_reference(isa, quant_type, double_quant, m, n_out, k, blocksize):
     packed, state = quantized(n_out, k, quant_type, blocksize, double_quant, seed=m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k))
-    y = ops.gemm_4bit_cpu(x, *ops.quant_args(packed, state), isa=isa)
+    with on_level(isa):
+        y = ops.gemm_4bit_cpu(x, *ops.quant_args(packed, state), isa=isa)
     assert_matches_reference(y, x, reference_weight(packed, state))
 
 
@@ -102,7 +123,8 @@ def test_fused_matmul_matches_the_reference(isa, quant_type, double_quant, m, n_
 def test_every_float_type_in_and_out(isa, dtype):
     packed, state = quantized(48, 128, "nf4", 64, True)
     x = torch.randn(2, 3, 128).to(dtype)  # leading dimensions are rows
-    y = ops.gemm_4bit_cpu(x, *ops.quant_args(packed, state), isa=isa)
+    with on_level(isa):
+        y = ops.gemm_4bit_cpu(x, *ops.quant_args(packed, state), isa=isa)
     assert y.shape == (2, 3, 48)
     assert_matches_reference(y.reshape(6, 48), x.reshape(6, 128), reference_weight(packed, state))
 
@@ -114,7 +136,9 @@ def test_every_row_count_up_to_16(isa):
     x = torch.randn(16, 256, dtype=torch.bfloat16)
     args = ops.quant_args(packed, state)
     for m in range(1, 17):
-        assert_matches_reference(ops.gemm_4bit_cpu(x[:m], *args, isa=isa), x[:m], w)
+        with on_level(isa):
+            y = ops.gemm_4bit_cpu(x[:m], *args, isa=isa)
+        assert_matches_reference(y, x[:m], w)
 
 
 def test_large_products_split_over_threads_cover_every_row():
@@ -203,14 +227,15 @@ def test_layer_kernels_from_several_python_threads_at_once():
     quant_type=st.sampled_from(QUANT_TYPES),
     blocksize=st.sampled_from([32, 64, 128]),
     double_quant=st.booleans(),
-    isa=st.sampled_from(ISAS),
+    isa=st.sampled_from(TESTED),
     dtype=st.sampled_from(DTYPES),
 )
 def test_any_shape_on_any_level(m, n_out, k, quant_type, blocksize, double_quant, isa, dtype):
     packed, state = quantized(n_out, k, quant_type, blocksize, double_quant, seed=k)
     # Seeded from the example, so that a failure hypothesis reports can be replayed.
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(1000 * m + k)).to(dtype)
-    y = ops.gemm_4bit_cpu(x, *ops.quant_args(packed, state), isa=isa)
+    with on_level(isa):
+        y = ops.gemm_4bit_cpu(x, *ops.quant_args(packed, state), isa=isa)
     assert_matches_reference(y, x, reference_weight(packed, state))
 
 
@@ -351,8 +376,9 @@ def test_decode_is_bit_identical_on_every_level(quant_type, double_quant):
     args = ops.quant_args(packed, state)
     want = reference_weight(packed, state)
     for dtype in DTYPES:
-        for isa in ISAS:
-            got = ops.dequantize_4bit_cpu(*args, dtype, isa=isa)
+        for isa in TESTED:
+            with on_level(isa):
+                got = ops.dequantize_4bit_cpu(*args, dtype, isa=isa)
             assert torch.equal(got, want.to(dtype)), (isa, dtype)
     buffer = torch.full((33 * 131,), float("nan"), dtype=torch.bfloat16)
     out = ops.dequantize_4bit_cpu(*args, torch.bfloat16, out=buffer)

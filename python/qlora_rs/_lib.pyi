@@ -112,6 +112,13 @@ def cpu_isas() -> list[str]:
     """The instruction-set levels this CPU runs, widest first ("avx512bf16", "avx512", "avx2",
     "portable"); each can be passed as `isa` to the cpu_* kernels."""
 
+def set_cpu_emulator(emulator: Callable[[str, int, int], None] | None) -> Callable[[str, int, int], None] | None:
+    """Installs `emulator` for this thread and returns the one it replaces. The cpu_* kernels then
+    run a level this CPU lacks by calling `emulator(isa, entry, job)`, which must run the machine
+    code at address `entry` with `job` as its one argument (System V ABI) on an emulated CPU with
+    the level, over this process's memory, and return when that call returns (one thread; no
+    system calls but memory allocation's). For the tests (tests/emulated_cpu.py). None uninstalls."""
+
 # -- calibrated 4-bit quantization (rust/calibrate; qlora_rs.io.calibrate is the Python API) -------------
 
 def hessian_factor(h: _Tensor, n: int, relative_damp: float, u: _Tensor) -> dict[str, Any]:

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use half::{bf16, f16};
 
-use crate::cpu_isa::Isa;
+use crate::cpu_isa::{Host, Isa};
 use crate::dtype::{DType, Element, FloatSlice, FloatSliceMut};
 use crate::error::{Error, Result};
 use crate::quant4::{check_blocksize, num_blocks, packed_len, BlockScales, QuantType};
@@ -150,8 +150,13 @@ impl Kernel {
 /// meant for a few rows (up to 16), where decoding the whole weight first costs more than the
 /// product. Multithreaded over output rows ([`crate::threads::run_team`]).
 pub fn gemm_4bit(x: FloatSlice<'_>, m: usize, w: &Weight4<'_>, out: FloatSliceMut<'_>, isa: Isa) -> Result<()> {
+    gemm_4bit_on(x, m, w, out, isa, Host::Native)
+}
+
+/// [`gemm_4bit`] on the given host (an emulated CPU: one thread, the level not checked).
+pub fn gemm_4bit_on(x: FloatSlice<'_>, m: usize, w: &Weight4<'_>, out: FloatSliceMut<'_>, isa: Isa, host: Host) -> Result<()> {
     w.check()?;
-    isa.check_supported()?;
+    host.check(isa)?;
     if x.len() != m * w.cols {
         return Err(Error::shape(format!(
             "x has {} elements; {m} rows of in_features={} need {}",
@@ -186,7 +191,7 @@ pub fn gemm_4bit(x: FloatSlice<'_>, m: usize, w: &Weight4<'_>, out: FloatSliceMu
     let rows = w.rows;
     let work = m.saturating_mul(rows).saturating_mul(w.cols);
     // Small products run here alone: no need to look the team up.
-    let threads = if work < PARALLEL_MIN_WORK { 1 } else { crate::threads::team_size() };
+    let threads = if work < PARALLEL_MIN_WORK || host == Host::Emulated { 1 } else { crate::threads::team_size() };
     let tasks = if threads == 1 { 1 } else { threads * TASKS_PER_THREAD };
     let per_task = rows.div_ceil(tasks).next_multiple_of(kernel.tile_rows());
     let run = |r0: usize| {

@@ -3,11 +3,14 @@
 //! (`crate::cpu_isa`). A packed weight is checked once into a [`PackedWeight4`], which holds its
 //! tensors; each call then reads only the activations and the output through DLPack.
 
+use std::cell::RefCell;
+
+use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 
 use super::tensor_arg::{no_overlap, Elem, HeldTensor, TensorArg};
 use super::to_pyerr;
-use crate::cpu_isa::Isa;
+use crate::cpu_isa::{Host, Isa};
 use crate::matmul4::{self, Weight4};
 use crate::quant4::{self, BlockScales, OutputMemory};
 use crate::{blockwise8, QuantType};
@@ -172,7 +175,7 @@ fn cpu_gemm_4bit(
     let xs = x.float_slice()?;
     // SAFETY: out overlaps neither x nor the weight's tensors (checked above).
     let os = unsafe { out.float_slice_mut()? };
-    py.detach(|| matmul4::gemm_4bit(xs, m, &weight, os, isa)).map_err(to_pyerr)
+    run_kernel(py, isa, |host| matmul4::gemm_4bit_on(xs, m, &weight, os, isa, host))
 }
 
 /// Decodes the weight into `out` (float32, float16 or bfloat16, rows * cols elements) on the CPU,
@@ -197,8 +200,70 @@ fn cpu_dequantize_4bit(
     let memory = if fresh { OutputMemory::Fresh } else { OutputMemory::Touched };
     // SAFETY: out overlaps none of the weight's tensors (checked above).
     let os = unsafe { out.float_slice_mut()? };
-    py.detach(|| quant4::dequantize_4bit_into(weight.packed, weight.scales, weight.quant_type, weight.blocksize, os, isa, memory))
-        .map_err(to_pyerr)
+    run_kernel(py, isa, |host| {
+        quant4::dequantize_4bit_into(weight.packed, weight.scales, weight.quant_type, weight.blocksize, os, isa, memory, host)
+    })
+}
+
+thread_local! {
+    /// This thread's CPU emulator (`set_cpu_emulator`).
+    static EMULATOR: RefCell<Option<Py<PyAny>>> = const { RefCell::new(None) };
+}
+
+/// Runs a kernel call here, or on this thread's CPU emulator when this CPU lacks the level and
+/// an emulator is installed.
+fn run_kernel<F>(py: Python<'_>, isa: Isa, call: F) -> PyResult<()>
+where
+    F: FnOnce(Host) -> crate::Result<()> + Send,
+{
+    if !isa.is_supported() {
+        if let Some(emulator) = EMULATOR.with(|e| e.borrow().as_ref().map(|e| e.clone_ref(py))) {
+            let mut call = Some(call);
+            return emulate(py, &emulator, isa, &mut || match call.take() {
+                Some(call) => call(Host::Emulated),
+                None => Err(crate::Error::unsupported("the CPU emulator ran one kernel call twice")),
+            });
+        }
+    }
+    py.detach(|| call(Host::Native)).map_err(to_pyerr)
+}
+
+/// A kernel call handed to a CPU emulator, which runs `run_job(job)`.
+struct Job<'a> {
+    call: &'a mut dyn FnMut() -> crate::Result<()>,
+    result: Option<crate::Result<()>>,
+}
+
+/// Where the emulator starts (System V calling convention: the job's address in rdi).
+extern "C" fn run_job(job: *mut Job<'_>) {
+    // SAFETY: `emulate` passes a job that outlives the emulator's run.
+    let job = unsafe { &mut *job };
+    job.result = Some((job.call)());
+}
+
+fn emulate(py: Python<'_>, emulator: &Py<PyAny>, isa: Isa, call: &mut dyn FnMut() -> crate::Result<()>) -> PyResult<()> {
+    let mut job = Job { call, result: None };
+    let entry = run_job as extern "C" fn(*mut Job<'_>) as usize;
+    emulator.call1(py, (isa.name(), entry, &mut job as *mut Job<'_> as usize))?;
+    match job.result.take() {
+        Some(result) => result.map_err(to_pyerr),
+        None => Err(PyRuntimeError::new_err(format!(
+            "the CPU emulator returned without finishing the {:?} kernel call",
+            isa.name()
+        ))),
+    }
+}
+
+/// Installs `emulator` for this thread and returns the one it replaces: from then on the
+/// cpu_* kernels run a level this CPU lacks by calling ``emulator(isa, entry, job)``, which
+/// must run the machine code at address ``entry`` with ``job`` as its one argument (System V
+/// ABI) on an emulated CPU that has the level ``isa``, over this process's memory, and return
+/// when that call returns. The call runs on one thread and makes no system calls other than
+/// memory allocation's. For the tests: they run the AVX-512 kernels this way on CPUs without
+/// them. ``None`` uninstalls.
+#[pyfunction]
+fn set_cpu_emulator(emulator: Option<Py<PyAny>>) -> Option<Py<PyAny>> {
+    EMULATOR.with(|e| std::mem::replace(&mut *e.borrow_mut(), emulator))
 }
 
 /// The instruction-set level the CPU kernels use in this process: the widest this CPU runs,
@@ -221,5 +286,6 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cpu_dequantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_isa, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_isas, m)?)?;
+    m.add_function(wrap_pyfunction!(set_cpu_emulator, m)?)?;
     Ok(())
 }
