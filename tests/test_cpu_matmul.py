@@ -14,6 +14,7 @@ import os
 import pickle
 import subprocess
 import sys
+from typing import Optional
 
 import pytest
 import torch
@@ -79,6 +80,15 @@ def reference_weight(packed, state) -> torch.Tensor:
     return reference_dequantize(packed, scales, state.quant_type, state.blocksize, n_out * k, torch.float32).reshape(n_out, k)
 
 
+def kernel_weight(w: torch.Tensor, isa: Optional[str], dtype: torch.dtype) -> torch.Tensor:
+    """The weight the fused kernels multiply at ``isa`` (None: the level this process runs):
+    bfloat16 activations on ``avx512bf16`` take it rounded to bfloat16, as the decode + GEMM of
+    larger products does (``vdpbf16ps``); every other case the float32 decode."""
+    if dtype == torch.bfloat16 and (isa or ops.cpu_isa()) == "avx512bf16":
+        return w.to(torch.bfloat16).float()
+    return w
+
+
 def assert_matches_reference(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
     """``y`` against ``x @ w^T`` in float64. Allowed: twice the error of float32 dequantize +
     F.linear on the same values (the reference's own error), a float32 summation bound, and the
@@ -126,13 +136,13 @@ def test_every_float_type_in_and_out(isa, dtype):
     with on_level(isa):
         y = ops.gemm_4bit_cpu(x, *ops.quant_args(packed, state), isa=isa)
     assert y.shape == (2, 3, 48)
-    assert_matches_reference(y.reshape(6, 48), x.reshape(6, 128), reference_weight(packed, state))
+    assert_matches_reference(y.reshape(6, 48), x.reshape(6, 128), kernel_weight(reference_weight(packed, state), isa, dtype))
 
 
 @pytest.mark.parametrize("isa", ISA_PARAMS)
 def test_every_row_count_up_to_16(isa):
     packed, state = quantized(21, 256, "fp4", 64, True)
-    w = reference_weight(packed, state)
+    w = kernel_weight(reference_weight(packed, state), isa, torch.bfloat16)
     x = torch.randn(16, 256, dtype=torch.bfloat16)
     args = ops.quant_args(packed, state)
     for m in range(1, 17):
@@ -236,7 +246,7 @@ def test_any_shape_on_any_level(m, n_out, k, quant_type, blocksize, double_quant
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(1000 * m + k)).to(dtype)
     with on_level(isa):
         y = ops.gemm_4bit_cpu(x, *ops.quant_args(packed, state), isa=isa)
-    assert_matches_reference(y, x, reference_weight(packed, state))
+    assert_matches_reference(y, x, kernel_weight(reference_weight(packed, state), isa, dtype))
 
 
 def test_empty_inputs():
@@ -270,7 +280,7 @@ def test_op_is_right_on_both_sides_of_the_crossover(dtype):
             assert_matches_reference(y, x, w)
         else:
             # Above the crossover the decode rounds the weight to the 16-bit compute dtype first.
-            assert_matches_reference(y, x, w if m <= limit else w.to(dtype).float())
+            assert_matches_reference(y, x, kernel_weight(w, None, dtype) if m <= limit else w.to(dtype).float())
 
 
 def test_op_gradient_wrt_x_on_the_fused_path():

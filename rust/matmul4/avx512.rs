@@ -162,23 +162,38 @@ pub unsafe fn decode_chunk_bf16_native<F: Fn(usize) -> f32>(
     });
 }
 
-/// See `Kernel::run` in the parent module.
+/// See `Kernel::run` in the parent module: float32 products, of the weight rounded to bfloat16
+/// when `bf16_weights`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-pub unsafe fn gemm_rows(w: &Weight4<'_>, xs: &[f32], m: usize, r0: usize, r1: usize, acc: &mut [f32]) {
+pub unsafe fn gemm_rows(w: &Weight4<'_>, xs: &[f32], bf16_weights: bool, m: usize, r0: usize, r1: usize, acc: &mut [f32]) {
     // One instance per kind of scale, so the inner loops carry no match.
-    match w.scales {
-        BlockScales::F32(absmax) => rows_with(w, |b| absmax[b], xs, m, r0, r1, acc),
-        scales => rows_with(w, |b| scales.get(b), xs, m, r0, r1, acc),
+    match (w.scales, bf16_weights) {
+        (BlockScales::F32(absmax), false) => rows_with::<FloatPass<false>, _, _>(w, |b| absmax[b], xs, m, r0, r1, acc),
+        (scales, false) => rows_with::<FloatPass<false>, _, _>(w, |b| scales.get(b), xs, m, r0, r1, acc),
+        (BlockScales::F32(absmax), true) => rows_with::<FloatPass<true>, _, _>(w, |b| absmax[b], xs, m, r0, r1, acc),
+        (scales, true) => rows_with::<FloatPass<true>, _, _>(w, |b| scales.get(b), xs, m, r0, r1, acc),
     }
 }
 
-/// [`gemm_rows`] with the scale of block `b` from `scale(b)`: rows r0..r1, `xs` in the 16-lane layout, cols a
-/// multiple of 32.
+/// See `Kernel::run` in the parent module: bfloat16 activations (`xs` in groups of 64: 32 even
+/// elements, then 32 odd) times the weight rounded to bfloat16, through `vdpbf16ps`; cols a
+/// multiple of 64, blocks of at least 64.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,avx512bf16")]
+pub unsafe fn gemm_rows_dot(w: &Weight4<'_>, xs: &[bf16], m: usize, r0: usize, r1: usize, acc: &mut [f32]) {
+    debug_assert!(w.cols.is_multiple_of(64) && w.blocksize >= 64);
+    match w.scales {
+        BlockScales::F32(absmax) => rows_with::<DotPass, _, _>(w, |b| absmax[b], xs, m, r0, r1, acc),
+        scales => rows_with::<DotPass, _, _>(w, |b| scales.get(b), xs, m, r0, r1, acc),
+    }
+}
+
+/// [`gemm_rows`] with the scale of block `b` from `scale(b)`: rows r0..r1, `xs` in the layout of
+/// pass kind `K`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn rows_with<S: Fn(usize) -> f32 + Copy>(
+unsafe fn rows_with<K: PassKind<X>, X, S: Fn(usize) -> f32 + Copy>(
     w: &Weight4<'_>,
     scale: S,
-    xs: &[f32],
+    xs: &[X],
     m: usize,
     r0: usize,
     r1: usize,
@@ -208,22 +223,22 @@ unsafe fn rows_with<S: Fn(usize) -> f32 + Copy>(
             let rows = (m - i).min(PASS_ROWS);
             let pass = Pass { w, scale, tile_scales, xs, i, r, r0, r1 };
             match (tile, rows, aligned) {
-                (TILE_ROWS, 1, true) => pass.run::<TILE_ROWS, 1, true>(acc),
-                (TILE_ROWS, 2, true) => pass.run::<TILE_ROWS, 2, true>(acc),
-                (TILE_ROWS, 3, true) => pass.run::<TILE_ROWS, 3, true>(acc),
-                (TILE_ROWS, _, true) => pass.run::<TILE_ROWS, 4, true>(acc),
-                (_, 1, true) => pass.run::<1, 1, true>(acc),
-                (_, 2, true) => pass.run::<1, 2, true>(acc),
-                (_, 3, true) => pass.run::<1, 3, true>(acc),
-                (_, _, true) => pass.run::<1, 4, true>(acc),
-                (TILE_ROWS, 1, false) => pass.run::<TILE_ROWS, 1, false>(acc),
-                (TILE_ROWS, 2, false) => pass.run::<TILE_ROWS, 2, false>(acc),
-                (TILE_ROWS, 3, false) => pass.run::<TILE_ROWS, 3, false>(acc),
-                (TILE_ROWS, _, false) => pass.run::<TILE_ROWS, 4, false>(acc),
-                (_, 1, false) => pass.run::<1, 1, false>(acc),
-                (_, 2, false) => pass.run::<1, 2, false>(acc),
-                (_, 3, false) => pass.run::<1, 3, false>(acc),
-                (_, _, false) => pass.run::<1, 4, false>(acc),
+                (TILE_ROWS, 1, true) => K::run::<TILE_ROWS, 1, true, S>(&pass, acc),
+                (TILE_ROWS, 2, true) => K::run::<TILE_ROWS, 2, true, S>(&pass, acc),
+                (TILE_ROWS, 3, true) => K::run::<TILE_ROWS, 3, true, S>(&pass, acc),
+                (TILE_ROWS, _, true) => K::run::<TILE_ROWS, 4, true, S>(&pass, acc),
+                (_, 1, true) => K::run::<1, 1, true, S>(&pass, acc),
+                (_, 2, true) => K::run::<1, 2, true, S>(&pass, acc),
+                (_, 3, true) => K::run::<1, 3, true, S>(&pass, acc),
+                (_, _, true) => K::run::<1, 4, true, S>(&pass, acc),
+                (TILE_ROWS, 1, false) => K::run::<TILE_ROWS, 1, false, S>(&pass, acc),
+                (TILE_ROWS, 2, false) => K::run::<TILE_ROWS, 2, false, S>(&pass, acc),
+                (TILE_ROWS, 3, false) => K::run::<TILE_ROWS, 3, false, S>(&pass, acc),
+                (TILE_ROWS, _, false) => K::run::<TILE_ROWS, 4, false, S>(&pass, acc),
+                (_, 1, false) => K::run::<1, 1, false, S>(&pass, acc),
+                (_, 2, false) => K::run::<1, 2, false, S>(&pass, acc),
+                (_, 3, false) => K::run::<1, 3, false, S>(&pass, acc),
+                (_, _, false) => K::run::<1, 4, false, S>(&pass, acc),
             }
             i += rows;
         }
@@ -254,81 +269,206 @@ unsafe fn decode_scales(codes: &[u8], nested: &[f32], map: &[f32; 256], offset: 
 /// One pass over a tile: weight rows r..r + NR against activation rows i..i + MR, the whole row
 /// length; `tile_scales` holds the tile's block scales row by row when its rows are whole blocks
 /// (ALIGNED), else `scale(b)` gives block b's.
-struct Pass<'a, S> {
+struct Pass<'a, S, X> {
     w: &'a Weight4<'a>,
     scale: S,
     tile_scales: &'a [f32],
-    xs: &'a [f32],
+    xs: &'a [X],
     i: usize,
     r: usize,
     r0: usize,
     r1: usize,
 }
 
-impl<S: Fn(usize) -> f32> Pass<'_, S> {
+impl<S: Fn(usize) -> f32, X> Pass<'_, S, X> {
+    /// Calls `scaled(t, s)` with the scale `s` of each tile row t at group `g` (of 32 values)
+    /// and returns the group at which the first of them changes block.
+    #[inline(always)]
+    fn blocks_at<const NR: usize, const ALIGNED: bool>(&self, g: usize, mut scaled: impl FnMut(usize, f32)) -> usize {
+        let w = self.w;
+        let groups = w.cols / 32;
+        let shift = (w.blocksize / 32).trailing_zeros();
+        if ALIGNED {
+            let per_row = groups >> shift;
+            for t in 0..NR {
+                // SAFETY (of the unchecked read): tile_scales holds NR rows of per_row scales.
+                scaled(t, unsafe { *self.tile_scales.get_unchecked(t * per_row + (g >> shift)) });
+            }
+            g + (1 << shift)
+        } else {
+            let mut end = groups;
+            for t in 0..NR {
+                let first = (self.r + t) * groups;
+                let b = (first + g) >> shift;
+                end = end.min(((b + 1) << shift) - first);
+                scaled(t, (self.scale)(b));
+            }
+            end
+        }
+    }
+
+    /// The tile rows' packed bytes, the activation rows, and how far ahead of a group its
+    /// prefetches reach (a whole number of tiles: the same columns of rows further down).
+    /// Prefetches never fault, so addresses past the end of the weight are harmless.
+    #[inline(always)]
+    fn pointers<const NR: usize, const MR: usize>(&self) -> ([*const u8; NR], [*const X; MR], usize) {
+        let k = self.w.cols;
+        // SAFETY (of the offsets): the pass's rows lie in the weight, its activation rows in xs.
+        let rows = std::array::from_fn(|t| unsafe { self.w.packed.as_ptr().add((self.r + t) * k / 2) });
+        let x = std::array::from_fn(|j| unsafe { self.xs.as_ptr().add((self.i + j) * k) });
+        (rows, x, (PREFETCH_BYTES / (NR * k / 2)).max(1) * NR * k / 2)
+    }
+
+    /// Writes the sums of the tile's rows for its activation rows (the lanes of `even` + `odd`).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     #[inline]
-    #[allow(clippy::needless_range_loop)] // t and j index several arrays of the same tile at once
-    unsafe fn run<const NR: usize, const MR: usize, const ALIGNED: bool>(&self, acc: &mut [f32]) {
-        let Pass { w, ref scale, tile_scales, xs, i, r, r0, r1 } = *self;
-        let k = w.cols;
-        let groups = k / 32;
-        // Blocks hold a power-of-two number of groups; rows start on a group.
-        let shift = (w.blocksize / 32).trailing_zeros();
-        let table = _mm512_loadu_ps(w.quant_type.code().as_ptr());
-        let rows: [*const u8; NR] = std::array::from_fn(|t| w.packed.as_ptr().add((r + t) * k / 2));
-        let first: [usize; NR] = std::array::from_fn(|t| (r + t) * groups);
-        let x: [*const f32; MR] = std::array::from_fn(|j| xs.as_ptr().add((i + j) * k));
-        let ahead = (PREFETCH_BYTES / (NR * k / 2)).max(1) * NR * k / 2;
-        // Prefetches never fault, so addresses past the end of the weight are harmless.
-        // With one or two activation rows, even and odd halves sum apart: more independent chains.
-        let split = MR <= 2;
-        let mut even = [[_mm512_setzero_ps(); MR]; NR];
-        let mut odd = [[_mm512_setzero_ps(); MR]; NR];
-        let mut g = 0;
-        while g < groups {
-            // A run of groups in which no row of the tile changes block.
-            let mut end = groups;
-            let mut tables = [table; NR];
-            if ALIGNED {
-                let per_row = groups >> shift;
-                end = g + (1 << shift);
-                for t in 0..NR {
-                    let s = *tile_scales.get_unchecked(t * per_row + (g >> shift));
-                    tables[t] = _mm512_mul_ps(table, _mm512_set1_ps(s));
-                }
-            } else {
-                for t in 0..NR {
-                    let b = (first[t] + g) >> shift;
-                    end = end.min(((b + 1) << shift) - first[t]);
-                    tables[t] = _mm512_mul_ps(table, _mm512_set1_ps(scale(b)));
-                }
-            }
-            while g < end {
-                for t in 0..NR {
-                    _mm_prefetch::<_MM_HINT_T0>(rows[t].wrapping_add(16 * g + ahead) as *const i8);
-                    let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(rows[t].add(16 * g) as *const __m128i));
-                    let high = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(v), tables[t]);
-                    let low = _mm512_permutexvar_ps(v, tables[t]);
-                    for j in 0..MR {
-                        let xe = _mm512_loadu_ps(x[j].add(32 * g));
-                        let xo = _mm512_loadu_ps(x[j].add(32 * g + 16));
-                        even[t][j] = _mm512_fmadd_ps(high, xe, even[t][j]);
-                        if split {
-                            odd[t][j] = _mm512_fmadd_ps(low, xo, odd[t][j]);
-                        } else {
-                            even[t][j] = _mm512_fmadd_ps(low, xo, even[t][j]);
-                        }
-                    }
-                }
-                g += 1;
-            }
-        }
-        let width = r1 - r0;
+    fn finish<const NR: usize, const MR: usize>(&self, even: [[__m512; MR]; NR], odd: [[__m512; MR]; NR], acc: &mut [f32]) {
+        let width = self.r1 - self.r0;
         for t in 0..NR {
             for j in 0..MR {
-                acc[(i + j) * width + (r - r0 + t)] = _mm512_reduce_add_ps(_mm512_add_ps(even[t][j], odd[t][j]));
+                acc[(self.i + j) * width + (self.r - self.r0 + t)] = _mm512_reduce_add_ps(_mm512_add_ps(even[t][j], odd[t][j]));
             }
         }
     }
+}
+
+/// The inner loops of a [`Pass`] over activations of type `X`.
+trait PassKind<X> {
+    /// SAFETY: the CPU has the features of the kernel that uses this kind; the pass's rows lie
+    /// in the weight and `xs` holds its activation rows in this kind's layout.
+    unsafe fn run<const NR: usize, const MR: usize, const ALIGNED: bool, S: Fn(usize) -> f32>(
+        pass: &Pass<'_, S, X>,
+        acc: &mut [f32],
+    );
+}
+
+/// float32 products of the float32 weight, or with `ROUND` of the weight rounded to bfloat16
+/// (the stand-in for [`DotPass`] where that cannot run).
+struct FloatPass<const ROUND: bool>;
+/// `vdpbf16ps` products of bfloat16 activations and the weight rounded to bfloat16.
+struct DotPass;
+
+impl<const ROUND: bool> PassKind<f32> for FloatPass<ROUND> {
+    #[inline(always)]
+    unsafe fn run<const NR: usize, const MR: usize, const ALIGNED: bool, S: Fn(usize) -> f32>(
+        pass: &Pass<'_, S, f32>,
+        acc: &mut [f32],
+    ) {
+        float_pass::<NR, MR, ALIGNED, ROUND, S>(pass, acc)
+    }
+}
+
+impl PassKind<bf16> for DotPass {
+    #[inline(always)]
+    unsafe fn run<const NR: usize, const MR: usize, const ALIGNED: bool, S: Fn(usize) -> f32>(
+        pass: &Pass<'_, S, bf16>,
+        acc: &mut [f32],
+    ) {
+        dot_pass::<NR, MR, ALIGNED, S>(pass, acc)
+    }
+}
+
+/// float32 values rounded to bfloat16 ([`bf16_bits`]) and widened back.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+unsafe fn round_to_bf16(v: __m512) -> __m512 {
+    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(bf16_bits(v))))
+}
+
+/// The float32 pass (see [`PassKind`]); `ROUND`: of the weight rounded to bfloat16.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+#[allow(clippy::needless_range_loop)] // t and j index several arrays of the same tile at once
+unsafe fn float_pass<const NR: usize, const MR: usize, const ALIGNED: bool, const ROUND: bool, S: Fn(usize) -> f32>(
+    pass: &Pass<'_, S, f32>,
+    acc: &mut [f32],
+) {
+    let groups = pass.w.cols / 32;
+    let table = _mm512_loadu_ps(pass.w.quant_type.code().as_ptr());
+    let (rows, x, ahead) = pass.pointers::<NR, MR>();
+    // With one or two activation rows, even and odd halves sum apart: more independent chains.
+    let split = MR <= 2;
+    let mut even = [[_mm512_setzero_ps(); MR]; NR];
+    let mut odd = [[_mm512_setzero_ps(); MR]; NR];
+    let mut g = 0;
+    while g < groups {
+        // A run of groups in which no row of the tile changes block.
+        let mut tables = [table; NR];
+        let end = pass.blocks_at::<NR, ALIGNED>(g, |t, s| {
+            let scaled = _mm512_mul_ps(table, _mm512_set1_ps(s));
+            tables[t] = if ROUND { round_to_bf16(scaled) } else { scaled };
+        });
+        while g < end {
+            for t in 0..NR {
+                _mm_prefetch::<_MM_HINT_T0>(rows[t].wrapping_add(16 * g + ahead) as *const i8);
+                let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(rows[t].add(16 * g) as *const __m128i));
+                let high = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(v), tables[t]);
+                let low = _mm512_permutexvar_ps(v, tables[t]);
+                for j in 0..MR {
+                    let xe = _mm512_loadu_ps(x[j].add(32 * g));
+                    let xo = _mm512_loadu_ps(x[j].add(32 * g + 16));
+                    even[t][j] = _mm512_fmadd_ps(high, xe, even[t][j]);
+                    if split {
+                        odd[t][j] = _mm512_fmadd_ps(low, xo, odd[t][j]);
+                    } else {
+                        even[t][j] = _mm512_fmadd_ps(low, xo, even[t][j]);
+                    }
+                }
+            }
+            g += 1;
+        }
+    }
+    pass.finish(even, odd, acc);
+}
+
+/// The `vdpbf16ps` pass (see [`PassKind`]), 64 values of a row at a time. A block's table is
+/// `code * scale` rounded to bfloat16 by `vcvtne2ps2bf16`, twice over in one register, so that
+/// `vpermw` (which reads five bits of each index) finds a byte's low nibble through the whole
+/// byte: 32 packed bytes widened to words give the odd elements' values as they are and the even
+/// ones' after a shift by 4. `vdpbf16ps` adds the products of word pairs into float32 lanes, so
+/// the activations come in the same order (32 even elements, then 32 odd). Both instructions
+/// treat subnormal inputs as zero and flush subnormal results, which moves a sum by less than
+/// 2^-126 of an activation's size.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,avx512bf16")]
+#[inline]
+#[allow(clippy::needless_range_loop)] // t and j index several arrays of the same tile at once
+unsafe fn dot_pass<const NR: usize, const MR: usize, const ALIGNED: bool, S: Fn(usize) -> f32>(
+    pass: &Pass<'_, S, bf16>,
+    acc: &mut [f32],
+) {
+    let groups = pass.w.cols / 32;
+    let table = _mm512_loadu_ps(pass.w.quant_type.code().as_ptr());
+    let (rows, x, ahead) = pass.pointers::<NR, MR>();
+    let split = MR <= 2;
+    let mut even = [[_mm512_setzero_ps(); MR]; NR];
+    let mut odd = [[_mm512_setzero_ps(); MR]; NR];
+    let mut g = 0;
+    while g < groups {
+        let mut tables = [_mm512_setzero_si512(); NR];
+        let end = pass.blocks_at::<NR, ALIGNED>(g, |t, s| {
+            let scaled = _mm512_mul_ps(table, _mm512_set1_ps(s));
+            tables[t] = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(scaled, scaled));
+        });
+        // Blocks hold whole 64-groups (blocksize >= 64), so a block ends on an even group.
+        while g < end {
+            for t in 0..NR {
+                _mm_prefetch::<_MM_HINT_T0>(rows[t].wrapping_add(16 * g + ahead) as *const i8);
+                let bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(rows[t].add(16 * g) as *const __m256i));
+                let high: __m512bh = std::mem::transmute(_mm512_permutexvar_epi16(_mm512_srli_epi16::<4>(bytes), tables[t]));
+                let low: __m512bh = std::mem::transmute(_mm512_permutexvar_epi16(bytes, tables[t]));
+                for j in 0..MR {
+                    let xe: __m512bh = std::mem::transmute(_mm512_loadu_si512(x[j].add(32 * g) as *const __m512i));
+                    let xo: __m512bh = std::mem::transmute(_mm512_loadu_si512(x[j].add(32 * g + 32) as *const __m512i));
+                    even[t][j] = _mm512_dpbf16_ps(even[t][j], high, xe);
+                    if split {
+                        odd[t][j] = _mm512_dpbf16_ps(odd[t][j], low, xo);
+                    } else {
+                        even[t][j] = _mm512_dpbf16_ps(even[t][j], low, xo);
+                    }
+                }
+            }
+            g += 2;
+        }
+    }
+    pass.finish(even, odd, acc);
 }

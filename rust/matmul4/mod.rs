@@ -5,11 +5,13 @@
 //! order, is what [`crate::quant4::dequantize_4bit`] runs.
 //!
 //! One module per instruction-set level ([`Isa`], chosen at run time): `avx512`, `avx2`,
-//! `portable`. The activations are converted to float32 once per call, in the order in which the
-//! kernel decodes the weights, so that no shuffle is needed in the inner loop: for AVX-512 each
-//! group of 32 is laid out as its 16 even elements, then its 16 odd ones (a vector of packed bytes
-//! yields high nibbles, the even elements, and low nibbles, the odd ones); the AVX2 order is
-//! `avx2::layout_activations`'s.
+//! `portable`. The activations are converted once per call, in the order in which the kernel
+//! decodes the weights, so that no shuffle is needed in the inner loop: for AVX-512 each group of
+//! 32 is laid out as its 16 even elements, then its 16 odd ones (a vector of packed bytes yields
+//! high nibbles, the even elements, and low nibbles, the odd ones); the AVX2 order is
+//! `avx2::layout_activations`'s. bfloat16 activations on AVX512-BF16 stay bfloat16, in groups of
+//! 64 (32 even, 32 odd), and meet the weight rounded to bfloat16 in `vdpbf16ps` (see
+//! [`Kernel::choose`]); everything else is float32.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -86,36 +88,66 @@ pub const STREAM_MIN_BYTES: usize = 16 << 20;
 /// The kernel family a product runs, which also fixes the activation layout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kernel {
+    /// float32 products; with `bf16_weights`, of the weight rounded to bfloat16 (see [`Kernel::choose`]).
     #[cfg(target_arch = "x86_64")]
-    Avx512,
+    Avx512 { bf16_weights: bool },
+    /// bfloat16 activations times the weight rounded to bfloat16, `vdpbf16ps` (AVX512-BF16).
+    #[cfg(target_arch = "x86_64")]
+    Avx512Dot,
     #[cfg(target_arch = "x86_64")]
     Avx2,
-    Portable,
+    /// See [`Kernel::Avx512`] for `bf16_weights`.
+    Portable { bf16_weights: bool },
+}
+
+/// Activations converted once per call into a kernel's layout.
+enum Activations {
+    F32(Vec<f32>),
+    #[cfg(target_arch = "x86_64")]
+    BF16(Vec<bf16>),
 }
 
 impl Kernel {
     /// The vector kernels read whole groups of 32 values, so a row must start on one.
-    fn choose(isa: Isa, cols: usize) -> Kernel {
+    ///
+    /// bfloat16 activations on [`Isa::Avx512Bf16`] multiply the weight as bfloat16 (each
+    /// `code * scale` rounded once, as the dequantized weight the larger products multiply): the
+    /// products of two bfloat16 values are exact in float32, so `vdpbf16ps` does two of them an
+    /// element in one instruction. That kernel reads 64 values at a time within one block; rows of
+    /// an odd number of 32-groups, or blocks of 32, run the float32 kernel on the same rounded
+    /// weight, and rows of other lengths the portable one. Other types and levels multiply the
+    /// float32 weight.
+    fn choose(isa: Isa, cols: usize, blocksize: usize, x: DType) -> Kernel {
         if !cols.is_multiple_of(32) {
-            return Kernel::Portable;
+            return Kernel::Portable { bf16_weights: isa == Isa::Avx512Bf16 && x == DType::BF16 };
         }
         match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 | Isa::Avx512Bf16 => Kernel::Avx512,
+            Isa::Avx512Bf16 if x == DType::BF16 => {
+                if cols.is_multiple_of(64) && blocksize >= 64 {
+                    Kernel::Avx512Dot
+                } else {
+                    Kernel::Avx512 { bf16_weights: true }
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 | Isa::Avx512Bf16 => Kernel::Avx512 { bf16_weights: false },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => Kernel::Avx2,
-            _ => Kernel::Portable,
+            _ => Kernel::Portable { bf16_weights: false },
         }
     }
 
-    /// The activations (rows of `cols`) as float32 in the kernel's layout.
-    fn activations<T: Element>(self, x: &[T], cols: usize) -> Vec<f32> {
+    /// The activations (rows of `cols`) in the kernel's layout.
+    fn activations<T: Element>(self, x: &[T], cols: usize) -> Activations {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512 => even_odd(x, cols, 16),
+            Kernel::Avx512 { .. } => Activations::F32(even_odd(x, cols, 16, |v| v.to_f32())),
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => avx2::layout_activations(x, cols),
-            Kernel::Portable => x.iter().map(|v| v.to_f32()).collect(),
+            Kernel::Avx512Dot => Activations::BF16(even_odd(x, cols, 32, |v| bf16::from_f32(v.to_f32()))),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => Activations::F32(avx2::layout_activations(x, cols)),
+            Kernel::Portable { .. } => Activations::F32(x.iter().map(|v| v.to_f32()).collect()),
         }
     }
 
@@ -123,24 +155,31 @@ impl Kernel {
     fn tile_rows(self) -> usize {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512 => avx512::TILE_ROWS,
+            Kernel::Avx512 { .. } | Kernel::Avx512Dot => avx512::TILE_ROWS,
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => 1,
-            Kernel::Portable => 1,
+            Kernel::Portable { .. } => 1,
         }
     }
 
     /// Sums of rows `r0..r1` for all `m` activation rows into `acc` ([m][r1 - r0]).
-    fn run(self, w: &Weight4<'_>, xs: &[f32], m: usize, r0: usize, r1: usize, acc: &mut [f32]) {
-        match self {
+    fn run(self, w: &Weight4<'_>, xs: &Activations, m: usize, r0: usize, r1: usize, acc: &mut [f32]) {
+        match (self, xs) {
             // SAFETY: `choose` picks a vector kernel only for a level the caller checked is
-            // supported, and only when cols is a multiple of 32 (what it reads); xs holds m rows
-            // of cols values in its layout.
+            // supported, and only for rows it reads whole (cols a multiple of 32, or of 64 in
+            // blocks of at least 64 for the dot kernel); xs holds m rows of cols values in its
+            // layout (`activations`).
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512 => unsafe { avx512::gemm_rows(w, xs, m, r0, r1, acc) },
+            (Kernel::Avx512 { bf16_weights }, Activations::F32(xs)) => unsafe {
+                avx512::gemm_rows(w, xs, bf16_weights, m, r0, r1, acc)
+            },
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { avx2::gemm_rows(w, xs, m, r0, r1, acc) },
-            Kernel::Portable => portable::gemm_rows(w, xs, m, r0, r1, acc),
+            (Kernel::Avx512Dot, Activations::BF16(xs)) => unsafe { avx512::gemm_rows_dot(w, xs, m, r0, r1, acc) },
+            #[cfg(target_arch = "x86_64")]
+            (Kernel::Avx2, Activations::F32(xs)) => unsafe { avx2::gemm_rows(w, xs, m, r0, r1, acc) },
+            (Kernel::Portable { bf16_weights }, Activations::F32(xs)) => portable::gemm_rows(w, xs, bf16_weights, m, r0, r1, acc),
+            #[allow(unreachable_patterns)] // one layout per kernel (`activations`)
+            _ => unreachable!("activations in another kernel's layout"),
         }
     }
 }
@@ -182,7 +221,7 @@ pub fn gemm_4bit_on(x: FloatSlice<'_>, m: usize, w: &Weight4<'_>, out: FloatSlic
         unsafe { out.write(&vec![0f32; m * w.rows], m, w.rows, 0, w.rows) };
         return Ok(());
     }
-    let kernel = Kernel::choose(isa, w.cols);
+    let kernel = Kernel::choose(isa, w.cols, w.blocksize, x.dtype());
     let xs = match x {
         FloatSlice::F32(x) => kernel.activations(x, w.cols),
         FloatSlice::F16(x) => kernel.activations(x, w.cols),
@@ -219,17 +258,17 @@ pub fn gemm_4bit_on(x: FloatSlice<'_>, m: usize, w: &Weight4<'_>, out: FloatSlic
     Ok(())
 }
 
-/// Rows of `cols` (a multiple of 32) as float32, each group of `2 * lanes` laid out as its
-/// `lanes` even elements, then its odd ones.
+/// Rows of `cols` (a multiple of `2 * lanes`) converted by `conv`, each group of `2 * lanes` laid
+/// out as its `lanes` even elements, then its odd ones.
 #[cfg(target_arch = "x86_64")]
-fn even_odd<T: Element>(x: &[T], cols: usize, lanes: usize) -> Vec<f32> {
-    let mut xs = vec![0f32; x.len()];
+fn even_odd<T: Element, U: Copy + Default>(x: &[T], cols: usize, lanes: usize, conv: impl Fn(T) -> U) -> Vec<U> {
+    let mut xs = vec![U::default(); x.len()];
     for (src, dst) in x.chunks_exact(cols).zip(xs.chunks_exact_mut(cols)) {
         for (s, d) in src.chunks_exact(2 * lanes).zip(dst.chunks_exact_mut(2 * lanes)) {
             let (even, odd) = d.split_at_mut(lanes);
             for (l, pair) in s.chunks_exact(2).enumerate() {
-                even[l] = pair[0].to_f32();
-                odd[l] = pair[1].to_f32();
+                even[l] = conv(pair[0]);
+                odd[l] = conv(pair[1]);
             }
         }
     }

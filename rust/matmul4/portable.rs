@@ -1,6 +1,8 @@
 //! Plain Rust kernels: every CPU runs them, and the vector levels use them for what their
 //! groups of 32 do not cover (rows of any length, the tail of a partial block).
 
+use half::bf16;
+
 use super::Weight4;
 use crate::dtype::Element;
 
@@ -31,19 +33,20 @@ pub fn decode_chunk<T: Element, F: Fn(usize) -> f32>(
     }
 }
 
-/// Row sums `acc[i][r - r0] = sum_c x[i][c] * W[r][c]` for rows r0..r1, `xs` in natural order.
-/// Rows of any length: a row may start in the middle of a byte and of a block.
-pub fn gemm_rows(w: &Weight4<'_>, xs: &[f32], m: usize, r0: usize, r1: usize, acc: &mut [f32]) {
+/// Row sums `acc[i][r - r0] = sum_c x[i][c] * W[r][c]` for rows r0..r1, `xs` in natural order;
+/// with `bf16_weights`, of the weight rounded to bfloat16. Rows of any length: a row may start in
+/// the middle of a byte and of a block.
+pub fn gemm_rows(w: &Weight4<'_>, xs: &[f32], bf16_weights: bool, m: usize, r0: usize, r1: usize, acc: &mut [f32]) {
     let width = r1 - r0;
     for r in r0..r1 {
         let mut i = 0;
         while i < m {
             let rows = (m - i).min(4);
             match rows {
-                1 => put(row::<1>(w, xs, i, r), acc, i, width, r - r0),
-                2 => put(row::<2>(w, xs, i, r), acc, i, width, r - r0),
-                3 => put(row::<3>(w, xs, i, r), acc, i, width, r - r0),
-                _ => put(row::<4>(w, xs, i, r), acc, i, width, r - r0),
+                1 => put(row::<1>(w, xs, bf16_weights, i, r), acc, i, width, r - r0),
+                2 => put(row::<2>(w, xs, bf16_weights, i, r), acc, i, width, r - r0),
+                3 => put(row::<3>(w, xs, bf16_weights, i, r), acc, i, width, r - r0),
+                _ => put(row::<4>(w, xs, bf16_weights, i, r), acc, i, width, r - r0),
             }
             i += rows;
         }
@@ -58,7 +61,7 @@ fn put<const MR: usize>(sums: [f32; MR], acc: &mut [f32], i: usize, width: usize
 
 /// Weight row `r` against activation rows `i..i + MR`.
 #[inline(always)]
-fn row<const MR: usize>(w: &Weight4<'_>, xs: &[f32], i: usize, r: usize) -> [f32; MR] {
+fn row<const MR: usize>(w: &Weight4<'_>, xs: &[f32], bf16_weights: bool, i: usize, r: usize) -> [f32; MR] {
     let k = w.cols;
     let code = w.quant_type.code();
     let x: [&[f32]; MR] = std::array::from_fn(|j| &xs[(i + j) * k..(i + j + 1) * k]);
@@ -70,7 +73,10 @@ fn row<const MR: usize>(w: &Weight4<'_>, xs: &[f32], i: usize, r: usize) -> [f32
         let b = (start + c) / w.blocksize;
         let end = ((b + 1) * w.blocksize - start).min(k);
         let s = w.scales.get(b);
-        let lut: [f32; 16] = std::array::from_fn(|n| code[n] * s);
+        let lut: [f32; 16] = std::array::from_fn(|n| {
+            let v = code[n] * s;
+            if bf16_weights { bf16::from_f32(v).to_f32() } else { v }
+        });
         if (start + c) % 2 == 1 {
             // A row of odd length starts on a low nibble (only at the row start: blocks are even).
             let v = lut[(p[(start + c) / 2] & 0x0f) as usize];

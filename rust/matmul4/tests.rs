@@ -147,14 +147,58 @@ fn half_precision_in_and_out_round_once() {
         let mut yb = vec![bf16::ZERO; m * rows];
         gemm_4bit(FloatSlice::BF16(&xb), m, &w, FloatSliceMut::BF16(&mut yb), isa).unwrap();
         let xbf: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
-        let want = run_gemm(isa, &xbf, m, &w);
-        assert_eq!(yb, want.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>(), "{isa:?} bf16");
+        // bfloat16 activations on AVX512-BF16 take the bfloat16 weight (see the next test).
+        if isa != Isa::Avx512Bf16 {
+            let want = run_gemm(isa, &xbf, m, &w);
+            assert_eq!(yb, want.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>(), "{isa:?} bf16");
+        }
         let mut yh = vec![f16::ZERO; m * rows];
         gemm_4bit(FloatSlice::F16(&xh), m, &w, FloatSliceMut::F16(&mut yh), isa).unwrap();
         let xhf: Vec<f32> = xh.iter().map(|v| v.to_f32()).collect();
         let want = run_gemm(isa, &xhf, m, &w);
         assert_eq!(yh, want.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>(), "{isa:?} f16");
     }
+}
+
+/// bfloat16 activations on [`Isa::Avx512Bf16`] multiply the weight rounded to bfloat16 (the
+/// dequantized weight of the larger products): `vdpbf16ps` where rows are whole 64-groups in
+/// blocks of at least 64, the float32 kernel on the rounded weight elsewhere (odd numbers of
+/// 32-groups, blocks of 32) and the portable one on rows of other lengths; each against the
+/// float64 sum of the same values, in every pass shape (1..6 activation rows, tiles with leftover
+/// rows, rows starting inside a block).
+#[test]
+fn bf16_activations_on_avx512bf16_multiply_the_bf16_weight() {
+    if !Isa::Avx512Bf16.is_supported() {
+        eprintln!("skipped: this CPU lacks AVX512-BF16");
+        return;
+    }
+    let shapes = [(1, 9, 64), (1, 7, 320), (2, 13, 4096), (3, 8, 192), (4, 6, 256), (5, 11, 96), (6, 5, 128), (3, 7, 77)];
+    let mut rounding_seen = false;
+    for (case, &(m, rows, cols)) in shapes.iter().enumerate() {
+        for (t, &qt) in TYPES.iter().enumerate() {
+            for bs in [32, 64, 256] {
+                let q = Quantized::new(&noise(rows * cols, (case * 13 + t * 5 + bs) as u64), qt, bs);
+                let xb: Vec<bf16> = noise(m * cols, case as u64 + 77).iter().map(|&v| bf16::from_f32(v)).collect();
+                let x: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
+                for double in [false, true] {
+                    let wd = decoded(&q, double, qt, bs, rows * cols);
+                    let wb: Vec<f32> = wd.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+                    let want = reference(&x, &wb, m, rows, cols);
+                    let weight = Weight4 { packed: &q.packed, scales: q.scales(double), quant_type: qt, blocksize: bs, rows, cols };
+                    let mut got = vec![f32::NAN; m * rows];
+                    gemm_4bit(FloatSlice::BF16(&xb), m, &weight, FloatSliceMut::F32(&mut got), Isa::Avx512Bf16).unwrap();
+                    assert_near_reference(&got, &want, cols, 1e-30, &|| {
+                        format!("{qt:?} bs={bs} double={double} [{m}x{cols}]@[{rows}x{cols}]^T")
+                    });
+                    // The float32 weight's sums are farther off than that somewhere: the test
+                    // tells the two apart.
+                    let (exact, mag) = reference(&x, &wd, m, rows, cols);
+                    rounding_seen |= got.iter().zip(&exact).zip(&mag).any(|((g, e), s)| (*g as f64 - e).abs() > s * cols as f64 * 2f64.powi(-23));
+                }
+            }
+        }
+    }
+    assert!(rounding_seen, "no product showed the bfloat16 weight");
 }
 
 /// Large enough to run on several threads: the row tasks must tile the output exactly.
