@@ -82,9 +82,9 @@ def reference_weight(packed, state) -> torch.Tensor:
 
 def kernel_weight(w: torch.Tensor, isa: Optional[str], dtype: torch.dtype) -> torch.Tensor:
     """The weight the fused kernels multiply at ``isa`` (None: the level this process runs):
-    bfloat16 activations on ``avx512bf16`` take it rounded to bfloat16, as the decode + GEMM of
-    larger products does (``vdpbf16ps``); every other case the float32 decode."""
-    if dtype == torch.bfloat16 and (isa or ops.cpu_isa()) == "avx512bf16":
+    bfloat16 activations on ``avx512bf16`` take it rounded to bfloat16 where
+    :func:`ops.cpu_bf16_products` says so (``vdpbf16ps``); every other case the float32 decode."""
+    if dtype == torch.bfloat16 and (isa or ops.cpu_isa()) == "avx512bf16" and ops.cpu_bf16_products():
         return w.to(torch.bfloat16).float()
     return w
 
@@ -407,6 +407,47 @@ def test_the_environment_caps_the_level_once_per_process():
                              text=True, check=True)
         assert out.stdout.split() == [want, "portable"]
     assert ops.cpu_isa() in ISAS
+
+
+def test_the_environment_decides_bf16_products_once_per_process():
+    code = (
+        "import importlib.util as u, sys; s = u.spec_from_file_location('qlora_rs._lib', sys.argv[1]); "
+        "m = u.module_from_spec(s); s.loader.exec_module(m); print(m.cpu_bf16_products())"
+    )
+    for value, want in (("1", "True"), ("0", "False")):
+        env = dict(os.environ, QLORA_RS_BF16_PRODUCTS=value)
+        out = subprocess.run([sys.executable, "-c", code, qlora_rs._lib.__file__], env=env, capture_output=True,
+                             text=True, check=True)
+        assert out.stdout.split() == [want]
+    env = dict(os.environ, QLORA_RS_BF16_PRODUCTS="yes")
+    out = subprocess.run([sys.executable, "-c", code, qlora_rs._lib.__file__], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "QLORA_RS_BF16_PRODUCTS" in out.stderr and "expected 1 or 0" in out.stderr
+
+
+@pytest.mark.skipif("avx512bf16" not in ISAS, reason="this CPU lacks AVX512-BF16")
+def test_bf16_products_follow_the_choice():
+    # Each choice in a process of its own: the products of the float32 or the bf16-rounded weight.
+    code = """if True:
+        import sys, torch, qlora_rs
+        from qlora_rs.core import ops
+        sys.path.insert(0, sys.argv[1])
+        from test_cpu_matmul import quantized, reference_weight
+        packed, state = quantized(64, 4096, "nf4", 64, True)
+        x = torch.randn(3, 4096, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+        y = ops.gemm_4bit_cpu(x, *ops.quant_args(packed, state), isa="avx512bf16").double()
+        w = reference_weight(packed, state)
+        for weight in (w, w.to(torch.bfloat16).float()):
+            print(float((y - x.double() @ weight.double().T).abs().mean()))
+    """
+    errors = {}
+    for value in ("0", "1"):
+        env = dict(os.environ, QLORA_RS_BF16_PRODUCTS=value)
+        out = subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__)], env=env, capture_output=True,
+                             text=True, check=True)
+        errors[value] = [float(v) for v in out.stdout.split()[-2:]]
+    # Each choice is nearer its own weight's exact products than the other's, on average over the
+    # outputs (the bf16 output's rounding, common to both, dominates single outputs).
+    assert errors["0"][0] < errors["0"][1] and errors["1"][1] < errors["1"][0], errors
 
 
 # ---------------------------------------------------------------------------------------------

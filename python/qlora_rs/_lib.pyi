@@ -112,6 +112,11 @@ def cpu_isas() -> list[str]:
     """The instruction-set levels this CPU runs, widest first ("avx512bf16", "avx512", "avx2",
     "portable"); each can be passed as `isa` to the cpu_* kernels."""
 
+def cpu_bf16_products() -> bool:
+    """Whether bfloat16 activations at the "avx512bf16" level multiply the weight rounded to
+    bfloat16 (`vdpbf16ps`) rather than the float32 weight: by default on CPUs without AMX;
+    QLORA_RS_BF16_PRODUCTS=1 or 0 decides instead (read once)."""
+
 def set_cpu_emulator(emulator: Callable[[str, int, int], None] | None) -> Callable[[str, int, int], None] | None:
     """Installs `emulator` for this thread and returns the one it replaces. The cpu_* kernels then
     run a level this CPU lacks by calling `emulator(isa, entry, job)`, which must run the machine

@@ -110,20 +110,21 @@ enum Activations {
 impl Kernel {
     /// The vector kernels read whole groups of 32 values, so a row must start on one.
     ///
-    /// bfloat16 activations on [`Isa::Avx512Bf16`] multiply the weight as bfloat16 (each
+    /// With `bf16_products` (bfloat16 activations on [`Isa::Avx512Bf16`], where
+    /// [`crate::cpu_isa::bf16_products`] says so) the kernels multiply the weight as bfloat16 (each
     /// `code * scale` rounded once, as the dequantized weight the larger products multiply): the
     /// products of two bfloat16 values are exact in float32, so `vdpbf16ps` does two of them an
     /// element in one instruction. That kernel reads 64 values at a time within one block; rows of
     /// an odd number of 32-groups, or blocks of 32, run the float32 kernel on the same rounded
     /// weight, and rows of other lengths the portable one. Other types and levels multiply the
     /// float32 weight.
-    fn choose(isa: Isa, cols: usize, blocksize: usize, x: DType) -> Kernel {
+    fn choose(isa: Isa, cols: usize, blocksize: usize, bf16_products: bool) -> Kernel {
         if !cols.is_multiple_of(32) {
-            return Kernel::Portable { bf16_weights: isa == Isa::Avx512Bf16 && x == DType::BF16 };
+            return Kernel::Portable { bf16_weights: bf16_products };
         }
         match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Bf16 if x == DType::BF16 => {
+            Isa::Avx512Bf16 if bf16_products => {
                 if cols.is_multiple_of(64) && blocksize >= 64 {
                     Kernel::Avx512Dot
                 } else {
@@ -194,6 +195,24 @@ pub fn gemm_4bit(x: FloatSlice<'_>, m: usize, w: &Weight4<'_>, out: FloatSliceMu
 
 /// [`gemm_4bit`] on the given host (an emulated CPU: one thread, the level not checked).
 pub fn gemm_4bit_on(x: FloatSlice<'_>, m: usize, w: &Weight4<'_>, out: FloatSliceMut<'_>, isa: Isa, host: Host) -> Result<()> {
+    // The CPU is looked up natively only (an emulator would answer for itself); no emulator here
+    // has AVX512-BF16.
+    let bf16 = isa == Isa::Avx512Bf16 && x.dtype() == DType::BF16 && host == Host::Native && crate::cpu_isa::bf16_products()?;
+    gemm_4bit_with(x, m, w, out, isa, host, bf16)
+}
+
+/// [`gemm_4bit_on`] with the choice of [`crate::cpu_isa::bf16_products`] made by the caller
+/// (`bf16_products`: bfloat16 activations at [`Isa::Avx512Bf16`] only).
+pub(crate) fn gemm_4bit_with(
+    x: FloatSlice<'_>,
+    m: usize,
+    w: &Weight4<'_>,
+    out: FloatSliceMut<'_>,
+    isa: Isa,
+    host: Host,
+    bf16_products: bool,
+) -> Result<()> {
+    debug_assert!(!bf16_products || (isa == Isa::Avx512Bf16 && x.dtype() == DType::BF16));
     w.check()?;
     host.check(isa)?;
     if x.len() != m * w.cols {
@@ -221,7 +240,7 @@ pub fn gemm_4bit_on(x: FloatSlice<'_>, m: usize, w: &Weight4<'_>, out: FloatSlic
         unsafe { out.write(&vec![0f32; m * w.rows], m, w.rows, 0, w.rows) };
         return Ok(());
     }
-    let kernel = Kernel::choose(isa, w.cols, w.blocksize, x.dtype());
+    let kernel = Kernel::choose(isa, w.cols, w.blocksize, bf16_products);
     let xs = match x {
         FloatSlice::F32(x) => kernel.activations(x, w.cols),
         FloatSlice::F16(x) => kernel.activations(x, w.cols),

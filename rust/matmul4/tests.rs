@@ -145,13 +145,11 @@ fn half_precision_in_and_out_round_once() {
     let xh: Vec<f16> = x32.iter().map(|&v| f16::from_f32(v)).collect();
     for isa in Isa::available() {
         let mut yb = vec![bf16::ZERO; m * rows];
-        gemm_4bit(FloatSlice::BF16(&xb), m, &w, FloatSliceMut::BF16(&mut yb), isa).unwrap();
+        // Not the bfloat16 weight's products (see the next test), which AVX512-BF16 may choose.
+        gemm_4bit_with(FloatSlice::BF16(&xb), m, &w, FloatSliceMut::BF16(&mut yb), isa, Host::Native, false).unwrap();
         let xbf: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
-        // bfloat16 activations on AVX512-BF16 take the bfloat16 weight (see the next test).
-        if isa != Isa::Avx512Bf16 {
-            let want = run_gemm(isa, &xbf, m, &w);
-            assert_eq!(yb, want.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>(), "{isa:?} bf16");
-        }
+        let want = run_gemm(isa, &xbf, m, &w);
+        assert_eq!(yb, want.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>(), "{isa:?} bf16");
         let mut yh = vec![f16::ZERO; m * rows];
         gemm_4bit(FloatSlice::F16(&xh), m, &w, FloatSliceMut::F16(&mut yh), isa).unwrap();
         let xhf: Vec<f32> = xh.iter().map(|v| v.to_f32()).collect();
@@ -160,8 +158,8 @@ fn half_precision_in_and_out_round_once() {
     }
 }
 
-/// bfloat16 activations on [`Isa::Avx512Bf16`] multiply the weight rounded to bfloat16 (the
-/// dequantized weight of the larger products): `vdpbf16ps` where rows are whole 64-groups in
+/// bfloat16 activations on [`Isa::Avx512Bf16`] with [`crate::cpu_isa::bf16_products`] multiply
+/// the weight rounded to bfloat16 (the dequantized weight of the larger products): `vdpbf16ps` where rows are whole 64-groups in
 /// blocks of at least 64, the float32 kernel on the rounded weight elsewhere (odd numbers of
 /// 32-groups, blocks of 32) and the portable one on rows of other lengths; each against the
 /// float64 sum of the same values, in every pass shape (1..6 activation rows, tiles with leftover
@@ -186,7 +184,8 @@ fn bf16_activations_on_avx512bf16_multiply_the_bf16_weight() {
                     let want = reference(&x, &wb, m, rows, cols);
                     let weight = Weight4 { packed: &q.packed, scales: q.scales(double), quant_type: qt, blocksize: bs, rows, cols };
                     let mut got = vec![f32::NAN; m * rows];
-                    gemm_4bit(FloatSlice::BF16(&xb), m, &weight, FloatSliceMut::F32(&mut got), Isa::Avx512Bf16).unwrap();
+                    let (xs, out) = (FloatSlice::BF16(&xb), FloatSliceMut::F32(&mut got));
+                    gemm_4bit_with(xs, m, &weight, out, Isa::Avx512Bf16, Host::Native, true).unwrap();
                     assert_near_reference(&got, &want, cols, 1e-30, &|| {
                         format!("{qt:?} bs={bs} double={double} [{m}x{cols}]@[{rows}x{cols}]^T")
                     });

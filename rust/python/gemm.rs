@@ -280,8 +280,17 @@ fn cpu_isas() -> Vec<&'static str> {
     Isa::available().into_iter().map(Isa::name).collect()
 }
 
+/// Whether bfloat16 activations at the "avx512bf16" level multiply the weight rounded to
+/// bfloat16 (`vdpbf16ps`) rather than the float32 weight: by default on CPUs without AMX;
+/// QLORA_RS_BF16_PRODUCTS=1 or 0 decides instead (read once).
+#[pyfunction]
+fn cpu_bf16_products() -> PyResult<bool> {
+    crate::cpu_isa::bf16_products().map_err(to_pyerr)
+}
+
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PackedWeight4>()?;
+    m.add_function(wrap_pyfunction!(cpu_bf16_products, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_gemm_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_dequantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_isa, m)?)?;

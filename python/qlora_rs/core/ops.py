@@ -298,6 +298,15 @@ def cpu_isas() -> list:
     return _lib.cpu_isas()
 
 
+def cpu_bf16_products() -> bool:
+    """Whether the fused kernel multiplies bfloat16 activations at the ``"avx512bf16"`` level by
+    the weight rounded to bfloat16 (``vdpbf16ps``; the weight the decode + GEMM above
+    :data:`CPU_FUSED_GEMM_MAX_M` multiplies too) rather than by the float32 weight. By default on
+    CPUs without AMX (measured faster on AMD Zen 5; slower on an AVX-512 + AMX Xeon);
+    ``QLORA_RS_BF16_PRODUCTS=1`` or ``0`` decides instead (read once, at the first use)."""
+    return _lib.cpu_bf16_products()
+
+
 def _dequantize_cpu(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape, dtype):
     return dequantize_4bit_cpu(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape, dtype)
 
