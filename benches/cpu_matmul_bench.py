@@ -17,7 +17,7 @@ drifts affects all of them alike. Prints medians and ratios:
   checked and its double-quantized scales decoded in every call), against bitsandbytes'
   ``dequantize_4bit``; Gparam/s and GB/s (bytes read + written), and the anchor the machine sets:
   torch copying a bf16 tensor of the output's size;
-- ``--crossover``: the fused kernel against dequantize + ``F.linear`` for M = 1..32, the table
+- ``--crossover``: the fused kernel against dequantize + ``F.linear`` for M = 1..64, the table
   behind ``qlora_rs.ops.CPU_FUSED_GEMM_MAX_M``.
 
     python benches/cpu_matmul_bench.py [--repeat 7] [--threads 2] [--crossover]
@@ -194,7 +194,7 @@ def crossover_table(repeat: int) -> None:
 
     print(f"\nfused kernel vs dequantize + F.linear (bf16), median ms of {repeat} interleaved repeats; "
           f"ratio > 1: the fused kernel is faster")
-    sizes = [1, 2, 4, 6, 8, 10, 12, 16, 24, 32]
+    sizes = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
     print(f"{'W [out x in]':<14}" + "".join(f"{m:>8}" for m in sizes))
     for n_out, k in SHAPES:
         torch.manual_seed(0)

@@ -100,8 +100,19 @@ _GEMM = "qlora_rs::gemm_4bit"
 #: and 0.8-1.1x at 32: 16, the end of the range the kernel is built for, keeps a margin. Without
 #: them the products run in float32 (:func:`matmul_dtype`) and the crossover is higher (a 2-core
 #: AMD EPYC with AVX2, one run: 1.2-2.3x at M = 32 on 576x1536 to 4096x14336, 0.8-1.5x at 64): 32.
+#: Where the fused kernel multiplies bf16 activations with ``vdpbf16ps`` (:func:`cpu_bf16_products`;
+#: a 2-core AMD Zen 5 with AVX512-BF16 and no AMX, one run: 2.5-3.8x at M = 32 and 1.25-2.5x at 64
+#: on 4096x4096 to 4096x14336, the decode paying page faults for its new tensor): 64.
 #: Either side gives the same result up to float32 rounding.
-CPU_FUSED_GEMM_MAX_M: int = 16 if _CPU_NATIVE[torch.bfloat16] else 32
+def _fused_gemm_max_m() -> int:
+    try:
+        dot = _lib.cpu_isa() == "avx512bf16" and _lib.cpu_bf16_products()
+    except Exception:  # a bad QLORA_RS_CPU_ISA / QLORA_RS_BF16_PRODUCTS: the first kernel call says so
+        dot = False
+    return 64 if dot else 16 if _CPU_NATIVE[torch.bfloat16] else 32
+
+
+CPU_FUSED_GEMM_MAX_M: int = _fused_gemm_max_m()
 
 
 def _check_cpu(where: str, **tensors: Optional[torch.Tensor]) -> None:
