@@ -320,6 +320,21 @@ def test_op_checks_each_weight_once_and_follows_changes():
         assert torch.equal(torch.ops.qlora_rs.dequantize_4bit(*args, torch.float32), reference_weight(packed, state))
 
 
+def test_kept_weights_read_the_codes_where_memory_bound():
+    # On the AVX-512 levels one-row products of a large kept weight read the 1-byte
+    # double-quantized codes; the same scales, so the same bits as through the float32 ones.
+    # Weights of at least _CODES_MIN_BYTES (8 MiB) only.
+    packed, state = quantized(4096, 4096, "nf4", 64, True)
+    w = ops.cpu_weight(*ops.quant_args(packed, state))
+    assert (w._codes is not None) == ops._CODES_WHERE_MEMORY_BOUND == (ops.cpu_isa() in ("avx512", "avx512bf16"))
+    small = ops.cpu_weight(*ops.quant_args(*quantized(40, 192, "nf4", 64, True)))
+    assert small._codes is None
+    x = torch.randn(1, 4096, dtype=torch.bfloat16)
+    floats = torch.empty(1, 4096, dtype=torch.bfloat16)
+    qlora_rs._lib.cpu_gemm_4bit(w._weight, ops._capsule(x), ops._capsule(floats), None)
+    assert torch.equal(w.matmul(x), floats) and torch.equal(w.fused_matmul(x), floats)
+
+
 def test_kept_weights_go_with_their_tensors():
     # Nothing the cache keeps holds its key alive: neither op arguments nor a module's weight
     # (whose byte view, a view's _base, once did).

@@ -104,6 +104,27 @@ _GEMM = "qlora_rs::gemm_4bit"
 #: a 2-core AMD Zen 5 with AVX512-BF16 and no AMX, one run: 2.5-3.8x at M = 32 and 1.25-2.5x at 64
 #: on 4096x4096 to 4096x14336, the decode paying page faults for its new tensor): 64.
 #: Either side gives the same result up to float32 rounding.
+def _avx512() -> bool:
+    try:
+        return _lib.cpu_isa() in ("avx512", "avx512bf16")
+    except Exception:  # a bad QLORA_RS_CPU_ISA: the first kernel call says so
+        return False
+
+
+#: Whether the kept weights (:func:`cpu_weight`) let the one-row products read the double-quantized
+#: scales as they are stored (1 byte a block, decoded in the kernel) instead of float32 (4): on the
+#: AVX-512 levels, where those products are bound by memory, not by the instructions. On a 2-core
+#: AMD Zen 5 with the weights cycled from memory (two runs, interleaved): M = 1 1.02-1.13x faster on
+#: 4096x4096, 14336x4096 and 4096x14336, while M = 4 and 16 were 0.85-1.11x (mostly slower: there
+#: the float32 scales stay; the decode to bf16 measured the same either way). Only for weights of
+#: :data:`_CODES_MIN_BYTES` packed bytes and more: SmolLM2-135M's layers (at most 0.4 MiB) generated
+#: 10% slower with the codes (60.9 against 67.6 tokens/s, interleaved), whose decode costs more
+#: than it saves on weights that small. On AVX2 the kernel is bound by its shuffles and the
+#: in-kernel scale decode cost 8-11% of it.
+_CODES_WHERE_MEMORY_BOUND: bool = _avx512()
+_CODES_MIN_BYTES = 8 << 20  # the smallest weight measured faster with them (4096x4096)
+
+
 def _fused_gemm_max_m() -> int:
     try:
         dot = _lib.cpu_isa() == "avx512bf16" and _lib.cpu_bf16_products()
@@ -134,13 +155,14 @@ class CpuPackedWeight:
     copies) go to a ``_lib.PackedWeight4``, which checks their dtypes and lengths and keeps them
     alive for its lifetime. Double-quantized scales are decoded by the kernels block by block, or,
     with ``float_scales``, once here into float32 (4 bytes a block instead of 1: the kernels'
-    inner loop then only loads each scale).
+    inner loop then only loads each scale). On the AVX-512 levels one-row products still read the
+    1-byte codes (:data:`_CODES_WHERE_MEMORY_BOUND`).
 
     The CPU ops and :class:`qlora_rs.nn.Linear4bit` keep one per packed tensor (:func:`cpu_weight`,
     rebuilt when a tensor or the state changes), so that a call pays for no argument check, no
     contiguity copy and no scale conversion: per call only ``x`` and the output cross to Rust."""
 
-    __slots__ = ("shape", "_weight")
+    __slots__ = ("shape", "_weight", "_codes")
 
     def __init__(self, packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape,
                  where: str = _GEMM + " (CPU)", *, float_scales: bool = False):
@@ -153,17 +175,23 @@ class CpuPackedWeight:
         own = torch.empty(0, dtype=torch.uint8).set_(data.untyped_storage(), data.storage_offset(), data.shape)
         data = _capsule(own)
         absmax = absmax.contiguous()
+        self.shape = tuple(int(s) for s in shape)
+        rows, cols = (self.shape[0], math.prod(self.shape[1:])) if self.shape else (1, 1)
+        self._codes = None
         if nested_absmax is not None:
             nested_absmax = nested_absmax.contiguous()
             nested_code = nested_code.to(torch.float32).contiguous()
+            if float_scales and _CODES_WHERE_MEMORY_BOUND and own.numel() >= _CODES_MIN_BYTES:
+                self._codes = _lib.PackedWeight4(
+                    _capsule(own), _capsule(absmax), _capsule(nested_absmax), _capsule(nested_code), float(offset), quant_type,
+                    int(blocksize), rows, cols,
+                )
             if float_scales:
                 q = absmax
                 absmax = torch.empty(q.numel(), dtype=torch.float32)
                 _lib.double_dequantize(_capsule(q), _capsule(nested_absmax), float(offset), nested_code.tolist(),
                                        _capsule(absmax))
                 nested_absmax = nested_code = None
-        self.shape = tuple(int(s) for s in shape)
-        rows, cols = (self.shape[0], math.prod(self.shape[1:])) if self.shape else (1, 1)
         self._weight = _lib.PackedWeight4(
             data, _capsule(absmax), None if nested_absmax is None else _capsule(nested_absmax),
             None if nested_code is None else _capsule(nested_code), float(offset), quant_type, int(blocksize), rows, cols,
@@ -186,10 +214,11 @@ class CpuPackedWeight:
     def fused_matmul(self, x: torch.Tensor, *, isa: Optional[str] = None) -> torch.Tensor:
         """``x @ W^T`` in ``x.dtype`` by the fused kernel, for any number of rows. ``x``: a CPU
         float32/float16/bfloat16 tensor ``[..., in_features]`` (checked by the caller)."""
-        n_out = self.shape[0]
+        n_out, k = self.shape
         x = x.contiguous()
         out = x.new_empty((*x.shape[:-1], n_out))  # 2 us less than torch.empty of a torch.Size + tuple
-        _lib.cpu_gemm_4bit(self._weight, _capsule(x), _capsule(out), isa)
+        one_row = self._codes is not None and x.numel() == k
+        _lib.cpu_gemm_4bit(self._codes if one_row else self._weight, _capsule(x), _capsule(out), isa)
         return out
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -203,7 +232,8 @@ class CpuPackedWeight:
         # fused_matmul, inlined: this runs once per linear layer and generated token.
         x = x.contiguous()
         out = x.new_empty((*x.shape[:-1], n_out))  # 2 us less than torch.empty of a torch.Size + tuple
-        _lib.cpu_gemm_4bit(self._weight, _capsule(x), _capsule(out), None)
+        _lib.cpu_gemm_4bit(self._codes if m == 1 and self._codes is not None else self._weight, _capsule(x),
+                           _capsule(out), None)
         return out
 
 
