@@ -168,6 +168,14 @@ impl Host {
             Host::Emulated => Ok(()),
         }
     }
+
+    /// The threads a parallel kernel call may use here ([`crate::threads::team_size`], or one).
+    pub fn team_size(self) -> usize {
+        match self {
+            Host::Native => crate::threads::team_size(),
+            Host::Emulated => 1,
+        }
+    }
 }
 
 #[cfg(test)]

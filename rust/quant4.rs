@@ -540,11 +540,10 @@ pub fn dequantize_4bit_into(
     scales.check()?;
     host.check(isa)?;
     let stream = memory == OutputMemory::Touched && out.len() * out.dtype().size() >= matmul4::STREAM_MIN_BYTES;
-    let one_thread = host == Host::Emulated;
     match out {
-        FloatSliceMut::F32(o) => dequantize_typed(packed, scales, quant_type, blocksize, o, isa, stream, one_thread),
-        FloatSliceMut::F16(o) => dequantize_typed(packed, scales, quant_type, blocksize, o, isa, stream, one_thread),
-        FloatSliceMut::BF16(o) => dequantize_typed(packed, scales, quant_type, blocksize, o, isa, stream, one_thread),
+        FloatSliceMut::F32(o) => dequantize_typed(packed, scales, quant_type, blocksize, o, isa, stream, host),
+        FloatSliceMut::F16(o) => dequantize_typed(packed, scales, quant_type, blocksize, o, isa, stream, host),
+        FloatSliceMut::BF16(o) => dequantize_typed(packed, scales, quant_type, blocksize, o, isa, stream, host),
     }
     Ok(())
 }
@@ -558,7 +557,7 @@ fn dequantize_typed<T: Element>(
     out: &mut [T],
     isa: Isa,
     stream: bool,
-    one_thread: bool,
+    host: Host,
 ) {
     let code = quant_type.code();
     let chunk = chunk_elements(blocksize);
@@ -568,7 +567,7 @@ fn dequantize_typed<T: Element>(
     let out = SharedOut(out.as_mut_ptr());
     let next = AtomicUsize::new(0);
     // (One chunk runs here alone: no need to look the team up.)
-    let threads = if chunks > 1 && !one_thread { crate::threads::team_size().min(chunks) } else { 1 };
+    let threads = if chunks > 1 { host.team_size().min(chunks) } else { 1 };
     crate::threads::run_team(threads, &|| loop {
         let c = next.fetch_add(1, Ordering::Relaxed);
         if c >= chunks {

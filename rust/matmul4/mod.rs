@@ -249,7 +249,7 @@ pub(crate) fn gemm_4bit_with(
     let rows = w.rows;
     let work = m.saturating_mul(rows).saturating_mul(w.cols);
     // Small products run here alone: no need to look the team up.
-    let threads = if work < PARALLEL_MIN_WORK || host == Host::Emulated { 1 } else { crate::threads::team_size() };
+    let threads = if work < PARALLEL_MIN_WORK { 1 } else { host.team_size() };
     let tasks = if threads == 1 { 1 } else { threads * TASKS_PER_THREAD };
     let per_task = rows.div_ceil(tasks).next_multiple_of(kernel.tile_rows());
     let run = |r0: usize| {

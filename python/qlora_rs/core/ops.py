@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import weakref
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +91,16 @@ _GEMM = "qlora_rs::gemm_4bit"
 # ---------------------------------------------------------------------------------------------
 # CPU: the Rust core.
 
+
+def _env_choice(choice: Callable[[], Any], invalid: Any) -> Any:
+    """``choice()`` (a setting read from the environment once), or ``invalid`` while the variable
+    holds a bad value: the first kernel call reports it, importing does not fail."""
+    try:
+        return choice()
+    except Exception:
+        return invalid
+
+
 #: Largest number of activation rows M (the product of x's leading dimensions) for which the CPU
 #: ``gemm_4bit`` runs the fused kernel (the packed weight read directly, never decoded to memory);
 #: larger M decodes the weight and runs torch's GEMM, which wins once the decode is shared by
@@ -101,15 +111,12 @@ _GEMM = "qlora_rs::gemm_4bit"
 #: them the products run in float32 (:func:`matmul_dtype`) and the crossover is higher (a 2-core
 #: AMD EPYC with AVX2, one run: 1.2-2.3x at M = 32 on 576x1536 to 4096x14336, 0.8-1.5x at 64): 32.
 #: Where the fused kernel multiplies bf16 activations with ``vdpbf16ps`` (:func:`cpu_bf16_products`;
-#: a 2-core AMD Zen 5 with AVX512-BF16 and no AMX, one run: 2.5-3.8x at M = 32 and 1.25-2.5x at 64
-#: on 4096x4096 to 4096x14336, the decode paying page faults for its new tensor): 64.
-#: Either side gives the same result up to float32 rounding.
-def _avx512() -> bool:
-    try:
-        return _lib.cpu_isa() in ("avx512", "avx512bf16")
-    except Exception:  # a bad QLORA_RS_CPU_ISA: the first kernel call says so
-        return False
-
+#: a 2-core AMD Zen 5 with AVX512-BF16 and no AMX, two runs: 2.3-4.3x at M = 32 and 1.25-2.55x at
+#: 64 on 4096x4096, 4096x14336 and 14336x4096, the decode paying page faults for its new tensor):
+#: 64. Either side gives the same result up to float32 rounding.
+_CPU_LEVEL: Optional[str] = _env_choice(_lib.cpu_isa, None)
+CPU_FUSED_GEMM_MAX_M: int = (64 if _CPU_LEVEL == "avx512bf16" and _env_choice(_lib.cpu_bf16_products, False)
+                             else 16 if _CPU_NATIVE[torch.bfloat16] else 32)
 
 #: Whether the kept weights (:func:`cpu_weight`) let the one-row products read the double-quantized
 #: scales as they are stored (1 byte a block, decoded in the kernel) instead of float32 (4): on the
@@ -121,19 +128,8 @@ def _avx512() -> bool:
 #: 10% slower with the codes (60.9 against 67.6 tokens/s, interleaved), whose decode costs more
 #: than it saves on weights that small. On AVX2 the kernel is bound by its shuffles and the
 #: in-kernel scale decode cost 8-11% of it.
-_CODES_WHERE_MEMORY_BOUND: bool = _avx512()
+_CODES_WHERE_MEMORY_BOUND: bool = _CPU_LEVEL in ("avx512", "avx512bf16")
 _CODES_MIN_BYTES = 8 << 20  # the smallest weight measured faster with them (4096x4096)
-
-
-def _fused_gemm_max_m() -> int:
-    try:
-        dot = _lib.cpu_isa() == "avx512bf16" and _lib.cpu_bf16_products()
-    except Exception:  # a bad QLORA_RS_CPU_ISA / QLORA_RS_BF16_PRODUCTS: the first kernel call says so
-        dot = False
-    return 64 if dot else 16 if _CPU_NATIVE[torch.bfloat16] else 32
-
-
-CPU_FUSED_GEMM_MAX_M: int = _fused_gemm_max_m()
 
 
 def _check_cpu(where: str, **tensors: Optional[torch.Tensor]) -> None:
