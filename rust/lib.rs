@@ -8,6 +8,7 @@ pub mod calibrate;
 pub mod codebook;
 pub mod convert;
 pub mod cpu_isa;
+pub mod decode;
 pub mod cuda;
 pub mod dtype;
 pub mod error;

@@ -98,6 +98,26 @@ def cpu_gemm_4bit(weight: PackedWeight4, x: _Tensor, out: _Tensor, isa: str | No
     (float32, float16 or bfloat16) and out of the same dtype. `isa`: a level from `cpu_isas()`
     (default: `cpu_isa()`)."""
 
+def cpu_gemm_4bit_group(weights: list[PackedWeight4], x: _Tensor, outs: list[_Tensor], isa: str | None = None) -> None:
+    """The products of one x with several weights of the same in_features in one call:
+    outs[i] = x @ dequant(weights[i])^T, each what cpu_gemm_4bit gives, with x converted once and
+    the rows of all the weights shared among the threads."""
+
+def cpu_silu_mlp_4bit(gate: PackedWeight4, up: PackedWeight4, down: PackedWeight4, x: _Tensor, out: _Tensor,
+                      isa: str | None = None) -> None:
+    """out = down(silu(gate(x)) * up(x)) in one call, rounded as PyTorch computes transformers'
+    LlamaMLP in x's dtype."""
+
+def cpu_rms_norm(x: _Tensor, weight: _Tensor, eps: float, out: _Tensor) -> None:
+    """out = weight * (x / sqrt(mean(x^2, -1) + eps)) as transformers' LlamaRMSNorm computes it,
+    bit for bit; x, weight and out of one float dtype."""
+
+def cpu_attend_one_token(q: _Tensor, k: _Tensor, v: _Tensor, mask: _Tensor | None, scale: float, batch: int,
+                         heads: int, kv_heads: int, length: int, dim: int, out: _Tensor) -> None:
+    """Attention of one query token per sequence: q and out [batch, heads, dim], k and v
+    [batch, kv_heads, length, dim], mask None or float32 [batch, length] added to the scores;
+    in float32."""
+
 def cpu_dequantize_4bit(weight: PackedWeight4, out: _Tensor, isa: str | None = None, fresh: bool = False) -> None:
     """Decodes the weight into `out` (float32, float16 or bfloat16) on the CPU, decoding
     double-quantized scales chunk by chunk. `isa`: a level from `cpu_isas()` (default: `cpu_isa()`).

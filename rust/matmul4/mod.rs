@@ -212,67 +212,196 @@ pub(crate) fn gemm_4bit_with(
     host: Host,
     bf16_products: bool,
 ) -> Result<()> {
+    gemm_4bit_group_with(x, m, std::slice::from_ref(w), vec![out], isa, host, bf16_products)
+}
+
+/// The products of one `x[m, cols]` with several weights of `cols` columns at once:
+/// `outs[i][m, ws[i].rows] = x @ dequant(ws[i])^T`, each exactly as [`gemm_4bit_on`] computes it.
+/// One call converts the activations once and shares the rows of all the weights among the
+/// threads: the query, key and value projections of a layer read the same input, and at one
+/// row each of them is too small to be worth a team of its own.
+pub fn gemm_4bit_group_on(
+    x: FloatSlice<'_>,
+    m: usize,
+    ws: &[Weight4<'_>],
+    outs: Vec<FloatSliceMut<'_>>,
+    isa: Isa,
+    host: Host,
+) -> Result<()> {
+    let bf16 = isa == Isa::Avx512Bf16 && x.dtype() == DType::BF16 && host == Host::Native && crate::cpu_isa::bf16_products()?;
+    gemm_4bit_group_with(x, m, ws, outs, isa, host, bf16)
+}
+
+/// A gated MLP with SiLU at one call: `out = down(silu(gate(x)) * up(x))` with 4-bit weights,
+/// rounded as PyTorch computes transformers' `LlamaMLP` in `x`'s dtype: each product rounded to
+/// it ([`gemm_4bit_group_on`]), `silu(g)` computed in float32 and rounded, the elementwise product
+/// of the two rounded once more, then the down product of that. `gate` and `up` are
+/// `[inter, cols]`, `down` `[rows, inter]`; `x` `[m, cols]`, `out` `[m, rows]`, one dtype.
+#[allow(clippy::too_many_arguments)]
+pub fn silu_mlp_4bit_on(
+    x: FloatSlice<'_>,
+    m: usize,
+    gate: &Weight4<'_>,
+    up: &Weight4<'_>,
+    down: &Weight4<'_>,
+    out: FloatSliceMut<'_>,
+    isa: Isa,
+    host: Host,
+) -> Result<()> {
+    if gate.rows != up.rows || down.cols != gate.rows {
+        return Err(Error::shape(format!(
+            "gated MLP: gate [{}, {}], up [{}, {}] and down [{}, {}] do not chain (down's in_features must be gate's and up's out_features)",
+            gate.rows, gate.cols, up.rows, up.cols, down.rows, down.cols
+        )));
+    }
+    trait Wrap: Element {
+        fn slice(s: &[Self]) -> FloatSlice<'_>;
+        fn slice_mut(s: &mut [Self]) -> FloatSliceMut<'_>;
+    }
+    macro_rules! wrap {
+        ($t:ty, $v:ident) => {
+            impl Wrap for $t {
+                fn slice(s: &[Self]) -> FloatSlice<'_> {
+                    FloatSlice::$v(s)
+                }
+                fn slice_mut(s: &mut [Self]) -> FloatSliceMut<'_> {
+                    FloatSliceMut::$v(s)
+                }
+            }
+        };
+    }
+    wrap!(f32, F32);
+    wrap!(f16, F16);
+    wrap!(bf16, BF16);
+    fn run<T: Wrap>(x: FloatSlice<'_>, m: usize, ws: [&Weight4<'_>; 3], out: FloatSliceMut<'_>, isa: Isa, host: Host) -> Result<()> {
+        let [gate, up, down] = ws;
+        let inter = gate.rows;
+        let (mut g, mut u) = (vec![T::from_f32(0.0); m * inter], vec![T::from_f32(0.0); m * inter]);
+        gemm_4bit_group_on(x, m, &[*gate, *up], vec![T::slice_mut(&mut g), T::slice_mut(&mut u)], isa, host)?;
+        for (g, u) in g.iter_mut().zip(&u) {
+            let v = g.to_f32();
+            let a = T::from_f32(v / (1.0 + (-v).exp()));
+            *g = T::from_f32(a.to_f32() * u.to_f32());
+        }
+        gemm_4bit_on(T::slice(&g), m, down, out, isa, host)
+    }
+    let ws = [gate, up, down];
+    match x {
+        FloatSlice::F32(_) => run::<f32>(x, m, ws, out, isa, host),
+        FloatSlice::F16(_) => run::<f16>(x, m, ws, out, isa, host),
+        FloatSlice::BF16(_) => run::<bf16>(x, m, ws, out, isa, host),
+    }
+}
+
+/// One task of a product: rows `r0..r1` of weight `w`.
+#[derive(Clone, Copy)]
+struct Task {
+    w: usize,
+    r0: usize,
+    r1: usize,
+}
+
+fn gemm_4bit_group_with(
+    x: FloatSlice<'_>,
+    m: usize,
+    ws: &[Weight4<'_>],
+    outs: Vec<FloatSliceMut<'_>>,
+    isa: Isa,
+    host: Host,
+    bf16_products: bool,
+) -> Result<()> {
     debug_assert!(!bf16_products || (isa == Isa::Avx512Bf16 && x.dtype() == DType::BF16));
-    w.check()?;
+    if ws.len() != outs.len() {
+        return Err(Error::shape(format!("{} weights but {} outputs", ws.len(), outs.len())));
+    }
     host.check(isa)?;
-    if x.len() != m * w.cols {
-        return Err(Error::shape(format!(
-            "x has {} elements; {m} rows of in_features={} need {}",
-            x.len(),
-            w.cols,
-            m * w.cols
-        )));
+    let which = |i: usize| if ws.len() > 1 { format!("weight {i}: ") } else { String::new() };
+    for (i, (w, out)) in ws.iter().zip(&outs).enumerate() {
+        w.check().map_err(|e| if ws.len() > 1 { Error::shape(format!("{}{e}", which(i))) } else { e })?;
+        if w.cols != ws[0].cols {
+            return Err(Error::shape(format!(
+                "{}in_features={} differs from weight 0's {}: the weights of one call share x",
+                which(i),
+                w.cols,
+                ws[0].cols
+            )));
+        }
+        if x.len() != m * w.cols {
+            return Err(Error::shape(format!(
+                "x has {} elements; {m} rows of in_features={} need {}",
+                x.len(),
+                w.cols,
+                m * w.cols
+            )));
+        }
+        if out.len() != m * w.rows {
+            return Err(Error::shape(format!(
+                "{}out has {} elements; {m} rows of out_features={} need {}",
+                which(i),
+                out.len(),
+                w.rows,
+                m * w.rows
+            )));
+        }
     }
-    if out.len() != m * w.rows {
-        return Err(Error::shape(format!(
-            "out has {} elements; {m} rows of out_features={} need {}",
-            out.len(),
-            w.rows,
-            m * w.rows
-        )));
-    }
-    if m == 0 || w.rows == 0 {
+    let outs: Vec<OutPtr> = outs.into_iter().map(OutPtr::new).collect();
+    let rows: usize = ws.iter().map(|w| w.rows).sum();
+    if m == 0 || rows == 0 {
         return Ok(());
     }
-    let out = OutPtr::new(out);
-    if w.cols == 0 {
-        // SAFETY: out holds m * rows elements (checked above), all written here.
-        unsafe { out.write(&vec![0f32; m * w.rows], m, w.rows, 0, w.rows) };
+    let cols = ws[0].cols;
+    if cols == 0 {
+        for (w, out) in ws.iter().zip(&outs) {
+            // SAFETY: out holds m * rows elements (checked above), all written here.
+            unsafe { out.write(&vec![0f32; m * w.rows], m, w.rows, 0, w.rows) };
+        }
         return Ok(());
     }
-    let kernel = Kernel::choose(isa, w.cols, w.blocksize, bf16_products);
-    let xs = match x {
-        FloatSlice::F32(x) => kernel.activations(x, w.cols),
-        FloatSlice::F16(x) => kernel.activations(x, w.cols),
-        FloatSlice::BF16(x) => kernel.activations(x, w.cols),
-    };
-    let rows = w.rows;
-    let work = m.saturating_mul(rows).saturating_mul(w.cols);
+    // The activations once per layout the weights' kernels read (one, unless block sizes differ).
+    let kernels: Vec<Kernel> = ws.iter().map(|w| Kernel::choose(isa, cols, w.blocksize, bf16_products)).collect();
+    let mut layouts: Vec<(Kernel, Activations)> = Vec::new();
+    for &kernel in &kernels {
+        if !layouts.iter().any(|(k, _)| *k == kernel) {
+            let xs = match x {
+                FloatSlice::F32(x) => kernel.activations(x, cols),
+                FloatSlice::F16(x) => kernel.activations(x, cols),
+                FloatSlice::BF16(x) => kernel.activations(x, cols),
+            };
+            layouts.push((kernel, xs));
+        }
+    }
+    let xs: Vec<&Activations> =
+        kernels.iter().map(|k| &layouts.iter().find(|(l, _)| l == k).expect("a layout per kernel").1).collect();
+    let work = m.saturating_mul(rows).saturating_mul(cols);
     // Small products run here alone: no need to look the team up.
     let threads = if work < PARALLEL_MIN_WORK { 1 } else { host.team_size() };
     let tasks = if threads == 1 { 1 } else { threads * TASKS_PER_THREAD };
-    let per_task = rows.div_ceil(tasks).next_multiple_of(kernel.tile_rows());
-    let run = |r0: usize| {
-        let r1 = (r0 + per_task).min(rows);
-        let mut acc = vec![0f32; m * (r1 - r0)];
-        kernel.run(w, &xs, m, r0, r1, &mut acc);
-        // SAFETY: tasks cover disjoint row ranges, so each output element is written once.
-        unsafe { out.write(&acc, m, rows, r0, r1) };
+    let tile = kernels.iter().map(|k| k.tile_rows()).max().unwrap_or(1);
+    let per_task = rows.div_ceil(tasks).next_multiple_of(tile);
+    let tasks: Vec<Task> = ws
+        .iter()
+        .enumerate()
+        .flat_map(|(i, w)| (0..w.rows).step_by(per_task).map(move |r0| Task { w: i, r0, r1: (r0 + per_task).min(w.rows) }))
+        .collect();
+    let run = |t: Task| {
+        let mut acc = vec![0f32; m * (t.r1 - t.r0)];
+        kernels[t.w].run(&ws[t.w], xs[t.w], m, t.r0, t.r1, &mut acc);
+        // SAFETY: tasks cover disjoint row ranges of each output, so each element is written once.
+        unsafe { outs[t.w].write(&acc, m, ws[t.w].rows, t.r0, t.r1) };
     };
-    let starts = rows.div_ceil(per_task);
-    if starts == 1 {
-        run(0);
+    if tasks.len() == 1 {
+        run(tasks[0]);
         return Ok(());
     }
     // Every thread, the calling one too, takes tasks from one counter: none waits for a
     // straggler or for a thread slow to wake.
     let next = AtomicUsize::new(0);
-    crate::threads::run_team(threads.min(starts), &|| loop {
+    crate::threads::run_team(threads.min(tasks.len()), &|| loop {
         let t = next.fetch_add(1, Ordering::Relaxed);
-        if t >= starts {
+        if t >= tasks.len() {
             break;
         }
-        run(t * per_task);
+        run(tasks[t]);
     });
     Ok(())
 }

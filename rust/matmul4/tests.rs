@@ -377,3 +377,58 @@ fn large_decode_is_exact() {
         }
     }
 }
+
+#[test]
+fn a_group_gives_each_weight_its_own_product_bit_for_bit() {
+    // A layer's q/k/v (different row counts, one of them not a multiple of the tiles) and weights
+    // of another block size in the same call; large enough for the threads to share the rows.
+    let cols = 256;
+    let shapes = [(96usize, 64usize), (37, 64), (40, 128)];
+    let quantized: Vec<(Quantized, usize, usize)> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, &(rows, bs))| (Quantized::new(&noise(rows * cols, 40 + i as u64), QuantType::Nf4, bs), rows, bs))
+        .collect();
+    for isa in Isa::available() {
+        for double in [false, true] {
+            let ws: Vec<Weight4<'_>> = quantized
+                .iter()
+                .map(|(q, rows, bs)| Weight4 {
+                    packed: &q.packed,
+                    scales: q.scales(double),
+                    quant_type: QuantType::Nf4,
+                    blocksize: *bs,
+                    rows: *rows,
+                    cols,
+                })
+                .collect();
+            for m in [1, 3, 16] {
+                let x: Vec<bf16> = noise(m * cols, m as u64).iter().map(|&v| bf16::from_f32(v)).collect();
+                let mut outs: Vec<Vec<bf16>> = ws.iter().map(|w| vec![bf16::NAN; m * w.rows]).collect();
+                let slices = outs.iter_mut().map(|o| FloatSliceMut::BF16(o)).collect();
+                gemm_4bit_group_on(FloatSlice::BF16(&x), m, &ws, slices, isa, Host::Native).unwrap();
+                for (w, got) in ws.iter().zip(&outs) {
+                    let mut want = vec![bf16::NAN; m * w.rows];
+                    gemm_4bit(FloatSlice::BF16(&x), m, w, FloatSliceMut::BF16(&mut want), isa).unwrap();
+                    assert!(
+                        got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{isa:?} double={double} m={m} rows={}",
+                        w.rows
+                    );
+                }
+            }
+        }
+    }
+    // Weights that do not share in_features, and a missing output, are named.
+    let (q, rows, bs) = &quantized[0];
+    let w = Weight4 { packed: &q.packed, scales: q.scales(false), quant_type: QuantType::Nf4, blocksize: *bs, rows: *rows, cols };
+    let half_cols = Weight4 { cols: cols / 2, rows: rows * 2, ..w };
+    let x = vec![0f32; cols];
+    let (mut a, mut b) = (vec![0f32; *rows], vec![0f32; rows * 2]);
+    let outs = vec![FloatSliceMut::F32(&mut a), FloatSliceMut::F32(&mut b)];
+    let err = gemm_4bit_group_on(FloatSlice::F32(&x), 1, &[w, half_cols], outs, Isa::Portable, Host::Native).unwrap_err();
+    assert!(err.to_string().contains("weight 1: in_features=128 differs from weight 0's 256"), "{err}");
+    let err = gemm_4bit_group_on(FloatSlice::F32(&x), 1, &[w, w], vec![FloatSliceMut::F32(&mut a)], Isa::Portable, Host::Native)
+        .unwrap_err();
+    assert!(err.to_string().contains("2 weights but 1 outputs"), "{err}");
+}

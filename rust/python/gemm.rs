@@ -178,6 +178,106 @@ fn cpu_gemm_4bit(
     run_kernel(py, isa, |host| matmul4::gemm_4bit_on(xs, m, &weight, os, isa, host))
 }
 
+/// The products of one `x` with several weights of the same in_features in one call:
+/// `outs[i] = x @ dequant(weights[i])^T`, each the same as `cpu_gemm_4bit(weights[i], x, outs[i])`
+/// gives, with the activations converted once and the rows of all the weights shared among the
+/// threads (a layer's query, key and value projections, or its gate and up projections).
+#[pyfunction]
+#[pyo3(signature = (weights, x, outs, isa=None))]
+fn cpu_gemm_4bit_group(
+    py: Python<'_>,
+    weights: Vec<Bound<'_, PackedWeight4>>,
+    x: &Bound<'_, PyAny>,
+    outs: Vec<Bound<'_, PyAny>>,
+    isa: Option<&str>,
+) -> PyResult<()> {
+    if weights.is_empty() || weights.len() != outs.len() {
+        return Err(shape_err(format!(
+            "cpu_gemm_4bit_group: {} weights and {} outputs; expected one output per weight, at least one",
+            weights.len(),
+            outs.len()
+        )));
+    }
+    let isa = isa_or_current(isa)?;
+    let ws: Vec<&PackedWeight4> = weights.iter().map(|w| w.get()).collect();
+    let x = TensorArg::new(x, "cpu_gemm_4bit_group: x")?;
+    let outs = outs.iter().map(|o| TensorArg::new(o, "cpu_gemm_4bit_group: out")).collect::<PyResult<Vec<_>>>()?;
+    let k = ws[0].cols;
+    // m from x, or from an output when the weights have no columns.
+    let m = x.len.checked_div(k).unwrap_or_else(|| outs.iter().zip(&ws).find_map(|(o, w)| o.len.checked_div(w.rows)).unwrap_or(0));
+    for (i, (w, out)) in ws.iter().zip(&outs).enumerate() {
+        if w.cols != k {
+            return Err(shape_err(format!("cpu_gemm_4bit_group: weight {i} has in_features {}, weight 0 {k}", w.cols)));
+        }
+        if out.len != m * w.rows {
+            return Err(shape_err(format!(
+                "cpu_gemm_4bit_group: out {i} has {} elements, expected {m} x {} = {}",
+                out.len,
+                w.rows,
+                m * w.rows
+            )));
+        }
+        if out.elem != x.elem {
+            return Err(shape_err(format!("cpu_gemm_4bit_group: out {i} is {}, expected x's dtype {}", out.elem.name(), x.elem.name())));
+        }
+        let mut inputs: Vec<&TensorArg> = vec![&x];
+        inputs.extend(outs.iter().enumerate().filter(|&(j, _)| j != i).map(|(_, o)| o));
+        for other in &ws {
+            other.check_out(out, &inputs)?;
+        }
+    }
+    if x.len != m * k {
+        return Err(shape_err(format!("cpu_gemm_4bit_group: x has {} elements, not a multiple of in_features {k}", x.len)));
+    }
+    let weights = ws.iter().map(|w| w.weight()).collect::<PyResult<Vec<_>>>()?;
+    let xs = x.float_slice()?;
+    // SAFETY: each out overlaps neither x, the other outs nor the weights' tensors (checked above).
+    let os = outs.iter().map(|o| unsafe { o.float_slice_mut() }).collect::<PyResult<Vec<_>>>()?;
+    run_kernel(py, isa, |host| matmul4::gemm_4bit_group_on(xs, m, &weights, os, isa, host))
+}
+
+/// `out = down(silu(gate(x)) * up(x))` in one call (transformers' `LlamaMLP` with 4-bit
+/// projections, rounded as PyTorch computes it in x's dtype): `x` `[m, in]`, `out` `[m, out]`.
+#[pyfunction]
+#[pyo3(signature = (gate, up, down, x, out, isa=None))]
+fn cpu_silu_mlp_4bit(
+    py: Python<'_>,
+    gate: &Bound<'_, PackedWeight4>,
+    up: &Bound<'_, PackedWeight4>,
+    down: &Bound<'_, PackedWeight4>,
+    x: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    isa: Option<&str>,
+) -> PyResult<()> {
+    let isa = isa_or_current(isa)?;
+    let (g, u, d) = (gate.get(), up.get(), down.get());
+    let x = TensorArg::new(x, "cpu_silu_mlp_4bit: x")?;
+    let out = TensorArg::new(out, "cpu_silu_mlp_4bit: out")?;
+    let k = g.cols;
+    if k == 0 || x.len % k != 0 {
+        return Err(shape_err(format!("cpu_silu_mlp_4bit: x has {} elements, not rows of in_features {k}", x.len)));
+    }
+    let m = x.len / k;
+    if out.len != m * d.rows || out.elem != x.elem {
+        return Err(shape_err(format!(
+            "cpu_silu_mlp_4bit: out is {} of {} elements, expected x's dtype {} and {m} x {} = {}",
+            out.elem.name(),
+            out.len,
+            x.elem.name(),
+            d.rows,
+            m * d.rows
+        )));
+    }
+    for w in [g, u, d] {
+        w.check_out(&out, &[&x])?;
+    }
+    let (gw, uw, dw) = (g.weight()?, u.weight()?, d.weight()?);
+    let xs = x.float_slice()?;
+    // SAFETY: out overlaps neither x nor the weights' tensors (checked above).
+    let os = unsafe { out.float_slice_mut()? };
+    run_kernel(py, isa, |host| matmul4::silu_mlp_4bit_on(xs, m, &gw, &uw, &dw, os, isa, host))
+}
+
 /// Decodes the weight into `out` (float32, float16 or bfloat16, rows * cols elements) on the CPU,
 /// decoding double-quantized scales chunk by chunk (no float32 copy). `isa`: a level from
 /// `cpu_isas()` (default: `cpu_isa()`). `fresh`: `out` was just allocated for this call (its
@@ -292,6 +392,8 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PackedWeight4>()?;
     m.add_function(wrap_pyfunction!(cpu_bf16_products, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_gemm_4bit, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_gemm_4bit_group, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_silu_mlp_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_dequantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_isa, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_isas, m)?)?;

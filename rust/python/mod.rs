@@ -15,6 +15,7 @@ use crate::error::Error;
 mod calibrate;
 mod convert;
 mod cuda;
+mod decode;
 mod gemm;
 mod paging;
 mod quant;
@@ -77,5 +78,6 @@ fn _lib(m: &Bound<'_, PyModule>) -> PyResult<()> {
     paging::register(m)?;
     cuda::register(m)?;
     gemm::register(m)?;
+    decode::register(m)?;
     Ok(())
 }

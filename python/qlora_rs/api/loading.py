@@ -58,7 +58,10 @@ def from_pretrained(
 
     Peak memory is the 4-bit model plus one tensor of the checkpoint. The returned model is in
     eval mode; ``model.qlora_rs_checkpoint`` says which kind of checkpoint it came from
-    (``"4bit"`` or ``"float"``) and which layers are 4-bit.
+    (``"4bit"`` or ``"float"``) and which layers are 4-bit. A model loaded on the CPU generates
+    through :func:`qlora_rs.nn.cpu_decode.prepare` (grouped q/k/v and gate/up products, the RMS
+    norms and one-token attention in Rust; ``model.qlora_rs_cpu_decode`` says what it changed,
+    :func:`qlora_rs.nn.cpu_decode.restore` undoes it); training and other devices run as before.
     """
     if device_mesh is not None:
         return load_sharded(path, device_mesh, quantization=quantization, compute_dtype=compute_dtype, dtype=dtype,

@@ -233,6 +233,24 @@ class CpuPackedWeight:
         return out
 
 
+
+def cpu_matmul_group(weights: Sequence[CpuPackedWeight], x: torch.Tensor) -> list:
+    """``[x @ W^T for W in weights]`` (weights of the same in_features; ``x`` as in
+    :meth:`CpuPackedWeight.fused_matmul`), each exactly what ``W.matmul(x)`` gives. Up to
+    :data:`CPU_FUSED_GEMM_MAX_M` rows one kernel call computes them all (``x`` converted once,
+    the rows of every weight shared among the threads); above, each runs on its own."""
+    k = weights[0].shape[1]
+    m = x.numel() // k if k else math.prod(x.shape[:-1])
+    if m > CPU_FUSED_GEMM_MAX_M or len(weights) == 1:
+        return [w.matmul(x) for w in weights]
+    x = x.contiguous()
+    lead = x.shape[:-1]
+    outs = [x.new_empty((*lead, w.shape[0])) for w in weights]
+    one_row = m == 1
+    _lib.cpu_gemm_4bit_group([w._codes if one_row and w._codes is not None else w._weight for w in weights],
+                             _capsule(x), [_capsule(o) for o in outs], None)
+    return outs
+
 # One CpuPackedWeight per packed tensor given to the CPU ops, kept while that tensor lives and
 # used again while nothing of the description has changed: training reaches the op with the same
 # tensors every step, and Linear4bit's inference calls the kernels through it. Keyed by id(packed)

@@ -261,6 +261,10 @@ def _load(ckpt, config, quantization, compute_dtype, device, dtype, model_class,
             "compute_dtype": dtype_name(opts.compute_dtype),
         },
     }
+    if torch.device(device).type == "cpu":
+        from ..nn.cpu_decode import prepare
+
+        model.qlora_rs_cpu_decode = prepare(model)
     return model
 
 

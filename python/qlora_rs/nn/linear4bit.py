@@ -20,6 +20,7 @@ is quantized on load. ``torch.distributed.checkpoint.state_dict`` reads and writ
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -29,7 +30,7 @@ from .. import _lib
 from ..core.autograd import Linear4bitFunction
 from ..errors import FormatError, InvalidArgumentError
 from ..core.functional import quantize
-from ..core.ops import CpuPackedWeight, cpu_weight, forget_cpu_weight
+from ..core.ops import CpuPackedWeight, cpu_matmul_group, cpu_weight, forget_cpu_weight
 from ..core.ops import dequantize_4bit as _dequantize_op
 from ..core.quant_state import QUANT_TYPES, QuantState, code_table, dtype_name, nested_code_table, parse_dtype
 
@@ -115,6 +116,8 @@ class Linear4bit(nn.Linear):
         # transformers' weight initialisation must not touch the packed bytes.
         self._is_hf_initialized = True
         self._qlora_name: Optional[str] = None
+        # The siblings this layer's CPU inference computes with (qlora_rs.nn.decode.group_projections).
+        self._cpu_group: Optional[ProjectionGroup] = None
         n = self.in_features * self.out_features
         blocks = -(-n // self.blocksize)
         self.weight = nn.Parameter(
@@ -205,7 +208,7 @@ class Linear4bit(nn.Linear):
 
     @torch.no_grad()
     def _put(self, name: str, value: Optional[torch.Tensor], device: torch.device, copy: bool) -> None:
-        forget_cpu_weight(self._parameters.get("weight"))  # let the old tensors go now, not at the next forward
+        self._forget_cpu_weight()  # let the old tensors go now, not at the next forward
         current = getattr(self, name)
         if value is None:
             setattr(self, name, None)
@@ -371,7 +374,7 @@ class Linear4bit(nn.Linear):
         self._set_quantized(weight, state, copy=True)
 
     def _apply(self, fn, recurse=True):
-        forget_cpu_weight(self._parameters.get("weight"))
+        self._forget_cpu_weight()
         # Module.to(dtype)/half()/float() cast every floating tensor; the packed bytes (which may
         # be viewed as floats) and the quantization scales must only move between devices.
         protected = {id(t): t for t in (self.weight, *(getattr(self, b) for b in _QUANT_BUFFERS)) if t is not None}
@@ -417,8 +420,34 @@ class Linear4bit(nn.Linear):
         weight = self._parameters["weight"]
         if type(weight) is not nn.Parameter or not weight.is_cpu or weight.dtype != self.quant_storage:
             return None
+        # This layer's own memo first (called once per layer and token in generation): the same
+        # tensors, at the same address and version, as when cpu_weight last answered. The state's
+        # other fields change only through this module, which drops the memo (_forget_cpu_weight).
+        absmax = self._buffers["weight_absmax"]
+        memo = self.__dict__.get("_cpu_memo")
+        nested = self._buffers["weight_nested_absmax"]
+        try:
+            key = (weight.data_ptr(), weight._version, absmax._version, None if nested is None else nested._version)
+        except RuntimeError:  # inference tensors keep no version
+            key = None
+        if memo is not None and key is not None and memo[0] is weight and memo[1] is absmax and memo[2] == key:
+            return memo[3]
         # unversioned: inference tensors are cached too; this module's own writes (_put) forget them.
-        return cpu_weight(*self._op_args(weight), self._describe, unversioned=True)
+        packed = cpu_weight(*self._op_args(weight), self._describe, unversioned=True)
+        if key is not None:
+            self.__dict__["_cpu_memo"] = (weight, absmax, key, packed)
+        return packed
+
+    def __getstate__(self):
+        # Copies and pickles of the layer (copy.deepcopy, torch.save) rebuild the memo on their first forward.
+        state = super().__getstate__()
+        state.pop("_cpu_memo", None)
+        return state
+
+    def _forget_cpu_weight(self) -> None:
+        """Drops what the CPU kernels kept of this layer's weight (before its tensors or state change)."""
+        self.__dict__.pop("_cpu_memo", None)
+        forget_cpu_weight(self._parameters.get("weight"))
 
     def _cpu_inference(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """``x @ W^T + bias`` in ``compute_dtype`` by the CPU kernels straight from the weight
@@ -431,7 +460,9 @@ class Linear4bit(nn.Linear):
         weight = self._cpu_kernel_weight()
         if weight is None or x.dim() == 0 or x.shape[-1] != self.in_features or not x.is_floating_point():
             return None
-        y = weight.matmul(x if x.dtype == self.compute_dtype else x.to(self.compute_dtype))
+        xc = x if x.dtype == self.compute_dtype else x.to(self.compute_dtype)
+        group = self.__dict__.get("_cpu_group")
+        y = weight.matmul(xc) if group is None else group.product(self, x, xc, weight)
         return y if bias is None else y + bias.to(y.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -448,6 +479,70 @@ class Linear4bit(nn.Linear):
             f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.double_quant}, "
             f"compute_dtype={dtype_name(self.compute_dtype)}"
         )
+
+
+class ProjectionGroup:
+    """Sibling layers that a model calls one after another on the same input: a layer's query, key
+    and value projections, or its gate and up projections (:func:`qlora_rs.nn.decode.group_projections`
+    finds them). In CPU inference the first one's call computes all of their products in one kernel
+    call (:func:`qlora_rs.core.ops.cpu_matmul_group`: the input converted once, one team of threads
+    instead of one per layer) and keeps the others' for their own calls, which take them when they
+    come with that same input tensor: at one token a step, each of these products is a few
+    microseconds of work and its call costs as much again.
+
+    The products are those each layer computes alone, bit for bit, and a layer called with any
+    other input computes its own. A group whose kept products go unused twice (a model that calls
+    its layers on different inputs, or in another order) dissolves: its layers go back to one
+    call each. The input is recognized by identity: a caller that wrote into it between the calls
+    (in inference mode torch keeps no version count to tell) would get the products of what it
+    held before."""
+
+    __slots__ = ("members", "_input", "_kept", "_unused")
+
+    def __init__(self, members) -> None:
+        self.members = tuple(members)
+        self._input: Optional[weakref.ref] = None
+        self._kept: dict = {}
+        self._unused = 0
+        for layer in self.members:
+            layer._cpu_group = self
+
+    def dissolve(self) -> None:
+        for layer in self.members:
+            if layer.__dict__.get("_cpu_group") is self:
+                layer._cpu_group = None
+        self._kept, self._input = {}, None
+
+    def product(self, layer: "Linear4bit", x: torch.Tensor, xc: torch.Tensor, weight: CpuPackedWeight) -> torch.Tensor:
+        """``xc @ W^T`` for ``layer`` (``xc``: ``x`` in the compute dtype)."""
+        kept = self._kept.pop(layer, None)
+        if kept is not None and self._input is not None and self._input() is x:
+            return kept
+        if layer is not self.members[0]:
+            return weight.matmul(xc)
+        if self._kept:
+            self._unused += 1
+            if self._unused >= 2:
+                self.dissolve()
+                return weight.matmul(xc)
+        weights = [weight]
+        for other in self.members[1:]:
+            w = other._cpu_kernel_weight() if other.compute_dtype == layer.compute_dtype else None
+            if w is None:
+                self._kept = {}
+                return weight.matmul(xc)
+            weights.append(w)
+        outs = cpu_matmul_group(weights, xc)
+        self._input = weakref.ref(x)
+        self._kept = dict(zip(self.members[1:], outs[1:]))
+        return outs[0]
+
+    # Pickled and copied with the model (torch.save, copy.deepcopy): the members, not the products.
+    def __getstate__(self):
+        return self.members
+
+    def __setstate__(self, members) -> None:
+        self.members, self._input, self._kept, self._unused = members, None, {}, 0
 
 
 def _untraced(x: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:

@@ -1,0 +1,318 @@
+"""Generation on the CPU without PyTorch's per-op cost: what a decoder layer does besides its 4-bit
+products, in fewer and cheaper calls.
+
+At one token a step a small model's layer is mostly overhead. Measured on SmolLM2-135M (30 layers,
+2 cores), a token took ~17 ms, of which the 210 4-bit products read their weights in ~2 ms; each
+RMS norm ran as eight torch ops (~18 us), each attention as SDPA's flash kernel built for long
+sequences (~50 us for one query over ~60 cached positions), and each of the 210 products paid a
+call of its own. :func:`prepare` (run by :func:`qlora_rs.from_pretrained` for CPU models) changes
+three things, each only where it is exact or checked:
+
+- sibling projections that read the same input (q/k/v, gate/up) become a
+  :class:`~qlora_rs.nn.linear4bit.ProjectionGroup`: one kernel call computes them all, each
+  product the same bits as alone (:func:`group_projections`);
+- RMS norms whose forward gives, on a probe, exactly what the Rust kernel gives (transformers'
+  ``LlamaRMSNorm`` and its copies in Mistral, Qwen2/3 and others; not Gemma's ``1 + weight``) run
+  that kernel on CPU inference (:func:`fast_rms_norms`);
+- attention runs ``"qlora_rs_cpu"``, registered with transformers' attention interface: one
+  query token per sequence on the CPU with no autograd is a Rust kernel (float32 softmax, as SDPA),
+  everything else transformers' SDPA function itself (:func:`attention`).
+
+Each falls back to the module's own code for anything else: training (autograd), other devices,
+tracing, other dtypes. :func:`restore` undoes all three.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import _lib
+from ..core.ops import CPU_FUSED_GEMM_MAX_M, _capsule
+from .linear4bit import Linear4bit, ProjectionGroup, _untraced
+
+__all__ = ["prepare", "restore", "group_projections", "fast_rms_norms", "fused_mlps", "attention", "ATTENTION", "CpuDecode"]
+
+#: Names of sibling layers that models call in this order on one input.
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"), ("w1", "w3"))
+
+#: The attention implementation :func:`prepare` gives a model (transformers' attention interface).
+ATTENTION = "qlora_rs_cpu"
+
+
+@dataclass
+class CpuDecode:
+    """What :func:`prepare` changed: projection groups, RMS norms, and the attention it replaced
+    (None: left as it was)."""
+
+    groups: int = 0
+    norms: int = 0
+    mlps: int = 0
+    attention: Optional[str] = None
+
+
+def prepare(model: nn.Module) -> CpuDecode:
+    """Makes ``model``'s CPU inference take the faster paths of this module (see there); returns
+    what changed. Idempotent; nothing changes for training or on other devices."""
+    done = CpuDecode(groups=len(group_projections(model)), norms=fast_rms_norms(model), mlps=fused_mlps(model))
+    done.attention = attention(model)
+    return done
+
+
+def restore(model: nn.Module) -> None:
+    """Undoes :func:`prepare`: every layer computes alone, the norms and the attention run their
+    own code again."""
+    for module in model.modules():
+        group = module.__dict__.get("_cpu_group") if isinstance(module, Linear4bit) else None
+        if group is not None:
+            group.dissolve()
+        if isinstance(module.__dict__.get("forward"), (_FastRMSNorm, _FastMLP)):
+            del module.forward
+    config = getattr(model, "config", None)
+    previous = getattr(model, "_qlora_rs_attention", None)
+    if config is not None and previous is not None and getattr(config, "_attn_implementation", None) == ATTENTION:
+        _set_attention(model, previous)
+        del model._qlora_rs_attention
+
+
+def _base(module: Any) -> Any:
+    """The Linear4bit under a LoRA wrapper (qlora_rs or PEFT), or the module itself."""
+    return getattr(module, "base_layer", module)
+
+
+def group_projections(model: nn.Module) -> list:
+    """Groups the 4-bit siblings named in :data:`SIBLINGS` (same parent, same in_features and
+    compute dtype, not yet grouped); returns the new groups."""
+    groups = []
+    for parent in model.modules():
+        for names in SIBLINGS:
+            layers = [_base(getattr(parent, n, None)) for n in names]
+            if not all(isinstance(layer, Linear4bit) for layer in layers):
+                continue
+            first = layers[0]
+            if any(layer.in_features != first.in_features or layer.compute_dtype != first.compute_dtype
+                   or layer.__dict__.get("_cpu_group") is not None for layer in layers):
+                continue
+            groups.append(ProjectionGroup(layers))
+    return groups
+
+
+class _FastRMSNorm:
+    """The forward of an RMS norm module on CPU inference: the Rust kernel; anything else: the
+    module's own forward."""
+
+    __slots__ = ("module",)
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        module = self.module
+        weight = module.weight
+        if (type(x) is torch.Tensor and x.is_cpu and x.dtype == weight.dtype and weight.is_cpu and x.dim() > 0
+                and x.shape[-1] == weight.shape[0] and _untraced(x, weight)):
+            x = x.contiguous()
+            out = torch.empty_like(x)
+            _lib.cpu_rms_norm(_capsule(x), _capsule(weight.detach()), module.variance_epsilon, _capsule(out))
+            return out
+        return type(module).forward(module, x)
+
+
+class _FastMLP:
+    """The forward of a gated SiLU MLP with plain 4-bit projections on CPU inference: one Rust call
+    (:func:`qlora_rs._lib.cpu_silu_mlp_4bit`) instead of three layer calls and two ops; anything
+    else (adapters on its layers, more rows than the fused kernel takes, autograd): its own forward."""
+
+    __slots__ = ("module",)
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        module = self.module
+        gate, up, down = module.gate_proj, module.up_proj, module.down_proj
+        if (type(gate) is Linear4bit and type(up) is Linear4bit and type(down) is Linear4bit and type(x) is torch.Tensor
+                and x.is_cpu and x.dtype == gate.compute_dtype and x.dim() > 0 and x.shape[-1] == gate.in_features
+                and x.numel() <= CPU_FUSED_GEMM_MAX_M * gate.in_features and _untraced(x, None)):
+            weights = (gate._cpu_kernel_weight(), up._cpu_kernel_weight(), down._cpu_kernel_weight())
+            if None not in weights:
+                x = x.contiguous()
+                out = x.new_empty((*x.shape[:-1], down.out_features))
+                _lib.cpu_silu_mlp_4bit(*(w._weight for w in weights), _capsule(x), _capsule(out), None)
+                return out
+        return type(module).forward(module, x)
+
+
+def _is_silu(act: Any) -> bool:
+    """Whether ``act`` is SiLU (``nn.SiLU``, transformers' ``SiLUActivation``...): same values as
+    ``F.silu`` on a probe."""
+    if not callable(act):
+        return False
+    probe = torch.linspace(-8, 8, 33)
+    try:
+        with torch.no_grad():
+            return bool(torch.equal(act(probe), F.silu(probe)))
+    except Exception:
+        return False
+
+
+def _mlp_candidate(module: nn.Module) -> bool:
+    layers = [module._modules.get(n) for n in ("gate_proj", "up_proj", "down_proj")]
+    if not all(type(layer) is Linear4bit for layer in layers) or any(layer.bias is not None for layer in layers):
+        return False
+    gate, up, down = layers
+    return (_is_silu(getattr(module, "act_fn", None)) and up.in_features == gate.in_features
+            and up.out_features == gate.out_features == down.in_features
+            and gate.compute_dtype == up.compute_dtype == down.compute_dtype)
+
+
+def _mlp_probe_agrees(module: nn.Module) -> bool:
+    """Whether ``module``'s own forward gives exactly what the fused call gives on a probe. SiLU's
+    ``exp`` is the one step computed differently (torch's vectorized one and the kernel's may
+    differ in the last bit of a float32): in bf16 and fp16 that almost never survives the rounding
+    that follows, in float32 it shows, so float32 MLPs keep their own forward."""
+    gate = module.gate_proj
+    x = (torch.randn((4, gate.in_features), generator=torch.Generator().manual_seed(0)) * 2).to(gate.compute_dtype)
+    with torch.inference_mode():
+        try:
+            want = type(module).forward(module, x)
+        except Exception:
+            return False
+        got = _FastMLP(module)(x)
+    return isinstance(want, torch.Tensor) and want.dtype == got.dtype and torch.equal(want, got)
+
+
+def fused_mlps(model: nn.Module) -> int:
+    """Gives every gated SiLU MLP of ``model`` (``gate_proj``, ``up_proj``, ``down_proj`` 4-bit
+    without bias, ``act_fn`` SiLU) whose forward agrees with the fused call on a probe the fused
+    forward (bf16 and fp16 ones: see :func:`_mlp_probe_agrees`); returns how many. Its layers keep
+    their own forward (and are still what adapters wrap)."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module.__dict__.get("forward"), _FastMLP) or not _mlp_candidate(module):
+            continue
+        if _mlp_probe_agrees(module):
+            module.forward = _FastMLP(module)
+            count += 1
+    return count
+
+
+def _probe_agrees(module: nn.Module) -> bool:
+    """Whether ``module``'s own forward gives exactly the kernel's result on a probe of three rows
+    (values over several orders of magnitude) in its weight's dtype."""
+    weight = module.weight
+    generator = torch.Generator().manual_seed(0)
+    shape = (3, weight.shape[0])
+    x = (torch.randn(shape, generator=generator) * torch.logspace(-2, 2, 3)[:, None]).to(weight.dtype)
+    with torch.no_grad():
+        try:
+            want = type(module).forward(module, x)
+        except Exception:
+            return False
+        got = torch.empty_like(x)
+        _lib.cpu_rms_norm(_capsule(x), _capsule(weight.detach()), float(module.variance_epsilon), _capsule(got))
+    return isinstance(want, torch.Tensor) and want.dtype == got.dtype and torch.equal(want, got)
+
+
+def fast_rms_norms(model: nn.Module) -> int:
+    """Gives every RMS norm of ``model`` whose forward agrees with the kernel (:func:`_probe_agrees`)
+    the kernel's forward; returns how many. Candidates: a 1-D floating ``weight`` on the CPU and
+    a float ``variance_epsilon``, the names transformers' Llama-style norms use."""
+    count = 0
+    probed: dict = {}
+    for module in model.modules():
+        weight = module._parameters.get("weight") if isinstance(module, nn.Module) else None
+        eps = getattr(module, "variance_epsilon", None)
+        if (weight is None or weight.dim() != 1 or not weight.is_floating_point() or not weight.is_cpu
+                or not isinstance(eps, float) or isinstance(module.__dict__.get("forward"), _FastRMSNorm)):
+            continue
+        # One probe per class and dtype: each module's own weight and epsilon would agree alike.
+        key = (type(module), weight.dtype)
+        if key not in probed:
+            probed[key] = _probe_agrees(module)
+        if probed[key]:
+            module.forward = _FastRMSNorm(module)
+            count += 1
+    return count
+
+
+def _attention_function():
+    """The function registered as :data:`ATTENTION`: one query token per sequence on the CPU by the
+    Rust kernel, anything else by transformers' SDPA attention."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def qlora_rs_cpu_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                               scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
+        b, heads, q_len, dim = query.shape
+        if (q_len != 1 or dropout != 0.0 or not query.is_cpu or type(query) is not torch.Tensor
+                or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
+                or kwargs.get("position_bias") is not None or kwargs.get("output_attentions")
+                or key.dtype != query.dtype or value.dtype != query.dtype or key.shape[1] == 0
+                or heads % key.shape[1] != 0 or value.shape != key.shape
+                or not (_untraced(query, key) and _untraced(value, None))):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, is_causal=is_causal, **kwargs)
+        length = key.shape[2]
+        mask = None
+        if attention_mask is not None:
+            if attention_mask.shape != (b, 1, 1, length) or attention_mask.dtype not in (torch.bool, torch.float32):
+                return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                              scaling=scaling, is_causal=is_causal, **kwargs)
+            mask = attention_mask.reshape(b, length)
+            if mask.dtype == torch.bool:
+                mask = torch.zeros((b, length), dtype=torch.float32).masked_fill_(~mask, -math.inf)
+            else:
+                mask = mask.contiguous()
+        q = query.reshape(b, heads, dim).contiguous()
+        out = q.new_empty((b, 1, heads, dim))
+        scale = scaling if scaling is not None else dim ** -0.5
+        _lib.cpu_attend_one_token(_capsule(q), _capsule(key.contiguous()), _capsule(value.contiguous()),
+                                  None if mask is None else _capsule(mask), float(scale), b, heads, key.shape[1],
+                                  length, dim, _capsule(out))
+        return out, None
+
+    return qlora_rs_cpu_attention
+
+
+def _register() -> bool:
+    """Registers :data:`ATTENTION` (and SDPA's mask for it) with transformers, once; False for a
+    transformers without the attention interface."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:
+        return False
+    if ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ATTENTION, _attention_function())
+        AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    return True
+
+
+def _set_attention(model: nn.Module, name: str) -> None:
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is not None:
+        setter(name)
+    else:
+        model.config._attn_implementation = name
+
+
+def attention(model: nn.Module) -> Optional[str]:
+    """Gives a transformers model that attends by SDPA (the default) the :data:`ATTENTION`
+    implementation; returns the one it replaced, or None when it left the model as it was
+    (another implementation chosen, no attention interface, a model that refuses the name)."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) != "sdpa" or not _register():
+        return None
+    try:
+        _set_attention(model, ATTENTION)
+    except (ValueError, TypeError, AttributeError, ImportError):
+        return None
+    if getattr(config, "_attn_implementation", None) != ATTENTION:
+        return None
+    model._qlora_rs_attention = "sdpa"
+    return "sdpa"

@@ -1,0 +1,450 @@
+//! The small steps of a decoder layer's forward that sit between its 4-bit products, for
+//! generating on the CPU: RMS normalization and one query token's attention over the key/value
+//! cache. In a 135M-parameter model each of them does a few microseconds of work, while PyTorch
+//! runs it as 5-10 ops of 2-5 us each (or, for attention, a kernel built for long sequences):
+//! per generated token they cost as much as all the layer's weights take to read.
+//!
+//! Both compute in float32 and round once to the tensors' dtype, as the PyTorch code they stand
+//! in for does (`qlora_rs.nn.decode` checks each module against its own forward before using it).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::cpu_isa::{Host, Isa};
+use crate::dtype::{Element, FloatSlice, FloatSliceMut};
+use crate::error::{Error, Result};
+use crate::reduce::{torch_mean_f32, SumOrder};
+
+/// Multiply-adds below which attention runs on the calling thread alone (as in `matmul4`).
+const PARALLEL_MIN_WORK: usize = 1 << 17;
+
+/// Llama's RMS normalization of `rows` rows of `cols`: in float32, `h = x / sqrt(mean(x^2) + eps)`
+/// rounded to the dtype, then `weight * h` rounded again (transformers' `LlamaRMSNorm` and the
+/// many that copy it). The mean sums in PyTorch's order (`crate::reduce`, one thread a row, as
+/// torch reduces the last dimension of a small tensor), so the result is torch's bit for bit.
+/// `x`, `weight` and `out` share one dtype.
+pub fn rms_norm(x: FloatSlice<'_>, weight: FloatSlice<'_>, eps: f32, out: FloatSliceMut<'_>) -> Result<()> {
+    let cols = weight.len();
+    if x.dtype() != weight.dtype() || x.dtype() != out.dtype() {
+        return Err(Error::shape(format!(
+            "rms_norm: x is {}, weight {}, out {}; expected one dtype",
+            x.dtype().name(),
+            weight.dtype().name(),
+            out.dtype().name()
+        )));
+    }
+    if cols == 0 || !x.len().is_multiple_of(cols) || out.len() != x.len() {
+        return Err(Error::shape(format!(
+            "rms_norm: x has {} elements, out {}, weight {cols}: expected rows of the weight's length",
+            x.len(),
+            out.len()
+        )));
+    }
+    match (x, weight, out) {
+        (FloatSlice::F32(x), FloatSlice::F32(w), FloatSliceMut::F32(o)) => rms_rows(x, w, eps, o),
+        (FloatSlice::F16(x), FloatSlice::F16(w), FloatSliceMut::F16(o)) => rms_rows(x, w, eps, o),
+        (FloatSlice::BF16(x), FloatSlice::BF16(w), FloatSliceMut::BF16(o)) => rms_rows(x, w, eps, o),
+        _ => unreachable!("dtypes checked above"),
+    }
+    Ok(())
+}
+
+fn rms_rows<T: Element>(x: &[T], weight: &[T], eps: f32, out: &mut [T]) {
+    let cols = weight.len();
+    let order = SumOrder::new(crate::reduce::TORCH_SUM_WIDTH, 1);
+    let mut h = vec![0f32; cols];
+    let mut sq = vec![0f32; cols];
+    for (xr, or) in x.chunks_exact(cols).zip(out.chunks_exact_mut(cols)) {
+        for ((h, s), v) in h.iter_mut().zip(&mut sq).zip(xr) {
+            *h = v.to_f32();
+            *s = *h * *h;
+        }
+        // torch.rsqrt(v) on the CPU: 1 / sqrt(v), each rounded.
+        let inv = 1.0 / (torch_mean_f32(&sq, order) + eps).sqrt();
+        // The two roundings of `LlamaRMSNorm`: `weight * T(h * inv)`.
+        for ((o, &h), w) in or.iter_mut().zip(&h).zip(weight) {
+            *o = T::from_f32(w.to_f32() * T::from_f32(h * inv).to_f32());
+        }
+    }
+}
+
+/// The shapes of one decoding step's attention: `batch` sequences of one query token each,
+/// `heads` query heads sharing `kv_heads` key/value heads (grouped-query attention: query head
+/// `h` reads key/value head `h / (heads / kv_heads)`), `len` cached positions, `dim` per head.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub len: usize,
+    pub dim: usize,
+}
+
+/// Softmax attention of one query token per sequence over its cached keys and values:
+/// `out[b, h] = softmax(scale * q[b, h] . k[b, g, j] + mask[b, j] over j) @ v[b, g]` with
+/// `g = h / (heads / kv_heads)`, in float32, rounded once to the output dtype.
+///
+/// `q` and `out`: `[batch, heads, dim]`; `k` and `v`: `[batch, kv_heads, len, dim]`, contiguous;
+/// `mask`: None, or `[batch, len]` float32 added to the scores (`-inf` leaves a position out).
+/// A row whose positions are all left out gives zeros. All tensors but the mask share one dtype.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_one_token(
+    q: FloatSlice<'_>,
+    k: FloatSlice<'_>,
+    v: FloatSlice<'_>,
+    mask: Option<&[f32]>,
+    scale: f32,
+    shape: AttentionShape,
+    out: FloatSliceMut<'_>,
+    isa: Isa,
+    host: Host,
+) -> Result<()> {
+    let AttentionShape { batch, heads, kv_heads, len, dim } = shape;
+    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        return Err(Error::shape(format!("attention: {heads} query heads do not share {kv_heads} key/value heads evenly")));
+    }
+    let want = [
+        ("q", q.len(), batch * heads * dim),
+        ("k", k.len(), batch * kv_heads * len * dim),
+        ("v", v.len(), batch * kv_heads * len * dim),
+        ("out", out.len(), batch * heads * dim),
+        ("mask", mask.map_or(batch * len, <[f32]>::len), batch * len),
+    ];
+    for (name, have, need) in want {
+        if have != need {
+            return Err(Error::shape(format!("attention: {name} has {have} elements; {shape:?} needs {need}")));
+        }
+    }
+    if q.dtype() != k.dtype() || q.dtype() != v.dtype() || q.dtype() != out.dtype() {
+        return Err(Error::shape(format!(
+            "attention: q is {}, k {}, v {}, out {}; expected one dtype",
+            q.dtype().name(),
+            k.dtype().name(),
+            v.dtype().name(),
+            out.dtype().name()
+        )));
+    }
+    host.check(isa)?;
+    match (q, k, v, out) {
+        (FloatSlice::F32(q), FloatSlice::F32(k), FloatSlice::F32(v), FloatSliceMut::F32(o)) => {
+            attend(q, k, v, mask, scale, shape, o, isa, host)
+        }
+        (FloatSlice::F16(q), FloatSlice::F16(k), FloatSlice::F16(v), FloatSliceMut::F16(o)) => {
+            attend(q, k, v, mask, scale, shape, o, isa, host)
+        }
+        (FloatSlice::BF16(q), FloatSlice::BF16(k), FloatSlice::BF16(v), FloatSliceMut::BF16(o)) => {
+            attend(q, k, v, mask, scale, shape, o, isa, host)
+        }
+        _ => unreachable!("dtypes checked above"),
+    }
+    Ok(())
+}
+
+/// The output rows shared by the threads (each task writes its own heads).
+struct OutRows<T>(*mut T);
+// SAFETY: tasks write disjoint rows of a buffer that outlives them.
+unsafe impl<T> Send for OutRows<T> {}
+unsafe impl<T> Sync for OutRows<T> {}
+
+impl<T> OutRows<T> {
+    /// Row `row` of `dim` elements.
+    ///
+    /// SAFETY: the row is in bounds and no one else uses it meanwhile.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn row(&self, row: usize, dim: usize) -> &mut [T] {
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(row * dim), dim) }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attend<T: Element>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    mask: Option<&[f32]>,
+    scale: f32,
+    shape: AttentionShape,
+    out: &mut [T],
+    isa: Isa,
+    host: Host,
+) {
+    let AttentionShape { batch, heads, kv_heads, len, dim } = shape;
+    let group = heads / kv_heads;
+    let rows = batch * heads;
+    let out_rows = OutRows(out.as_mut_ptr());
+    // One task per key/value head of a sequence: its `group` query heads read the same keys.
+    let task = |t: usize| {
+        let (b, g) = (t / kv_heads, t % kv_heads);
+        let at = (b * kv_heads + g) * len * dim;
+        let (ks, vs) = (&k[at..at + len * dim], &v[at..at + len * dim]);
+        let mask = mask.map(|m| &m[b * len..(b + 1) * len]);
+        let mut scores = vec![0f32; len];
+        let mut qf = vec![0f32; dim];
+        let mut acc = vec![0f32; dim];
+        for h in g * group..(g + 1) * group {
+            let row = b * heads + h;
+            for (f, x) in qf.iter_mut().zip(&q[row * dim..(row + 1) * dim]) {
+                *f = x.to_f32();
+            }
+            head(isa, &qf, ks, vs, mask, scale, &mut scores, &mut acc);
+            // SAFETY: row `row` of out (dim elements, in bounds: checked by the caller) belongs to this task.
+            let o = unsafe { out_rows.row(row, dim) };
+            for (o, a) in o.iter_mut().zip(&acc) {
+                *o = T::from_f32(*a);
+            }
+        }
+    };
+    let tasks = batch * kv_heads;
+    let work = rows.saturating_mul(len).saturating_mul(dim);
+    let threads = if work < PARALLEL_MIN_WORK { 1 } else { host.team_size().min(tasks) };
+    if threads <= 1 {
+        (0..tasks).for_each(task);
+        return;
+    }
+    let next = AtomicUsize::new(0);
+    crate::threads::run_team(threads, &|| loop {
+        let t = next.fetch_add(1, Ordering::Relaxed);
+        if t >= tasks {
+            break;
+        }
+        task(t);
+    });
+}
+
+/// One query head: scores, softmax, weighted sum of the values into `acc`.
+#[allow(clippy::too_many_arguments)]
+fn head<T: Element>(
+    isa: Isa,
+    q: &[f32],
+    k: &[T],
+    v: &[T],
+    mask: Option<&[f32]>,
+    scale: f32,
+    scores: &mut [f32],
+    acc: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if isa != Isa::Portable {
+        // SAFETY: every level above portable has AVX2 and FMA (the caller checked `isa`).
+        unsafe { head_avx2(q, k, v, mask, scale, scores, acc) };
+        return;
+    }
+    let _ = isa;
+    head_generic(q, k, v, mask, scale, scores, acc)
+}
+
+/// [`head_generic`] compiled for AVX2 + FMA, so that its loops use 8-wide vectors.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn head_avx2<T: Element>(
+    q: &[f32],
+    k: &[T],
+    v: &[T],
+    mask: Option<&[f32]>,
+    scale: f32,
+    scores: &mut [f32],
+    acc: &mut [f32],
+) {
+    head_generic(q, k, v, mask, scale, scores, acc)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn head_generic<T: Element>(
+    q: &[f32],
+    k: &[T],
+    v: &[T],
+    mask: Option<&[f32]>,
+    scale: f32,
+    scores: &mut [f32],
+    acc: &mut [f32],
+) {
+    let dim = q.len();
+    let mut max = f32::NEG_INFINITY;
+    for (j, s) in scores.iter_mut().enumerate() {
+        let mut lanes = [0f32; 8];
+        let key = &k[j * dim..(j + 1) * dim];
+        let mut chunks = key.chunks_exact(8);
+        let mut qc = q.chunks_exact(8);
+        for (kc, qv) in (&mut chunks).zip(&mut qc) {
+            for l in 0..8 {
+                lanes[l] = qv[l].mul_add(kc[l].to_f32(), lanes[l]);
+            }
+        }
+        let mut dot = lanes.iter().sum::<f32>();
+        for (kv, qv) in chunks.remainder().iter().zip(qc.remainder()) {
+            dot = qv.mul_add(kv.to_f32(), dot);
+        }
+        *s = dot * scale + mask.map_or(0.0, |m| m[j]);
+        max = max.max(*s);
+    }
+    acc.fill(0.0);
+    if max == f32::NEG_INFINITY {
+        return; // every position masked out
+    }
+    let mut total = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        total += *s;
+    }
+    for (j, &p) in scores.iter().enumerate() {
+        for (a, x) in acc.iter_mut().zip(&v[j * dim..(j + 1) * dim]) {
+            *a = p.mul_add(x.to_f32(), *a);
+        }
+    }
+    let inv = 1.0 / total;
+    for a in acc.iter_mut() {
+        *a *= inv;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::bf16;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    /// float64 attention of one head.
+    fn reference(q: &[f32], k: &[f32], v: &[f32], mask: Option<&[f32]>, scale: f32) -> Vec<f64> {
+        let dim = q.len();
+        let len = k.len() / dim;
+        let s: Vec<f64> = (0..len)
+            .map(|j| {
+                let dot: f64 = (0..dim).map(|d| q[d] as f64 * k[j * dim + d] as f64).sum();
+                dot * scale as f64 + mask.map_or(0.0, |m| m[j] as f64)
+            })
+            .collect();
+        let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        if max == f64::NEG_INFINITY {
+            return vec![0.0; dim];
+        }
+        let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
+        let total: f64 = e.iter().sum();
+        (0..dim).map(|d| (0..len).map(|j| e[j] * v[j * dim + d] as f64).sum::<f64>() / total).collect()
+    }
+
+    #[test]
+    fn attention_matches_float64_for_every_level_and_grouping() {
+        let mut seed = 7u64;
+        for &(batch, heads, kv_heads, len, dim) in &[(1, 9, 3, 41, 64), (2, 4, 4, 5, 8), (1, 8, 1, 300, 128), (3, 6, 2, 1, 13)] {
+            let shape = AttentionShape { batch, heads, kv_heads, len, dim };
+            let q: Vec<f32> = (0..batch * heads * dim).map(|_| lcg(&mut seed)).collect();
+            let k: Vec<f32> = (0..batch * kv_heads * len * dim).map(|_| lcg(&mut seed) * 2.0).collect();
+            let v: Vec<f32> = (0..batch * kv_heads * len * dim).map(|_| lcg(&mut seed)).collect();
+            // Leave out every third position of the last sequence, and all of the first one's when
+            // there are more (its output is then zeros).
+            let mut mask = vec![0f32; batch * len];
+            for j in (0..len).step_by(3) {
+                mask[(batch - 1) * len + j] = f32::NEG_INFINITY;
+            }
+            if batch > 1 {
+                mask[..len].fill(f32::NEG_INFINITY);
+            }
+            for isa in Isa::available() {
+                for masked in [false, true] {
+                    let m = masked.then_some(&mask[..]);
+                    let mut out = vec![0f32; q.len()];
+                    attend_one_token(
+                        FloatSlice::F32(&q),
+                        FloatSlice::F32(&k),
+                        FloatSlice::F32(&v),
+                        m,
+                        0.125,
+                        shape,
+                        FloatSliceMut::F32(&mut out),
+                        isa,
+                        Host::Native,
+                    )
+                    .unwrap();
+                    for b in 0..batch {
+                        for h in 0..heads {
+                            let g = h / (heads / kv_heads);
+                            let at = (b * kv_heads + g) * len * dim;
+                            let want = reference(
+                                &q[(b * heads + h) * dim..][..dim],
+                                &k[at..at + len * dim],
+                                &v[at..at + len * dim],
+                                m.map(|m| &m[b * len..(b + 1) * len]),
+                                0.125,
+                            );
+                            for (d, w) in want.iter().enumerate() {
+                                let got = out[(b * heads + h) * dim + d] as f64;
+                                assert!((got - w).abs() < 1e-5, "{shape:?} {isa:?} masked={masked} b{b} h{h} d{d}: {got} vs {w}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn attention_rounds_once_to_bf16_and_names_bad_shapes() {
+        let mut seed = 3u64;
+        let shape = AttentionShape { batch: 1, heads: 2, kv_heads: 1, len: 7, dim: 16 };
+        let q: Vec<bf16> = (0..32).map(|_| bf16::from_f32(lcg(&mut seed))).collect();
+        let k: Vec<bf16> = (0..112).map(|_| bf16::from_f32(lcg(&mut seed))).collect();
+        let v: Vec<bf16> = (0..112).map(|_| bf16::from_f32(lcg(&mut seed))).collect();
+        let f = |x: &[bf16]| x.iter().map(|v| v.to_f32()).collect::<Vec<_>>();
+        let mut want = vec![0f32; 32];
+        attend_one_token(
+            FloatSlice::F32(&f(&q)),
+            FloatSlice::F32(&f(&k)),
+            FloatSlice::F32(&f(&v)),
+            None,
+            0.25,
+            shape,
+            FloatSliceMut::F32(&mut want),
+            Isa::Portable,
+            Host::Native,
+        )
+        .unwrap();
+        let mut out = vec![bf16::ZERO; 32];
+        let (qs, ks, vs) = (FloatSlice::BF16(&q), FloatSlice::BF16(&k), FloatSlice::BF16(&v));
+        attend_one_token(qs, ks, vs, None, 0.25, shape, FloatSliceMut::BF16(&mut out), Isa::Portable, Host::Native).unwrap();
+        for (o, w) in out.iter().zip(&want) {
+            assert_eq!(*o, bf16::from_f32(*w));
+        }
+        let bad = AttentionShape { len: 8, ..shape };
+        let err = attend_one_token(qs, ks, vs, None, 0.25, bad, FloatSliceMut::BF16(&mut out), Isa::Portable, Host::Native)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("k has 112 elements") && err.contains("needs 128"), "{err}");
+        let uneven = AttentionShape { heads: 3, kv_heads: 2, ..shape };
+        let err = attend_one_token(qs, ks, vs, None, 0.25, uneven, FloatSliceMut::BF16(&mut out), Isa::Portable, Host::Native)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("3 query heads do not share 2"), "{err}");
+    }
+
+    #[test]
+    fn rms_norm_rounds_twice_as_llama_does() {
+        let mut seed = 11u64;
+        let cols = 576;
+        let x: Vec<bf16> = (0..3 * cols).map(|_| bf16::from_f32(lcg(&mut seed) * 4.0)).collect();
+        let w: Vec<bf16> = (0..cols).map(|_| bf16::from_f32(1.0 + lcg(&mut seed) * 0.5)).collect();
+        let mut out = vec![bf16::ZERO; x.len()];
+        rms_norm(FloatSlice::BF16(&x), FloatSlice::BF16(&w), 1e-5, FloatSliceMut::BF16(&mut out)).unwrap();
+        {
+            for r in 0..3 {
+                let row: Vec<f64> = x[r * cols..(r + 1) * cols].iter().map(|v| v.to_f32() as f64).collect();
+                let inv = 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / cols as f64 + 1e-5).sqrt();
+                for c in 0..cols {
+                    let h = bf16::from_f64(row[c] * inv).to_f32();
+                    let want = bf16::from_f32(w[c].to_f32() * h);
+                    let got = out[r * cols + c];
+                    // The float32 mean may differ from the exact one in its last bit.
+                    assert!((got.to_f32() - want.to_f32()).abs() <= 2.0 * want.to_f32().abs() / 256.0, "r{r} c{c}");
+                }
+            }
+        }
+        let err = rms_norm(FloatSlice::BF16(&x[..100]), FloatSlice::BF16(&w), 1e-5, FloatSliceMut::BF16(&mut out[..100]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("x has 100 elements"), "{err}");
+    }
+}

@@ -1,0 +1,73 @@
+//! Bindings of `crate::decode`: RMS normalization and one token's attention, for the CPU decoding
+//! path of `qlora_rs.nn.decode`. Tensors (or DLPack capsules) are contiguous CPU tensors.
+
+use pyo3::prelude::*;
+
+use super::tensor_arg::{no_overlap, Elem, TensorArg};
+use super::to_pyerr;
+use crate::cpu_isa::{Host, Isa};
+use crate::decode::{self, AttentionShape};
+
+/// `out = weight * (x / sqrt(mean(x^2, -1) + eps))` as transformers' `LlamaRMSNorm` computes it
+/// (float32, rounded to the dtype before the weight and after), bit for bit. `x` and `out`: rows
+/// of `weight`'s length; all three of one float dtype.
+#[pyfunction]
+fn cpu_rms_norm(py: Python<'_>, x: &Bound<'_, PyAny>, weight: &Bound<'_, PyAny>, eps: f32, out: &Bound<'_, PyAny>) -> PyResult<()> {
+    let x = TensorArg::new(x, "cpu_rms_norm: x")?;
+    let weight = TensorArg::new(weight, "cpu_rms_norm: weight")?;
+    let out = TensorArg::new(out, "cpu_rms_norm: out")?;
+    no_overlap(&[&out], &[&x, &weight])?;
+    let (xs, ws) = (x.float_slice()?, weight.float_slice()?);
+    // SAFETY: out overlaps neither input (checked above).
+    let os = unsafe { out.float_slice_mut()? };
+    py.detach(|| decode::rms_norm(xs, ws, eps, os)).map_err(to_pyerr)
+}
+
+/// Attention of one query token per sequence: `q` and `out` `[batch, heads, dim]`, `k` and `v`
+/// `[batch, kv_heads, length, dim]` (one float dtype), `mask` None or float32 `[batch, length]`
+/// added to the scores. Computed in float32 on the widest level this CPU runs (`cpu_isa()`).
+#[pyfunction]
+#[pyo3(signature = (q, k, v, mask, scale, batch, heads, kv_heads, length, dim, out))]
+#[allow(clippy::too_many_arguments)]
+fn cpu_attend_one_token(
+    py: Python<'_>,
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    mask: Option<&Bound<'_, PyAny>>,
+    scale: f32,
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    length: usize,
+    dim: usize,
+    out: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let isa = Isa::current().map_err(to_pyerr)?;
+    let q = TensorArg::new(q, "cpu_attend_one_token: q")?;
+    let k = TensorArg::new(k, "cpu_attend_one_token: k")?;
+    let v = TensorArg::new(v, "cpu_attend_one_token: v")?;
+    let mask = match mask {
+        Some(m) => Some(TensorArg::new(m, "cpu_attend_one_token: mask")?.expect(Elem::F32)?),
+        None => None,
+    };
+    let out = TensorArg::new(out, "cpu_attend_one_token: out")?;
+    let mut inputs = vec![&q, &k, &v];
+    inputs.extend(mask.as_ref());
+    no_overlap(&[&out], &inputs)?;
+    let (qs, ks, vs) = (q.float_slice()?, k.float_slice()?, v.float_slice()?);
+    let ms = match &mask {
+        Some(m) => Some(m.slice::<f32>()?),
+        None => None,
+    };
+    // SAFETY: out overlaps no input (checked above).
+    let os = unsafe { out.float_slice_mut()? };
+    let shape = AttentionShape { batch, heads, kv_heads, len: length, dim };
+    py.detach(|| decode::attend_one_token(qs, ks, vs, ms, scale, shape, os, isa, Host::Native)).map_err(to_pyerr)
+}
+
+pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(cpu_rms_norm, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_attend_one_token, m)?)?;
+    Ok(())
+}
