@@ -288,3 +288,28 @@ def test_smollm2_generates_as_without_the_decode_path(smollm2_dir):
     assert diff < 0.2 * spread, (diff, spread)
     agree = (logits["fast"].argmax(-1) == logits["plain"].argmax(-1)).float().mean().item()
     assert agree >= 15 / 16, agree
+
+
+def test_batched_generation_with_left_padding(tiny_dir):
+    """Two prompts of different lengths, left-padded: the decoding steps take the padding mask
+    (SDPA's boolean one) and give what SDPA gives (float32, so within its summation error)."""
+    kwargs = dict(compute_dtype=torch.float32, dtype=torch.float32)
+    fast = qlora_rs.from_pretrained(tiny_dir, **kwargs)
+    plain = qlora_rs.from_pretrained(tiny_dir, **kwargs)
+    cpu_decode.restore(plain)
+    ids = torch.tensor([[0, 0, 0, 7, 21, 9], [5, 17, 30, 12, 8, 44]])
+    mask = (ids != 0).long()
+    seen = []
+    real = _lib.cpu_attend_one_token
+    outs = {}
+    for name, model in (("fast", fast), ("plain", plain)):
+        with torch.inference_mode():
+            outs[name] = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=6, min_new_tokens=6,
+                                        pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(outs["fast"].sequences, outs["plain"].sequences)
+    torch.testing.assert_close(torch.stack(outs["fast"].logits), torch.stack(outs["plain"].logits), atol=1e-4, rtol=1e-4)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_lib, "cpu_attend_one_token", lambda *a: seen.append(a[3] is not None) or real(*a))
+        with torch.inference_mode():
+            fast.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=3, min_new_tokens=3, pad_token_id=0)
+    assert seen and all(seen)  # the kernel ran, with the padding mask, in every decoding step
