@@ -233,7 +233,6 @@ class CpuPackedWeight:
         return out
 
 
-
 def cpu_matmul_group(weights: Sequence[CpuPackedWeight], x: torch.Tensor) -> list:
     """``[x @ W^T for W in weights]`` (weights of the same in_features; ``x`` as in
     :meth:`CpuPackedWeight.fused_matmul`), each exactly what ``W.matmul(x)`` gives. Up to
@@ -250,6 +249,7 @@ def cpu_matmul_group(weights: Sequence[CpuPackedWeight], x: torch.Tensor) -> lis
     _lib.cpu_gemm_4bit_group([w._codes if one_row and w._codes is not None else w._weight for w in weights],
                              _capsule(x), [_capsule(o) for o in outs], None)
     return outs
+
 
 # One CpuPackedWeight per packed tensor given to the CPU ops, kept while that tensor lives and
 # used again while nothing of the description has changed: training reaches the op with the same

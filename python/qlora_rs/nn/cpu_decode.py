@@ -40,7 +40,8 @@ from .. import _lib
 from ..core.ops import CPU_FUSED_GEMM_MAX_M, _capsule
 from .linear4bit import Linear4bit, ProjectionGroup, _untraced
 
-__all__ = ["prepare", "restore", "group_projections", "fast_rms_norms", "fused_mlps", "attention", "ATTENTION", "CpuDecode"]
+__all__ = ["prepare", "restore", "group_projections", "fast_rms_norms", "fused_mlps", "attention", "ATTENTION",
+           "CpuDecode"]
 
 #: Names of sibling layers that models call in this order on one input.
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"), ("w1", "w3"))
@@ -231,7 +232,7 @@ def fast_rms_norms(model: nn.Module) -> int:
     count = 0
     probed: dict = {}
     for module in model.modules():
-        weight = module._parameters.get("weight") if isinstance(module, nn.Module) else None
+        weight = module._parameters.get("weight")
         eps = getattr(module, "variance_epsilon", None)
         if (weight is None or weight.dim() != 1 or not weight.is_floating_point() or not weight.is_cpu
                 or not isinstance(eps, float) or isinstance(module.__dict__.get("forward"), _FastRMSNorm)):

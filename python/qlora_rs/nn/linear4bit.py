@@ -116,7 +116,7 @@ class Linear4bit(nn.Linear):
         # transformers' weight initialisation must not touch the packed bytes.
         self._is_hf_initialized = True
         self._qlora_name: Optional[str] = None
-        # The siblings this layer's CPU inference computes with (qlora_rs.nn.decode.group_projections).
+        # The siblings this layer's CPU inference computes with (qlora_rs.nn.cpu_decode.group_projections).
         self._cpu_group: Optional[ProjectionGroup] = None
         n = self.in_features * self.out_features
         blocks = -(-n // self.blocksize)
@@ -483,7 +483,7 @@ class Linear4bit(nn.Linear):
 
 class ProjectionGroup:
     """Sibling layers that a model calls one after another on the same input: a layer's query, key
-    and value projections, or its gate and up projections (:func:`qlora_rs.nn.decode.group_projections`
+    and value projections, or its gate and up projections (:func:`qlora_rs.nn.cpu_decode.group_projections`
     finds them). In CPU inference the first one's call computes all of their products in one kernel
     call (:func:`qlora_rs.core.ops.cpu_matmul_group`: the input converted once, one team of threads
     instead of one per layer) and keeps the others' for their own calls, which take them when they
