@@ -2,8 +2,8 @@
 products, in fewer and cheaper calls.
 
 At one token a step a small model's layer is mostly overhead. Measured on SmolLM2-135M (30 layers,
-2 cores of a Zen 5), a token took ~15 ms, of which the 210 4-bit products read their weights in
-~2.8 ms; each RMS norm ran as eight torch ops (~18 us), each attention as SDPA's flash kernel built
+2 cores of a Zen 5), a token took ~15 ms, of which the 210 4-bit product calls took ~2.8 ms run
+back to back on weights from memory; each RMS norm ran as eight torch ops (~18 us), each attention as SDPA's flash kernel built
 for long sequences (~50 us for one query over ~60 cached positions), and each of the 210 products
 paid a module call, a kernel call and a thread-team wake-up. :func:`prepare` (run by
 :func:`qlora_rs.from_pretrained` for CPU models) changes four things, each only where it is exact
