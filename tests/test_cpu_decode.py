@@ -134,6 +134,24 @@ def test_fused_mlp_equals_the_modules_own_forward(tiny_dir, rows, monkeypatch):
     assert calls == [1] and torch.equal(got, want)
 
 
+def test_fused_mlp_of_large_layers_reads_what_the_layers_read():
+    """Layers of 8 MiB and more read their 1-byte scale codes at one row on the AVX-512 levels
+    (ops._CODES_WHERE_MEMORY_BOUND); the fused MLP takes the same weights, so the same bits."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from qlora_rs.core import ops
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=4096, intermediate_size=4096)).to(torch.bfloat16)
+    qlora_rs.quantize_model(mlp, skip=())
+    assert cpu_decode.fused_mlps(mlp) == 1
+    assert (mlp.gate_proj._cpu_kernel_weight()._codes is not None) == ops._CODES_WHERE_MEMORY_BOUND
+    x = torch.randn(1, 4096).to(torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(mlp(x), type(mlp).forward(mlp, x))
+
+
 def test_fused_mlp_steps_aside_for_adapters_autograd_and_other_mlps(tiny_dir, monkeypatch):
     model = qlora_rs.from_pretrained(tiny_dir)
     calls = []

@@ -195,24 +195,7 @@ pub fn gemm_4bit(x: FloatSlice<'_>, m: usize, w: &Weight4<'_>, out: FloatSliceMu
 
 /// [`gemm_4bit`] on the given host (an emulated CPU: one thread, the level not checked).
 pub fn gemm_4bit_on(x: FloatSlice<'_>, m: usize, w: &Weight4<'_>, out: FloatSliceMut<'_>, isa: Isa, host: Host) -> Result<()> {
-    // The CPU is looked up natively only (an emulator would answer for itself); no emulator here
-    // has AVX512-BF16.
-    let bf16 = isa == Isa::Avx512Bf16 && x.dtype() == DType::BF16 && host == Host::Native && crate::cpu_isa::bf16_products()?;
-    gemm_4bit_with(x, m, w, out, isa, host, bf16)
-}
-
-/// [`gemm_4bit_on`] with the choice of [`crate::cpu_isa::bf16_products`] made by the caller
-/// (`bf16_products`: bfloat16 activations at [`Isa::Avx512Bf16`] only).
-pub(crate) fn gemm_4bit_with(
-    x: FloatSlice<'_>,
-    m: usize,
-    w: &Weight4<'_>,
-    out: FloatSliceMut<'_>,
-    isa: Isa,
-    host: Host,
-    bf16_products: bool,
-) -> Result<()> {
-    gemm_4bit_group_with(x, m, std::slice::from_ref(w), vec![out], isa, host, bf16_products)
+    gemm_4bit_group_on(x, m, std::slice::from_ref(w), vec![out], isa, host)
 }
 
 /// The products of one `x[m, cols]` with several weights of `cols` columns at once:
@@ -228,6 +211,8 @@ pub fn gemm_4bit_group_on(
     isa: Isa,
     host: Host,
 ) -> Result<()> {
+    // The CPU is looked up natively only (an emulator would answer for itself); no emulator here
+    // has AVX512-BF16.
     let bf16 = isa == Isa::Avx512Bf16 && x.dtype() == DType::BF16 && host == Host::Native && crate::cpu_isa::bf16_products()?;
     gemm_4bit_group_with(x, m, ws, outs, isa, host, bf16)
 }
@@ -301,6 +286,8 @@ struct Task {
     r1: usize,
 }
 
+/// [`gemm_4bit_group_on`] with the choice of [`crate::cpu_isa::bf16_products`] made by the caller
+/// (`bf16_products`: bfloat16 activations at [`Isa::Avx512Bf16`] only; the tests choose both).
 fn gemm_4bit_group_with(
     x: FloatSlice<'_>,
     m: usize,

@@ -4,6 +4,19 @@ use super::*;
 use crate::blockwise8::{double_quantize, nested_blocks, signed_dynamic_map};
 use crate::quant4::{dequantize_4bit_with, quantize_4bit};
 
+/// [`gemm_4bit_on`] of one weight with the choice of the bf16 products made here.
+fn gemm_4bit_with(
+    x: FloatSlice<'_>,
+    m: usize,
+    w: &Weight4<'_>,
+    out: FloatSliceMut<'_>,
+    isa: Isa,
+    host: Host,
+    bf16_products: bool,
+) -> Result<()> {
+    gemm_4bit_group_with(x, m, std::slice::from_ref(w), vec![out], isa, host, bf16_products)
+}
+
 /// A deterministic pseudo-random sequence in [-1, 1).
 fn noise(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

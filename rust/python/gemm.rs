@@ -154,28 +154,9 @@ fn cpu_gemm_4bit(
     out: &Bound<'_, PyAny>,
     isa: Option<&str>,
 ) -> PyResult<()> {
-    let w = weight.get();
-    let isa = isa_or_current(isa)?;
-    let (n, k) = (w.rows, w.cols);
     let x = TensorArg::new(x, "cpu_gemm_4bit: x")?;
     let out = TensorArg::new(out, "cpu_gemm_4bit: out")?;
-    // m from x, or from out when the weight has no columns.
-    let m = if k > 0 { x.len / k } else if n > 0 { out.len / n } else { 0 };
-    if x.len != m * k {
-        return Err(shape_err(format!("cpu_gemm_4bit: x has {} elements, not a multiple of in_features {k}", x.len)));
-    }
-    if out.len != m * n {
-        return Err(shape_err(format!("cpu_gemm_4bit: out has {} elements, expected {m} x {n} = {}", out.len, m * n)));
-    }
-    if out.elem != x.elem {
-        return Err(shape_err(format!("cpu_gemm_4bit: out is {}, expected x's dtype {}", out.elem.name(), x.elem.name())));
-    }
-    w.check_out(&out, &[&x])?;
-    let weight = w.weight()?;
-    let xs = x.float_slice()?;
-    // SAFETY: out overlaps neither x nor the weight's tensors (checked above).
-    let os = unsafe { out.float_slice_mut()? };
-    run_kernel(py, isa, |host| matmul4::gemm_4bit_on(xs, m, &weight, os, isa, host))
+    products(py, "cpu_gemm_4bit", &[weight.get()], x, vec![out], isa)
 }
 
 /// The products of one `x` with several weights of the same in_features in one call:
@@ -198,36 +179,45 @@ fn cpu_gemm_4bit_group(
             outs.len()
         )));
     }
-    let isa = isa_or_current(isa)?;
     let ws: Vec<&PackedWeight4> = weights.iter().map(|w| w.get()).collect();
     let x = TensorArg::new(x, "cpu_gemm_4bit_group: x")?;
     let outs = outs.iter().map(|o| TensorArg::new(o, "cpu_gemm_4bit_group: out")).collect::<PyResult<Vec<_>>>()?;
+    products(py, "cpu_gemm_4bit_group", &ws, x, outs, isa)
+}
+
+/// `outs[i] = x @ dequant(ws[i])^T` (one weight or several of the same in_features): checks x
+/// and each output (length, dtype, overlap with x, the other outputs and every weight's tensors),
+/// then runs the kernel. `name` prefixes the errors; with several weights they number the outputs.
+fn products(py: Python<'_>, name: &str, ws: &[&PackedWeight4], x: TensorArg, outs: Vec<TensorArg>, isa: Option<&str>) -> PyResult<()> {
+    let isa = isa_or_current(isa)?;
     let k = ws[0].cols;
+    let label = |i: usize| if ws.len() == 1 { "out".to_string() } else { format!("out {i}") };
     // m from x, or from an output when the weights have no columns.
-    let m = x.len.checked_div(k).unwrap_or_else(|| outs.iter().zip(&ws).find_map(|(o, w)| o.len.checked_div(w.rows)).unwrap_or(0));
+    let m = x.len.checked_div(k).unwrap_or_else(|| outs.iter().zip(ws).find_map(|(o, w)| o.len.checked_div(w.rows)).unwrap_or(0));
+    if x.len != m * k {
+        return Err(shape_err(format!("{name}: x has {} elements, not a multiple of in_features {k}", x.len)));
+    }
     for (i, (w, out)) in ws.iter().zip(&outs).enumerate() {
         if w.cols != k {
-            return Err(shape_err(format!("cpu_gemm_4bit_group: weight {i} has in_features {}, weight 0 {k}", w.cols)));
+            return Err(shape_err(format!("{name}: weight {i} has in_features {}, weight 0 {k}", w.cols)));
         }
         if out.len != m * w.rows {
             return Err(shape_err(format!(
-                "cpu_gemm_4bit_group: out {i} has {} elements, expected {m} x {} = {}",
+                "{name}: {} has {} elements, expected {m} x {} = {}",
+                label(i),
                 out.len,
                 w.rows,
                 m * w.rows
             )));
         }
         if out.elem != x.elem {
-            return Err(shape_err(format!("cpu_gemm_4bit_group: out {i} is {}, expected x's dtype {}", out.elem.name(), x.elem.name())));
+            return Err(shape_err(format!("{name}: {} is {}, expected x's dtype {}", label(i), out.elem.name(), x.elem.name())));
         }
         let mut inputs: Vec<&TensorArg> = vec![&x];
         inputs.extend(outs.iter().enumerate().filter(|&(j, _)| j != i).map(|(_, o)| o));
-        for other in &ws {
+        for other in ws {
             other.check_out(out, &inputs)?;
         }
-    }
-    if x.len != m * k {
-        return Err(shape_err(format!("cpu_gemm_4bit_group: x has {} elements, not a multiple of in_features {k}", x.len)));
     }
     let weights = ws.iter().map(|w| w.weight()).collect::<PyResult<Vec<_>>>()?;
     let xs = x.float_slice()?;

@@ -213,24 +213,32 @@ class CpuPackedWeight:
         n_out, k = self.shape
         x = x.contiguous()
         out = x.new_empty((*x.shape[:-1], n_out))  # 2 us less than torch.empty of a torch.Size + tuple
-        one_row = self._codes is not None and x.numel() == k
-        _lib.cpu_gemm_4bit(self._codes if one_row else self._weight, _capsule(x), _capsule(out), isa)
+        _lib.cpu_gemm_4bit(self._packed_for(_rows(x, k)), _capsule(x), _capsule(out), isa)
         return out
+
+    def _packed_for(self, m: int):
+        """What the kernels read for a product of ``m`` rows: the 1-byte scale codes for one row
+        where they are kept (:data:`_CODES_WHERE_MEMORY_BOUND`), else the float32 scales."""
+        return self._codes if m == 1 and self._codes is not None else self._weight
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W^T`` in ``x.dtype``: the fused kernel up to :data:`CPU_FUSED_GEMM_MAX_M` rows,
         else the decode and torch's GEMM (``x`` as in :meth:`fused_matmul`)."""
         n_out, k = self.shape
-        m = x.numel() // k if k else math.prod(x.shape[:-1])
+        m = _rows(x, k)
         if m > CPU_FUSED_GEMM_MAX_M:
             mm = matmul_dtype(x.dtype, x.device)
             return F.linear(x.to(mm), self.dequantize(mm)).to(x.dtype)
         # fused_matmul, inlined: this runs once per linear layer and generated token.
         x = x.contiguous()
         out = x.new_empty((*x.shape[:-1], n_out))  # 2 us less than torch.empty of a torch.Size + tuple
-        _lib.cpu_gemm_4bit(self._codes if m == 1 and self._codes is not None else self._weight, _capsule(x),
-                           _capsule(out), None)
+        _lib.cpu_gemm_4bit(self._packed_for(m), _capsule(x), _capsule(out), None)
         return out
+
+
+def _rows(x: torch.Tensor, k: int) -> int:
+    """Rows of activations ``x [..., k]`` (the product of its leading dimensions)."""
+    return x.numel() // k if k else math.prod(x.shape[:-1])
 
 
 def cpu_matmul_group(weights: Sequence[CpuPackedWeight], x: torch.Tensor) -> list:
@@ -238,16 +246,13 @@ def cpu_matmul_group(weights: Sequence[CpuPackedWeight], x: torch.Tensor) -> lis
     :meth:`CpuPackedWeight.fused_matmul`), each exactly what ``W.matmul(x)`` gives. Up to
     :data:`CPU_FUSED_GEMM_MAX_M` rows one kernel call computes them all (``x`` converted once,
     the rows of every weight shared among the threads); above, each runs on its own."""
-    k = weights[0].shape[1]
-    m = x.numel() // k if k else math.prod(x.shape[:-1])
+    m = _rows(x, weights[0].shape[1])
     if m > CPU_FUSED_GEMM_MAX_M or len(weights) == 1:
         return [w.matmul(x) for w in weights]
     x = x.contiguous()
     lead = x.shape[:-1]
     outs = [x.new_empty((*lead, w.shape[0])) for w in weights]
-    one_row = m == 1
-    _lib.cpu_gemm_4bit_group([w._codes if one_row and w._codes is not None else w._weight for w in weights],
-                             _capsule(x), [_capsule(o) for o in outs], None)
+    _lib.cpu_gemm_4bit_group([w._packed_for(m) for w in weights], _capsule(x), [_capsule(o) for o in outs], None)
     return outs
 
 

@@ -149,7 +149,8 @@ class _FastMLP:
             if None not in weights:
                 x = x.contiguous()
                 out = x.new_empty((*x.shape[:-1], down.out_features))
-                _lib.cpu_silu_mlp_4bit(*(w._weight for w in weights), _capsule(x), _capsule(out), None)
+                m = x.numel() // gate.in_features
+                _lib.cpu_silu_mlp_4bit(*(w._packed_for(m) for w in weights), _capsule(x), _capsule(out), None)
                 return out
         return type(module).forward(module, x)
 
