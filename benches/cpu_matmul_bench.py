@@ -1,6 +1,6 @@
 """4-bit inference kernels on the CPU, every figure measured in this run with the repeats
-interleaved (each repeat times every contender once, in turn), so that a machine whose speed
-drifts affects all of them alike. Prints medians and ratios:
+interleaved (each repeat gives every contender a turn: a call that settles it in, then timed
+calls), so that a machine whose speed drifts affects all of them alike. Prints medians and ratios:
 
 - matmul ``y = x @ W^T`` for M = 1, 4, 16 rows and W [out x in] = 4096x4096, 4096x14336,
   14336x4096 (NF4, blocksize 64, double quantization, bf16 activations): qlora-rs
@@ -38,20 +38,24 @@ SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # W [out, in]
 ROWS = [1, 4, 16]
 
 
-def interleaved(contenders: dict, repeat: int) -> dict:
-    """Median seconds per call of each contender; repeats interleaved, after one warm-up each. Each
-    repeat starts one contender later, so that none always follows the same one (the one after
-    a new 32 MiB tensor, or after bitsandbytes' 30 ms calls, finds the caches and pages as that one
-    left them: 5-10% slower in a fixed order)."""
+def interleaved(contenders: dict, repeat: int, run: int = 1) -> dict:
+    """Median seconds per call of each contender. Each repeat gives every contender a turn, the
+    turns in a new order each repeat: one untimed call, then ``run`` timed ones. The untimed call
+    is the one that follows another contender and finds the caches as that one left them (the
+    first 4-bit product after bf16 ``F.linear`` read 32 MiB took ~0.12 ms more than the next at
+    M = 1 on 4096x4096); the timed ones follow calls of their own kind, as a model's layers follow
+    each other."""
     for fn in contenders.values():
         fn()
     times: dict = {name: [] for name in contenders}
     items = list(contenders.items())
     for r in range(repeat):
         for name, fn in items[r % len(items):] + items[:r % len(items)]:
-            t0 = time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - t0)
+            for _ in range(run):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -140,7 +144,7 @@ def matmul_table(repeat: int, warm: bool) -> None:
             if bnbs[0] is not None:
                 contenders["bnb"] = quiet(cycling(lambda i: lambda: bnbs[i](x), copies))
             with torch.no_grad():
-                t = interleaved(contenders, repeat * max(copies, copies4))
+                t = interleaved(contenders, repeat, run=max(copies, copies4))
             tb = t.get("bnb", float("nan"))
             print(f"{f'{n_out}x{k}':<14}{m:>3}{t['bf16'] * 1e3:>15.3f}{tb * 1e3:>9.3f}{t['op'] * 1e3:>10.3f}"
                   f"{t['module'] * 1e3:>12.3f}{t['bf16'] / t['op']:>8.2f}x{tb / t['op']:>7.2f}x"
@@ -173,7 +177,7 @@ def dequantize_table(repeat: int) -> None:
         contenders["bitsandbytes, new tensor"] = lambda: BF.dequantize_4bit(bp, bs)
     except ImportError:
         print("bitsandbytes not installed: skipped")
-    t = interleaved(contenders, repeat)
+    t = interleaved(contenders, repeat, run=3)
     # Read: n/2 packed bytes + one byte per block + the nested scales; written: 2 bytes a value.
     traffic = n / 2 + n / 64 + n * 2
     print(f"\ndequantize {n_out}x{k} NF4 + double quant -> bf16; median of {repeat} interleaved repeats")
