@@ -17,8 +17,10 @@ calls), so that a machine whose speed drifts affects all of them alike. Prints m
   checked and its double-quantized scales decoded in every call), against bitsandbytes'
   ``dequantize_4bit``; Gparam/s and GB/s (bytes read + written), and the anchor the machine sets:
   torch copying a bf16 tensor of the output's size;
-- ``--crossover``: the fused kernel against dequantize + ``F.linear`` for M = 1..64, the table
-  behind ``qlora_rs.ops.CPU_FUSED_GEMM_MAX_M``.
+- above the crossover (M = 128, 512): the op, whose decode goes into a buffer it reuses, against
+  the same decode into a new tensor;
+- ``--crossover``: the fused kernel against the decode (into the reused buffer, as the op does
+  above the limit) + ``F.linear`` for M = 1..64, the table behind ``qlora_rs.ops.CPU_FUSED_GEMM_MAX_M``.
 
     python benches/cpu_matmul_bench.py [--repeat 7] [--threads 2] [--crossover]
 """
@@ -192,6 +194,32 @@ def dequantize_table(repeat: int) -> None:
               f"preallocated {ref / t['qlora-rs, preallocated']:.2f}x")
 
 
+def large_m_table(repeat: int) -> None:
+    """Above the crossover: the op (the weight decoded into the thread's reused buffer) against
+    the same decode into a new tensor, then the same ``F.linear``."""
+    import qlora_rs
+    from qlora_rs.core import ops
+
+    print(f"\nabove the crossover (M > {ops.CPU_FUSED_GEMM_MAX_M}): decode + F.linear, median ms of {repeat} "
+          f"interleaved repeats")
+    print(f"{'W [out x in]':<14}{'M':>5}{'new tensor':>12}{'qlora op':>10}{'ratio':>8}")
+    for n_out, k in SHAPES + [(1536, 576)]:
+        torch.manual_seed(0)
+        packed, state = qlora_rs.quantize(torch.randn(n_out, k, dtype=torch.bfloat16), "nf4", 64, double_quant=True)
+        args = ops.quant_args(packed, state)
+        weight = ops.cpu_weight(*args)
+        for m in (128, 512):
+            x = torch.randn(m, k, dtype=torch.bfloat16)
+            mm = ops.matmul_dtype(x.dtype, x.device)
+            t = interleaved({
+                "new": lambda: F.linear(x.to(mm), weight.dequantize(mm)).to(x.dtype),
+                "op": lambda: torch.ops.qlora_rs.gemm_4bit(x, *args),
+            }, repeat, run=3)
+            print(f"{f'{n_out}x{k}':<14}{m:>5}{t['new'] * 1e3:>12.2f}{t['op'] * 1e3:>10.2f}{t['new'] / t['op']:>7.2f}x",
+                  flush=True)
+    print("(ratio: how many times faster the op is; the same bits either way)")
+
+
 def crossover_table(repeat: int) -> None:
     import qlora_rs
     from qlora_rs.core import ops
@@ -207,10 +235,9 @@ def crossover_table(repeat: int) -> None:
         line = f"{f'{n_out}x{k}':<14}"
         for m in sizes:
             x = torch.randn(m, k, dtype=torch.bfloat16)
-            mm = ops.matmul_dtype(x.dtype, x.device)
             t = interleaved({
                 "fused": lambda: weight.fused_matmul(x),
-                "decode": lambda: F.linear(x.to(mm), weight.dequantize(mm)).to(x.dtype),
+                "decode": lambda: weight.decoded_matmul(x),
             }, repeat)
             line += f"{t['decode'] / t['fused']:>7.2f}x"
         print(line, flush=True)
@@ -236,6 +263,7 @@ def main() -> None:
         return
     dequantize_table(args.repeat)
     matmul_table(args.repeat, args.warm)
+    large_m_table(args.repeat)
 
 
 if __name__ == "__main__":

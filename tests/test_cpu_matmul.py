@@ -283,6 +283,63 @@ def test_op_is_right_on_both_sides_of_the_crossover(dtype):
             assert_matches_reference(y, x, kernel_weight(w, None, dtype) if m <= limit else w.to(dtype).float())
 
 
+def _decode_then_linear(weight: ops.CpuPackedWeight, x: torch.Tensor) -> torch.Tensor:
+    """The larger products as they were before the reused buffer: a new tensor per decode."""
+    mm = ops.matmul_dtype(x.dtype, x.device)
+    return F.linear(x.to(mm), weight.dequantize(mm)).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_larger_products_decode_into_one_reused_buffer(dtype):
+    ops.free_decode_buffers()
+    weights = [ops.CpuPackedWeight(*ops.quant_args(*quantized(n, k, "nf4", 64, True, seed=s))) for s, (n, k) in
+               enumerate(((40, 192), (24, 64), (96, 192), (40, 192)))]  # a smaller one, then a larger one
+    m = ops.CPU_FUSED_GEMM_MAX_M + 5
+    results = []
+    for w in weights:
+        x = torch.randn(m, w.shape[1]).to(dtype)
+        y = w.matmul(x)
+        assert torch.equal(y, _decode_then_linear(w, x))
+        results.append((y, y.clone()))
+    # Results untouched by the later decodes, and one buffer, of the largest weight.
+    assert all(torch.equal(y, kept) for y, kept in results)
+    mm = ops.matmul_dtype(dtype, torch.device("cpu"))
+    buffer = ops._decode_buffers()[mm]
+    assert buffer.numel() == 96 * 192
+    assert ops.decode_buffer(40 * 192, mm).data_ptr() == buffer.data_ptr()
+    ops.free_decode_buffers()
+    assert mm not in ops._decode_buffers()
+
+
+def test_a_recorded_product_keeps_its_decoded_weight():
+    # Called with autograd recording, F.linear saves the decoded weight for the backward: the
+    # buffer then belongs to that graph, and the next decode must not write into it.
+    ops.free_decode_buffers()
+    a, b = (ops.CpuPackedWeight(*ops.quant_args(*quantized(32, 64, "nf4", 64, True, seed=s))) for s in (1, 2))
+    m = ops.CPU_FUSED_GEMM_MAX_M + 3
+    x = torch.randn(m, 64, requires_grad=True)
+    g = torch.randn(m, 32)
+    y = a.decoded_matmul(x)
+    b.decoded_matmul(torch.randn(m, 64).requires_grad_())  # another weight decoded in between
+    b.decoded_matmul(torch.randn(m, 64))
+    (y * g).sum().backward()
+    mm = ops.matmul_dtype(x.dtype, x.device)
+    torch.testing.assert_close(x.grad, g @ a.dequantize(mm), rtol=1e-6, atol=1e-6)
+
+
+def test_each_thread_decodes_into_its_own_buffer():
+    import threading
+
+    mm = ops.matmul_dtype(torch.float32, torch.device("cpu"))
+    mine = ops.decode_buffer(100, mm)
+    theirs = []
+    thread = threading.Thread(target=lambda: theirs.append(ops.decode_buffer(100, mm).data_ptr()))
+    thread.start()
+    thread.join()
+    assert theirs and theirs[0] != mine.data_ptr()
+    assert ops.decode_buffer(100, mm).data_ptr() == mine.data_ptr()
+
+
 def test_op_gradient_wrt_x_on_the_fused_path():
     packed, state = quantized(24, 64, "int4", 32, True)
     x = torch.randn(3, 64, requires_grad=True)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import weakref
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -216,6 +217,21 @@ class CpuPackedWeight:
         _lib.cpu_gemm_4bit(self._packed_for(_rows(x, k)), _capsule(x), _capsule(out), isa)
         return out
 
+    def decoded_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W^T`` in ``x.dtype`` by decoding the weight (into this thread's reused buffer,
+        :func:`decode_buffer`) and torch's GEMM in :func:`matmul_dtype`, for any number of rows."""
+        mm = matmul_dtype(x.dtype, x.device)
+        n = math.prod(self.shape)
+        buffer = decode_buffer(n, mm)
+        w = buffer.view(self.shape)
+        self.dequantize(mm, out=w)
+        y = F.linear(x.to(mm), w)
+        if y.requires_grad:
+            # Autograd may have saved w for the backward (a caller that records this product):
+            # the buffer is that graph's now, and the next decode goes into a new one.
+            _decode_buffers().pop(mm, None)
+        return y.to(x.dtype)
+
     def _packed_for(self, m: int):
         """What the kernels read for a product of ``m`` rows: the 1-byte scale codes for one row
         where they are kept (:data:`_CODES_WHERE_MEMORY_BOUND`), else the float32 scales."""
@@ -227,13 +243,45 @@ class CpuPackedWeight:
         n_out, k = self.shape
         m = _rows(x, k)
         if m > CPU_FUSED_GEMM_MAX_M:
-            mm = matmul_dtype(x.dtype, x.device)
-            return F.linear(x.to(mm), self.dequantize(mm)).to(x.dtype)
+            return self.decoded_matmul(x)
         # fused_matmul, inlined: this runs once per linear layer and generated token.
         x = x.contiguous()
         out = x.new_empty((*x.shape[:-1], n_out))  # 2 us less than torch.empty of a torch.Size + tuple
         _lib.cpu_gemm_4bit(self._packed_for(m), _capsule(x), _capsule(out), None)
         return out
+
+
+# The decoded weights of the larger CPU products go into a buffer per thread and dtype, kept and
+# grown to the largest weight decoded so far: the C library maps a new tensor of 32 MiB or more
+# afresh for each call, whose pages then fault in one by one (a 4096x4096 bf16 weight: 8.6-9.5 ms
+# with 4 KiB pages on a 2-core Zen 5 VM, 18-23 ms with huge pages in some phases), where decoding
+# into memory already in use takes about 1 ms.
+_thread_buffers = threading.local()
+
+
+def _decode_buffers() -> dict:
+    buffers = getattr(_thread_buffers, "buffers", None)
+    if buffers is None:
+        buffers = _thread_buffers.buffers = {}
+    return buffers
+
+
+def decode_buffer(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """This thread's buffer of at least ``n`` elements of ``dtype`` for decoded weights (its first
+    ``n`` elements), reallocated only when a larger weight comes. It holds the largest weight
+    decoded so far in this thread; :func:`free_decode_buffers` lets it go."""
+    buffers = _decode_buffers()
+    buffer = buffers.get(dtype)
+    if buffer is None or buffer.numel() < n:
+        buffers.pop(dtype, None)  # the old one goes before the new one comes
+        buffer = buffers[dtype] = torch.empty(n, dtype=dtype)
+    return buffer[:n]
+
+
+def free_decode_buffers() -> None:
+    """Frees this thread's buffers of decoded weights (the next product above
+    :data:`CPU_FUSED_GEMM_MAX_M` rows allocates again)."""
+    _decode_buffers().clear()
 
 
 def _rows(x: torch.Tensor, k: int) -> int:
