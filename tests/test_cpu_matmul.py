@@ -327,6 +327,40 @@ def test_a_recorded_product_keeps_its_decoded_weight():
     torch.testing.assert_close(x.grad, g @ a.dequantize(mm), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_input_gradients_decode_into_the_reused_buffer(dtype):
+    packed, state = quantized(48, 128, "nf4", 64, True, seed=3)
+    args = ops.quant_args(packed, state)
+    mm = ops.matmul_dtype(dtype, torch.device("cpu"))
+    ops.free_decode_buffers()
+    for _ in range(2):
+        grad = torch.randn(5, 7, 48).to(dtype)
+        expected = torch.matmul(grad.to(mm), torch.ops.qlora_rs.dequantize_4bit(*args, mm)).to(dtype)
+        assert torch.equal(ops.grad_input_4bit(grad, *args), expected)
+        address = ops._decode_buffers()[mm].data_ptr()
+        assert ops.decode_buffer(48 * 128, mm).data_ptr() == address  # the same buffer each time
+    # Through the op's backward as training runs it.
+    x = torch.randn(3, 128).to(dtype).requires_grad_()
+    g = torch.randn(3, 48).to(dtype)
+    (torch.ops.qlora_rs.gemm_4bit(x, *args).float() * g.float()).sum().backward()
+    assert torch.equal(x.grad, torch.matmul(g.to(mm), torch.ops.qlora_rs.dequantize_4bit(*args, mm)).to(dtype))
+
+
+def test_a_recorded_input_gradient_keeps_its_decoded_weight():
+    # create_graph: the backward's own product is recorded, its decoded weight saved for the
+    # second derivative, which a later decode must not overwrite.
+    a, b = (ops.quant_args(*quantized(32, 64, "nf4", 64, True, seed=s)) for s in (4, 5))
+    x = torch.randn(6, 64, requires_grad=True)
+    g = torch.randn(6, 32, requires_grad=True)
+    (gx,) = torch.autograd.grad(torch.ops.qlora_rs.gemm_4bit(x, *a), x, grad_outputs=g, create_graph=True)
+    xb = torch.randn(6, 64, requires_grad=True)
+    torch.ops.qlora_rs.gemm_4bit(xb, *b).sum().backward()  # another weight decoded in between
+    u = torch.randn(6, 64)
+    (gg,) = torch.autograd.grad((gx * u).sum(), g)
+    w = torch.ops.qlora_rs.dequantize_4bit(*a, torch.float32)
+    torch.testing.assert_close(gg, u @ w.T, rtol=1e-5, atol=1e-5)
+
+
 def test_each_thread_decodes_into_its_own_buffer():
     import threading
 

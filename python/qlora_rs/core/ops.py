@@ -221,16 +221,12 @@ class CpuPackedWeight:
         """``x @ W^T`` in ``x.dtype`` by decoding the weight (into this thread's reused buffer,
         :func:`decode_buffer`) and torch's GEMM in :func:`matmul_dtype`, for any number of rows."""
         mm = matmul_dtype(x.dtype, x.device)
-        n = math.prod(self.shape)
-        buffer = decode_buffer(n, mm)
-        w = buffer.view(self.shape)
-        self.dequantize(mm, out=w)
-        y = F.linear(x.to(mm), w)
-        if y.requires_grad:
-            # Autograd may have saved w for the backward (a caller that records this product):
-            # the buffer is that graph's now, and the next decode goes into a new one.
-            _decode_buffers().pop(mm, None)
-        return y.to(x.dtype)
+        return _kept_from(F.linear(x.to(mm), self._decoded(mm))).to(x.dtype)
+
+    def _decoded(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight decoded into this thread's buffer (valid until its next decode; a product
+        of it goes through :func:`_kept_from`)."""
+        return self.dequantize(dtype, out=decode_buffer(math.prod(self.shape), dtype).view(self.shape))
 
     def _packed_for(self, m: int):
         """What the kernels read for a product of ``m`` rows: the 1-byte scale codes for one row
@@ -278,10 +274,28 @@ def decode_buffer(n: int, dtype: torch.dtype) -> torch.Tensor:
     return buffer[:n]
 
 
+def _kept_from(y: torch.Tensor) -> torch.Tensor:
+    """``y``, a product of a weight decoded into this thread's buffer. When autograd recorded it,
+    the graph may have saved the decoded weight for its backward: the buffer is the graph's now,
+    and the next decode goes into a new one."""
+    if y.requires_grad:
+        _decode_buffers().pop(y.dtype, None)
+    return y
+
+
 def free_decode_buffers() -> None:
     """Frees this thread's buffers of decoded weights (the next product above
     :data:`CPU_FUSED_GEMM_MAX_M` rows allocates again)."""
     _decode_buffers().clear()
+
+
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None)
+_function_modes = getattr(torch._C, "_is_torch_function_mode_enabled", None)
+
+
+def _no_modes() -> bool:
+    """Whether no dispatch or function mode (FlopCounterMode, fake tensors...) would see the ops."""
+    return not (_dispatch_modes is None or _function_modes is None or _dispatch_modes() or _function_modes())
 
 
 def _rows(x: torch.Tensor, k: int) -> int:
@@ -527,8 +541,14 @@ def grad_input_4bit(
     blocksize: int,
     shape: Sequence[int],
 ) -> torch.Tensor:
-    """``grad @ dequant(W)`` in ``grad.dtype``: the input gradient of ``x @ W^T``."""
+    """``grad @ dequant(W)`` in ``grad.dtype``: the input gradient of ``x @ W^T``. Plain CPU
+    tensors, seen by no compiler or mode, decode into this thread's buffer (as the larger
+    products do) through the weight kept for the CPU ops; anything else through the op."""
     mm = matmul_dtype(grad.dtype, grad.device)
+    if (type(grad) is torch.Tensor and type(packed) is torch.Tensor and grad.is_cpu and packed.is_cpu
+            and not torch.compiler.is_compiling() and _no_modes()):
+        w = cpu_weight(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape)
+        return _kept_from(torch.matmul(grad.to(mm), w._decoded(mm))).to(grad.dtype)
     w = torch.ops.qlora_rs.dequantize_4bit(
         packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, shape, mm
     )

@@ -30,7 +30,7 @@ from .. import _lib
 from ..core.autograd import Linear4bitFunction
 from ..errors import FormatError, InvalidArgumentError
 from ..core.functional import quantize
-from ..core.ops import CpuPackedWeight, cpu_matmul_group, cpu_weight, forget_cpu_weight
+from ..core.ops import CpuPackedWeight, _no_modes, cpu_matmul_group, cpu_weight, forget_cpu_weight
 from ..core.ops import dequantize_4bit as _dequantize_op
 from ..core.quant_state import QUANT_TYPES, QuantState, code_table, dtype_name, nested_code_table, parse_dtype
 
@@ -38,8 +38,6 @@ __all__ = ["Linear4bit"]
 
 _QUANT_BUFFERS = ("weight_absmax", "weight_quant_map", "weight_nested_absmax", "weight_nested_quant_map")
 # Private torch API (present since 2.0); without it the forward always takes the dispatched path.
-_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None)
-_function_modes = getattr(torch._C, "_is_torch_function_mode_enabled", None)
 _STORAGE_DTYPES = (torch.uint8, torch.int8, torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -552,4 +550,4 @@ def _untraced(x: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return False
-    return not (_dispatch_modes is None or _function_modes is None or _dispatch_modes() or _function_modes())
+    return _no_modes()
