@@ -247,7 +247,8 @@ unsafe fn rows_with<K: PassKind<X>, X, S: Fn(usize) -> f32 + Copy>(
 }
 
 /// Double-quantized scales of blocks `first..first + out.len()`: `map[code] * nested + offset`,
-/// 16 at a time (two gathers), rounded as [`BlockScales::get`] rounds them.
+/// 16 at a time (a gather of the codes' values; the nested scale broadcast, or gathered where the
+/// 16 straddle two groups of 256), rounded as [`BlockScales::get`] rounds them.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 unsafe fn decode_scales(codes: &[u8], nested: &[f32], map: &[f32; 256], offset: f32, first: usize, out: &mut [f32]) {
     let codes = &codes[first..first + out.len()];
@@ -255,9 +256,15 @@ unsafe fn decode_scales(codes: &[u8], nested: &[f32], map: &[f32; 256], offset: 
     let whole = out.len() / 16 * 16;
     for i in (0..whole).step_by(16) {
         let code = _mm512_cvtepu8_epi32(_mm_loadu_si128(codes.as_ptr().add(i) as *const __m128i));
-        let group = _mm512_srli_epi32::<8>(_mm512_add_epi32(_mm512_set1_epi32((first + i) as i32), lanes));
         let value = _mm512_i32gather_ps::<4>(code, map.as_ptr());
-        let scale = _mm512_i32gather_ps::<4>(group, nested.as_ptr());
+        // 16 blocks share one nested scale unless they straddle a group of 256.
+        let (g0, g1) = ((first + i) / 256, (first + i + 15) / 256);
+        let scale = if g0 == g1 {
+            _mm512_set1_ps(nested[g0])
+        } else {
+            let group = _mm512_srli_epi32::<8>(_mm512_add_epi32(_mm512_set1_epi32((first + i) as i32), lanes));
+            _mm512_i32gather_ps::<4>(group, nested.as_ptr())
+        };
         let s = _mm512_add_ps(_mm512_mul_ps(value, scale), _mm512_set1_ps(offset));
         _mm512_storeu_ps(out.as_mut_ptr().add(i), s);
     }

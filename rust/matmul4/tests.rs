@@ -108,8 +108,10 @@ fn assert_near_reference(got: &[f32], (want, mag): &(Vec<f64>, Vec<f64>), cols: 
 #[test]
 fn every_level_matches_the_reference() {
     // Rows of 192 and 320 columns start inside a 256-block; (5, ..) and (6, ..) end on a pass of
-    // one and of two activation rows.
+    // one and of two activation rows; in (1, 90, 192) at blocks of 32 the 16 double-quantized
+    // scales of a tile straddle two nested groups of 256 (rows 84..88: blocks 504..528).
     let shapes = [
+        (1, 90, 192),
         (1, 32, 32),
         (1, 9, 192),
         (1, 7, 320),

@@ -33,11 +33,35 @@ impl Noise {
     }
 }
 
+/// Double-quantized scales standing for float32 ones (`DOUBLE=1`): one code per block, one nested
+/// scale per 256 blocks, a 256-entry map.
+struct Double {
+    codes: Vec<u8>,
+    nested: Vec<f32>,
+    map: [f32; 256],
+}
+
+impl Double {
+    fn new(noise: &mut Noise, blocks: usize) -> Double {
+        let map = std::array::from_fn(|i| i as f32 / 255.0);
+        Double { codes: noise.bytes(blocks), nested: noise.scales(blocks.div_ceil(256)), map }
+    }
+}
+
+macro_rules! scales {
+    ($krate:ident, $absmax:expr, $double:expr) => {
+        match $double {
+            Some(d) => $krate::quant4::BlockScales::Double { codes: &d.codes, nested_absmax: &d.nested, nested_map: &d.map, offset: 0.01 },
+            None => $krate::quant4::BlockScales::F32($absmax),
+        }
+    };
+}
+
 macro_rules! gemm {
-    ($krate:ident, $packed:expr, $absmax:expr, $rows:expr, $cols:expr, $x:expr, $m:expr, $out:expr) => {{
+    ($krate:ident, $packed:expr, $absmax:expr, $double:expr, $rows:expr, $cols:expr, $x:expr, $m:expr, $out:expr) => {{
         let w = $krate::matmul4::Weight4 {
             packed: $packed,
-            scales: $krate::quant4::BlockScales::F32($absmax),
+            scales: scales!($krate, $absmax, $double),
             quant_type: $krate::QuantType::Nf4,
             blocksize: 64,
             rows: $rows,
@@ -88,6 +112,7 @@ fn main() {
     );
     let reps = var("REPS").map(|v| v.parse().unwrap()).unwrap_or(30);
     let warm = var("WARM").is_some();
+    let double = var("DOUBLE").is_some();
     let mut noise = Noise(0x2545_F491_4F6C_DD1D);
     let shapes: Vec<(usize, usize)> = match var("SHAPES") {
         Some(v) => v
@@ -100,7 +125,8 @@ fn main() {
         None => vec![(4096, 4096), (4096, 14336), (14336, 4096), (576, 576), (1536, 576)],
     };
     println!(
-        "NF4 blocksize 64, float32 scales, bf16 activations; median of {reps} interleaved repeats; weights {}",
+        "NF4 blocksize 64, {} scales, bf16 activations; median of {reps} interleaved repeats; weights {}",
+        if double { "double-quantized" } else { "float32" },
         if warm { "repeated (cache-warm)" } else { "cycled through copies of 96 MiB in all (from memory)" }
     );
     for &(rows, cols) in &shapes {
@@ -108,6 +134,8 @@ fn main() {
         let copies = if warm { 1 } else { (96usize << 20).div_ceil(n / 2).max(4) };
         let packed: Vec<Vec<u8>> = (0..copies).map(|_| noise.bytes(n / 2)).collect();
         let absmax: Vec<Vec<f32>> = (0..copies).map(|_| noise.scales(n / 64)).collect();
+        let doubles: Vec<Option<Double>> =
+            (0..copies).map(|_| if double { Some(Double::new(&mut noise, n / 64)) } else { None }).collect();
         if var("DEQUANTIZE").is_some() {
             let (mut o1, mut o2) = (vec![bf16::ZERO; n], vec![bf16::ZERO; n]);
             dequantize!(old, &packed[0], &absmax[0], &mut o1);
@@ -133,8 +161,8 @@ fn main() {
         for m in numbers(&var("MS").unwrap_or("1,4,16".into())) {
             let x: Vec<bf16> = (0..m * cols).map(|_| bf16::from_f32((noise.next() % 2000) as f32 / 1000.0 - 1.0)).collect();
             let (mut o1, mut o2) = (vec![bf16::ZERO; m * rows], vec![bf16::ZERO; m * rows]);
-            gemm!(old, &packed[0], &absmax[0], rows, cols, &x, m, &mut o1);
-            gemm!(new, &packed[0], &absmax[0], rows, cols, &x, m, &mut o2);
+            gemm!(old, &packed[0], &absmax[0], &doubles[0], rows, cols, &x, m, &mut o1);
+            gemm!(new, &packed[0], &absmax[0], &doubles[0], rows, cols, &x, m, &mut o2);
             // Summation orders may differ: one bf16 unit (relative, of |y| + 1) is expected.
             let diff = o1
                 .iter()
@@ -143,9 +171,9 @@ fn main() {
                 .fold(0f32, f32::max);
             let (a, b) = interleaved(reps, copies, |which, c| {
                 if which {
-                    gemm!(new, &packed[c], &absmax[c], rows, cols, &x, m, &mut o2)
+                    gemm!(new, &packed[c], &absmax[c], &doubles[c], rows, cols, &x, m, &mut o2)
                 } else {
-                    gemm!(old, &packed[c], &absmax[c], rows, cols, &x, m, &mut o1)
+                    gemm!(old, &packed[c], &absmax[c], &doubles[c], rows, cols, &x, m, &mut o1)
                 }
             });
             println!(
