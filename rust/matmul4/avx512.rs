@@ -247,16 +247,17 @@ unsafe fn rows_with<K: PassKind<X>, X, S: Fn(usize) -> f32 + Copy>(
 }
 
 /// Double-quantized scales of blocks `first..first + out.len()`: `map[code] * nested + offset`,
-/// 16 at a time (a gather of the codes' values; the nested scale broadcast, or gathered where the
-/// 16 straddle two groups of 256), rounded as [`BlockScales::get`] rounds them.
+/// 16 at a time (the codes' values by [`lookup_256`]; the nested scale broadcast, or gathered where
+/// the 16 straddle two groups of 256), rounded as [`BlockScales::get`] rounds them.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 unsafe fn decode_scales(codes: &[u8], nested: &[f32], map: &[f32; 256], offset: f32, first: usize, out: &mut [f32]) {
     let codes = &codes[first..first + out.len()];
     let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let eighths: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(map.as_ptr().add(16 * i)));
     let whole = out.len() / 16 * 16;
     for i in (0..whole).step_by(16) {
         let code = _mm512_cvtepu8_epi32(_mm_loadu_si128(codes.as_ptr().add(i) as *const __m128i));
-        let value = _mm512_i32gather_ps::<4>(code, map.as_ptr());
+        let value = lookup_256(&eighths, code);
         // 16 blocks share one nested scale unless they straddle a group of 256.
         let (g0, g1) = ((first + i) / 256, (first + i + 15) / 256);
         let scale = if g0 == g1 {
@@ -271,6 +272,22 @@ unsafe fn decode_scales(codes: &[u8], nested: &[f32], map: &[f32; 256], offset: 
     for i in whole..out.len() {
         out[i] = map[codes[i] as usize] * nested[(first + i) / 256] + offset;
     }
+}
+
+/// `map[code]` of 16 codes (0..256, one a lane), the map in 16 registers (`eighths[i]`: entries
+/// 16i..16i + 16): a two-register permute in each 32-entry eighth, then bits 5, 6 and 7 of each code
+/// choose among the eight. A gather from the map cost about 20% of a one-row product's
+/// instructions on a Zen 5 (`scripts/kernel-ab.sh` DOUBLE=1 WARM=1).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+unsafe fn lookup_256(eighths: &[__m512; 16], code: __m512i) -> __m512 {
+    let r: [__m512; 8] = std::array::from_fn(|j| _mm512_permutex2var_ps(eighths[2 * j], code, eighths[2 * j + 1]));
+    let bit = |b: i32| _mm512_test_epi32_mask(code, _mm512_set1_epi32(b));
+    let (b5, b6, b7) = (bit(32), bit(64), bit(128));
+    let pick = |m, lo, hi| _mm512_mask_mov_ps(lo, m, hi);
+    let low = pick(b6, pick(b5, r[0], r[1]), pick(b5, r[2], r[3]));
+    let high = pick(b6, pick(b5, r[4], r[5]), pick(b5, r[6], r[7]));
+    pick(b7, low, high)
 }
 
 /// One pass over a tile: weight rows r..r + NR against activation rows i..i + MR, the whole row
