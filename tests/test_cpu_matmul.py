@@ -412,7 +412,7 @@ def test_op_checks_each_weight_once_and_follows_changes():
 
 
 def test_kept_weights_read_the_codes_where_memory_bound():
-    # On the AVX-512 levels one-row products of a large kept weight read the 1-byte
+    # On the AVX-512 levels the fused products of a large kept weight read the 1-byte
     # double-quantized codes; the same scales, so the same bits as through the float32 ones.
     # Weights of at least _CODES_MIN_BYTES (8 MiB) only.
     packed, state = quantized(4096, 4096, "nf4", 64, True)
@@ -420,10 +420,12 @@ def test_kept_weights_read_the_codes_where_memory_bound():
     assert (w._codes is not None) == ops._CODES_WHERE_MEMORY_BOUND == (ops.cpu_isa() in ("avx512", "avx512bf16"))
     small = ops.cpu_weight(*ops.quant_args(*quantized(40, 192, "nf4", 64, True)))
     assert small._codes is None
-    x = torch.randn(1, 4096, dtype=torch.bfloat16)
-    floats = torch.empty(1, 4096, dtype=torch.bfloat16)
-    qlora_rs._lib.cpu_gemm_4bit(w._weight, ops._capsule(x), ops._capsule(floats), None)
-    assert torch.equal(w.matmul(x), floats) and torch.equal(w.fused_matmul(x), floats)
+    for m in (1, 3, ops.CPU_FUSED_GEMM_MAX_M):
+        assert w._packed_for(m) is (w._weight if w._codes is None else w._codes)
+        x = torch.randn(m, 4096, dtype=torch.bfloat16)
+        floats = torch.empty(m, 4096, dtype=torch.bfloat16)
+        qlora_rs._lib.cpu_gemm_4bit(w._weight, ops._capsule(x), ops._capsule(floats), None)
+        assert torch.equal(w.matmul(x), floats) and torch.equal(w.fused_matmul(x), floats)
 
 
 def test_kept_weights_go_with_their_tensors():

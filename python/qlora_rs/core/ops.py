@@ -119,16 +119,17 @@ _CPU_LEVEL: Optional[str] = _env_choice(_lib.cpu_isa, None)
 CPU_FUSED_GEMM_MAX_M: int = (64 if _CPU_LEVEL == "avx512bf16" and _env_choice(_lib.cpu_bf16_products, False)
                              else 16 if _CPU_NATIVE[torch.bfloat16] else 32)
 
-#: Whether the kept weights (:func:`cpu_weight`) let the one-row products read the double-quantized
-#: scales as they are stored (1 byte a block, decoded in the kernel) instead of float32 (4): on the
-#: AVX-512 levels, where those products are bound by memory, not by the instructions. On a 2-core
-#: AMD Zen 5 with the weights cycled from memory (two runs, interleaved): M = 1 1.02-1.13x faster on
-#: 4096x4096, 14336x4096 and 4096x14336, while M = 4 and 16 were 0.85-1.11x (mostly slower: there
-#: the float32 scales stay; the decode to bf16 measured the same either way). Only for weights of
-#: :data:`_CODES_MIN_BYTES` packed bytes and more: SmolLM2-135M's layers (at most 0.4 MiB) generated
-#: 10% slower with the codes (60.9 against 67.6 tokens/s, interleaved), whose decode costs more
-#: than it saves on weights that small. On AVX2 the kernel is bound by its shuffles and the
-#: in-kernel scale decode cost 8-11% of it.
+#: Whether the kept weights (:func:`cpu_weight`) let the fused products read the double-quantized
+#: scales as they are stored (1 byte a block, decoded in the kernel, a tile's at a time) instead of
+#: float32 (4): on the AVX-512 levels, where those products are bound by memory, not by the
+#: instructions. On a 2-core AMD Zen 5 with the weights cycled from memory, since the kernel looks
+#: the codes up by permutes instead of gathers (one run, turns of calls interleaved): 1.17-1.23x
+#: faster at M = 1, 2 and 4 on 4096x4096 and 14336x4096, 1.05-1.09x at 8 and 16, 1.04x at 32, 0.99x
+#: at 64 (with the gathers M = 1 had gained 1.02-1.13x and M = 4 and 16 lost, so only one-row
+#: products read them then). Only for weights of :data:`_CODES_MIN_BYTES` packed bytes and more:
+#: on SmolLM2-135M's layers (576x576, 1536x576, 576x1536) they gave 0.93-1.06x, and with the gathers
+#: its generation ran 10% slower with them (60.9 against 67.6 tokens/s). On AVX2 the kernel is
+#: bound by its shuffles and the in-kernel scale decode cost 8-11% of it.
 _CODES_WHERE_MEMORY_BOUND: bool = _CPU_LEVEL in ("avx512", "avx512bf16")
 _CODES_MIN_BYTES = 8 << 20  # the smallest weight measured faster with them (4096x4096)
 
@@ -229,9 +230,11 @@ class CpuPackedWeight:
         return self.dequantize(dtype, out=decode_buffer(math.prod(self.shape), dtype).view(self.shape))
 
     def _packed_for(self, m: int):
-        """What the kernels read for a product of ``m`` rows: the 1-byte scale codes for one row
-        where they are kept (:data:`_CODES_WHERE_MEMORY_BOUND`), else the float32 scales."""
-        return self._codes if m == 1 and self._codes is not None else self._weight
+        """What the fused kernels read for a product of ``m`` rows: the 1-byte scale codes where
+        they are kept (:data:`_CODES_WHERE_MEMORY_BOUND`), else the float32 scales. (``m``: every
+        row count up to the crossover reads the same since the codes' decode became cheap; kept so
+        that the callers need not know.)"""
+        return self._weight if self._codes is None else self._codes
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W^T`` in ``x.dtype``: the fused kernel up to :data:`CPU_FUSED_GEMM_MAX_M` rows,
