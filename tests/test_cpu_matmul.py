@@ -420,10 +420,12 @@ def test_kept_weights_read_the_codes_where_memory_bound():
     assert (w._codes is not None) == ops._CODES_WHERE_MEMORY_BOUND == (ops.cpu_isa() in ("avx512", "avx512bf16"))
     small = ops.cpu_weight(*ops.quant_args(*quantized(40, 192, "nf4", 64, True)))
     assert small._codes is None
-    for m in (1, 3, ops.CPU_FUSED_GEMM_MAX_M):
-        assert w._packed_for(m) is (w._weight if w._codes is None else w._codes)
-        x = torch.randn(m, 4096, dtype=torch.bfloat16)
-        floats = torch.empty(m, 4096, dtype=torch.bfloat16)
+    for m, dtype in ((1, torch.bfloat16), (3, torch.float32), (ops.CPU_FUSED_GEMM_MAX_M, torch.bfloat16),
+                     (ops._CODES_MAX_M + 1, torch.float32)):
+        codes = w._codes is not None and (m <= ops._CODES_MAX_M or (dtype is torch.bfloat16 and ops._BF16_DOT))
+        assert w._packed_for(m, dtype) is (w._codes if codes else w._weight)
+        x = torch.randn(m, 4096, dtype=dtype)
+        floats = torch.empty(m, 4096, dtype=dtype)
         qlora_rs._lib.cpu_gemm_4bit(w._weight, ops._capsule(x), ops._capsule(floats), None)
         assert torch.equal(w.matmul(x), floats) and torch.equal(w.fused_matmul(x), floats)
 

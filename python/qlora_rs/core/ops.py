@@ -116,22 +116,25 @@ def _env_choice(choice: Callable[[], Any], invalid: Any) -> Any:
 #: 64 on 4096x4096, 4096x14336 and 14336x4096, the decode paying page faults for its new tensor):
 #: 64. Either side gives the same result up to float32 rounding.
 _CPU_LEVEL: Optional[str] = _env_choice(_lib.cpu_isa, None)
-CPU_FUSED_GEMM_MAX_M: int = (64 if _CPU_LEVEL == "avx512bf16" and _env_choice(_lib.cpu_bf16_products, False)
-                             else 16 if _CPU_NATIVE[torch.bfloat16] else 32)
+_BF16_DOT: bool = _CPU_LEVEL == "avx512bf16" and _env_choice(_lib.cpu_bf16_products, False)  # bf16 x: vdpbf16ps
+CPU_FUSED_GEMM_MAX_M: int = 64 if _BF16_DOT else 16 if _CPU_NATIVE[torch.bfloat16] else 32
 
 #: Whether the kept weights (:func:`cpu_weight`) let the fused products read the double-quantized
 #: scales as they are stored (1 byte a block, decoded in the kernel, a tile's at a time) instead of
 #: float32 (4): on the AVX-512 levels, where those products are bound by memory, not by the
 #: instructions. On a 2-core AMD Zen 5 with the weights cycled from memory, since the kernel looks
-#: the codes up by permutes instead of gathers (one run, turns of calls interleaved): 1.17-1.23x
-#: faster at M = 1, 2 and 4 on 4096x4096 and 14336x4096, 1.05-1.09x at 8 and 16, 1.04x at 32, 0.99x
-#: at 64 (with the gathers M = 1 had gained 1.02-1.13x and M = 4 and 16 lost, so only one-row
-#: products read them then). Only for weights of :data:`_CODES_MIN_BYTES` packed bytes and more:
+#: the codes up by permutes instead of gathers (one run each, turns of calls interleaved): with the
+#: bf16 products (``vdpbf16ps``) 1.17-1.23x faster at M = 1, 2 and 4 on 4096x4096 and 14336x4096,
+#: 1.05-1.09x at 8 and 16, 1.04x at 32, 0.99x at 64; with the float32 kernel (the AVX-512 level
+#: without bf16, or float32 activations) 1.07-1.15x at M = 1, 1.00-1.01x at 4, 0.94-0.98x at 16 and
+#: 32, so there only up to :data:`_CODES_MAX_M` rows (with the gathers M = 1 had gained 1.02-1.13x
+#: and M = 4 and 16 lost). Only for weights of :data:`_CODES_MIN_BYTES` packed bytes and more:
 #: on SmolLM2-135M's layers (576x576, 1536x576, 576x1536) they gave 0.93-1.06x, and with the gathers
 #: its generation ran 10% slower with them (60.9 against 67.6 tokens/s). On AVX2 the kernel is
 #: bound by its shuffles and the in-kernel scale decode cost 8-11% of it.
 _CODES_WHERE_MEMORY_BOUND: bool = _CPU_LEVEL in ("avx512", "avx512bf16")
 _CODES_MIN_BYTES = 8 << 20  # the smallest weight measured faster with them (4096x4096)
+_CODES_MAX_M = 4  # rows up to which the float32 kernel reads the codes (every M with _BF16_DOT)
 
 
 def _check_cpu(where: str, **tensors: Optional[torch.Tensor]) -> None:
@@ -215,7 +218,7 @@ class CpuPackedWeight:
         n_out, k = self.shape
         x = x.contiguous()
         out = x.new_empty((*x.shape[:-1], n_out))  # 2 us less than torch.empty of a torch.Size + tuple
-        _lib.cpu_gemm_4bit(self._packed_for(_rows(x, k)), _capsule(x), _capsule(out), isa)
+        _lib.cpu_gemm_4bit(self._packed_for(_rows(x, k), x.dtype), _capsule(x), _capsule(out), isa)
         return out
 
     def decoded_matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -229,12 +232,13 @@ class CpuPackedWeight:
         of it goes through :func:`_kept_from`)."""
         return self.dequantize(dtype, out=decode_buffer(math.prod(self.shape), dtype).view(self.shape))
 
-    def _packed_for(self, m: int):
-        """What the fused kernels read for a product of ``m`` rows: the 1-byte scale codes where
-        they are kept (:data:`_CODES_WHERE_MEMORY_BOUND`), else the float32 scales. (``m``: every
-        row count up to the crossover reads the same since the codes' decode became cheap; kept so
-        that the callers need not know.)"""
-        return self._weight if self._codes is None else self._codes
+    def _packed_for(self, m: int, dtype: torch.dtype):
+        """What the fused kernels read for a product of ``m`` rows of ``dtype``: the 1-byte scale
+        codes where they are kept (:data:`_CODES_WHERE_MEMORY_BOUND`) and pay (:data:`_CODES_MAX_M`),
+        else the float32 scales."""
+        if self._codes is None or (m > _CODES_MAX_M and not (dtype is torch.bfloat16 and _BF16_DOT)):
+            return self._weight
+        return self._codes
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W^T`` in ``x.dtype``: the fused kernel up to :data:`CPU_FUSED_GEMM_MAX_M` rows,
@@ -246,7 +250,7 @@ class CpuPackedWeight:
         # fused_matmul, inlined: this runs once per linear layer and generated token.
         x = x.contiguous()
         out = x.new_empty((*x.shape[:-1], n_out))  # 2 us less than torch.empty of a torch.Size + tuple
-        _lib.cpu_gemm_4bit(self._packed_for(m), _capsule(x), _capsule(out), None)
+        _lib.cpu_gemm_4bit(self._packed_for(m, x.dtype), _capsule(x), _capsule(out), None)
         return out
 
 
@@ -317,7 +321,7 @@ def cpu_matmul_group(weights: Sequence[CpuPackedWeight], x: torch.Tensor) -> lis
     x = x.contiguous()
     lead = x.shape[:-1]
     outs = [x.new_empty((*lead, w.shape[0])) for w in weights]
-    _lib.cpu_gemm_4bit_group([w._packed_for(m) for w in weights], _capsule(x), [_capsule(o) for o in outs], None)
+    _lib.cpu_gemm_4bit_group([w._packed_for(m, x.dtype) for w in weights], _capsule(x), [_capsule(o) for o in outs], None)
     return outs
 
 

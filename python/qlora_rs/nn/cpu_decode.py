@@ -150,7 +150,7 @@ class _FastMLP:
                 x = x.contiguous()
                 out = x.new_empty((*x.shape[:-1], down.out_features))
                 m = x.numel() // gate.in_features
-                _lib.cpu_silu_mlp_4bit(*(w._packed_for(m) for w in weights), _capsule(x), _capsule(out), None)
+                _lib.cpu_silu_mlp_4bit(*(w._packed_for(m, x.dtype) for w in weights), _capsule(x), _capsule(out), None)
                 return out
         return type(module).forward(module, x)
 
