@@ -9,7 +9,7 @@
 #                               576x576, 1536x576)
 #   MS=1,4,16                   activation rows        REPS=30   repeats
 #   WARM=1                      one weight, repeated (default: copies cycled from memory)
-#   DOUBLE=1                    double-quantized scales (1-byte codes, as one-row products read them)
+#   DOUBLE=1                    double-quantized scales (the 1-byte codes large weights are read with)
 #   DEQUANTIZE=1                the decode to bf16 instead of the products
 #   QLORA_RS_NUM_THREADS=1      threads; QLORA_RS_CPU_ISA=avx2 caps the level
 #

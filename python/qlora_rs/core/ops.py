@@ -113,8 +113,11 @@ def _env_choice(choice: Callable[[], Any], invalid: Any) -> Any:
 #: AMD EPYC with AVX2, one run: 1.2-2.3x at M = 32 on 576x1536 to 4096x14336, 0.8-1.5x at 64): 32.
 #: Where the fused kernel multiplies bf16 activations with ``vdpbf16ps`` (:func:`cpu_bf16_products`;
 #: a 2-core AMD Zen 5 with AVX512-BF16 and no AMX, two runs: 2.3-4.3x at M = 32 and 1.25-2.55x at
-#: 64 on 4096x4096, 4096x14336 and 14336x4096, the decode paying page faults for its new tensor):
-#: 64. Either side gives the same result up to float32 rounding.
+#: 64 on 4096x4096, 4096x14336 and 14336x4096, the decode paying page faults for its new tensor;
+#: one run with the decode into the reused buffer, :func:`decode_buffer`: 1.43-1.90x at 32,
+#: 0.94-1.20x at 64): 64. Either side gives the same result up to float32 rounding. The AVX2 and AMX
+#: figures predate the reused buffer, which makes the decode side faster for weights of 32 MiB and
+#: more: their crossover may be lower now (not measured).
 _CPU_LEVEL: Optional[str] = _env_choice(_lib.cpu_isa, None)
 _BF16_DOT: bool = _CPU_LEVEL == "avx512bf16" and _env_choice(_lib.cpu_bf16_products, False)  # bf16 x: vdpbf16ps
 CPU_FUSED_GEMM_MAX_M: int = 64 if _BF16_DOT else 16 if _CPU_NATIVE[torch.bfloat16] else 32
@@ -296,6 +299,7 @@ def free_decode_buffers() -> None:
     _decode_buffers().clear()
 
 
+# Private torch API (present since 2.0); without it the CPU kernels are never called directly.
 _dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None)
 _function_modes = getattr(torch._C, "_is_torch_function_mode_enabled", None)
 

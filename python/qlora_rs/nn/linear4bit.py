@@ -37,7 +37,6 @@ from ..core.quant_state import QUANT_TYPES, QuantState, code_table, dtype_name, 
 __all__ = ["Linear4bit"]
 
 _QUANT_BUFFERS = ("weight_absmax", "weight_quant_map", "weight_nested_absmax", "weight_nested_quant_map")
-# Private torch API (present since 2.0); without it the forward always takes the dispatched path.
 _STORAGE_DTYPES = (torch.uint8, torch.int8, torch.float16, torch.bfloat16, torch.float32)
 
 
