@@ -41,8 +41,8 @@ ROWS = [1, 4, 16]
 
 
 def interleaved(contenders: dict, repeat: int, run: int = 1) -> dict:
-    """Median seconds per call of each contender. Each repeat gives every contender a turn, the
-    turns in a new order each repeat: one untimed call, then ``run`` timed ones. The untimed call
+    """Median seconds per call of each contender. Each repeat gives every contender a turn (each
+    repeat starting one contender later): one untimed call, then ``run`` timed ones. The untimed call
     is the one that follows another contender and finds the caches as that one left them (the
     first 4-bit product after bf16 ``F.linear`` read 32 MiB took ~0.12 ms more than the next at
     M = 1 on 4096x4096); the timed ones follow calls of their own kind, as a model's layers follow
