@@ -78,6 +78,53 @@ def test_gemm_autograd_gives_input_gradient():
     torch.testing.assert_close(x.grad, g @ w, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(ops._make_autograd_impl is None, reason="this torch lacks the generated autograd wrapper")
+def test_gemm_autograd_kernel_calls_the_cpu_kernel_at_once_only_without_a_graph(monkeypatch):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch.manual_seed(0)
+    packed, state = qlora_rs.quantize(torch.randn(24, 32))
+    args = ops.quant_args(packed, state)
+    direct = []
+    kernel = ops._gemm_cpu  # the one registered for the CPU key, which the redispatch reaches
+
+    def counted(*a):
+        direct.append(1)
+        return kernel(*a)
+
+    monkeypatch.setattr(ops, "_gemm_cpu", counted)
+    x = torch.randn(5, 32)
+    expected = kernel(x, *args)
+    with torch.no_grad():
+        y = torch.ops.qlora_rs.gemm_4bit(x.requires_grad_(), *args)
+    assert direct == [1] and torch.equal(y, expected) and y.grad_fn is None
+    x.requires_grad_(False)
+    assert torch.equal(torch.ops.qlora_rs.gemm_4bit(x, *args), expected) and direct == [1, 1]
+
+    # A graph to record: through the wrapper torch generates, as register_autograd would.
+    xg = x.clone().requires_grad_()
+    y = torch.ops.qlora_rs.gemm_4bit(xg, *args)
+    assert direct == [1, 1] and y.grad_fn is not None and torch.equal(y.detach(), expected)
+    y.sum().backward()
+    assert xg.grad is not None
+    nested = args[2].clone().requires_grad_()  # a float scale that wants a gradient (which it gets as None)
+    y = torch.ops.qlora_rs.gemm_4bit(x, *args[:2], nested, *args[3:])
+    assert direct == [1, 1] and y.requires_grad and torch.equal(y.detach(), expected)
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, a=(), kwargs=None):
+            self.calls.append(str(func))
+            return func(*a, **(kwargs or {}))
+
+    with torch.no_grad(), Recorder() as recorder:  # a mode: its key comes before the CPU kernel's
+        y = torch.ops.qlora_rs.gemm_4bit(x, *args)
+    assert direct == [1, 1] and recorder.calls == ["qlora_rs.gemm_4bit.default"] and torch.equal(y, expected)
+
+
 def test_fake_implementations_give_shapes_on_meta():
     packed, state = qlora_rs.quantize(torch.randn(24, 32))
     meta = [t.to("meta") if isinstance(t, torch.Tensor) else t for t in ops.quant_args(packed, state)]
