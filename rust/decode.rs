@@ -1,10 +1,10 @@
 //! The small steps of a decoder layer's forward that sit between its 4-bit products, for
-//! generating on the CPU: RMS normalization and one query token's attention over the key/value
-//! cache. In a 135M-parameter model each of them does a few microseconds of work, while PyTorch
+//! generating on the CPU: RMS normalization, rotary position embeddings and one query token's
+//! attention over the key/value cache. In a 135M-parameter model each of them does a few microseconds of work, while PyTorch
 //! runs it as 5-10 ops of 2-5 us each (or, for attention, a kernel built for long sequences):
 //! per generated token they cost as much as all the layer's weights take to read.
 //!
-//! Both compute in float32 and round once to the tensors' dtype, as the PyTorch code they stand
+//! They compute in float32 and round to the tensors' dtype where the PyTorch code they stand
 //! in for does (`qlora_rs.nn.decode` checks each module against its own forward before using it).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -298,6 +298,92 @@ fn head_generic<T: Element>(
     }
 }
 
+/// Rotary position embeddings of one token a sequence, as transformers' `apply_rotary_pos_emb`
+/// computes them: `x * cos + rotate_half(x) * sin`, where `rotate_half(x)` is `(-x[dim/2..],
+/// x[..dim/2])`, each of the two products and their sum rounded to the dtype (three PyTorch ops).
+/// `q` and `k`: `batch` rows of heads of `dim` values each (`[batch, heads, dim]`, any number of
+/// heads); `cos` and `sin`: `[batch, dim]`; the results go to `q_out` and `k_out`. One dtype.
+#[allow(clippy::too_many_arguments)]
+pub fn rotary(
+    q: FloatSlice<'_>,
+    k: FloatSlice<'_>,
+    cos: FloatSlice<'_>,
+    sin: FloatSlice<'_>,
+    batch: usize,
+    dim: usize,
+    q_out: FloatSliceMut<'_>,
+    k_out: FloatSliceMut<'_>,
+) -> Result<()> {
+    if dim == 0 || !dim.is_multiple_of(2) {
+        return Err(Error::shape(format!("rotary: a head of {dim} values; expected an even number")));
+    }
+    let row = batch * dim;
+    for (name, have) in [("cos", cos.len()), ("sin", sin.len())] {
+        if have != row {
+            return Err(Error::shape(format!("rotary: {name} has {have} elements; {batch} rows of {dim} need {row}")));
+        }
+    }
+    for (name, have, out) in [("q", q.len(), q_out.len()), ("k", k.len(), k_out.len())] {
+        if (row == 0 && have != 0) || (row != 0 && !have.is_multiple_of(row)) || out != have {
+            return Err(Error::shape(format!(
+                "rotary: {name} has {have} elements and its output {out}; expected heads of {dim} for each of {batch} rows, \
+                 and an output of the same size"
+            )));
+        }
+    }
+    let dtypes = [q.dtype(), k.dtype(), cos.dtype(), sin.dtype(), q_out.dtype(), k_out.dtype()];
+    if dtypes.iter().any(|&d| d != q.dtype()) {
+        return Err(Error::shape(format!(
+            "rotary: q, k, cos, sin, q_out, k_out are {}; expected one dtype",
+            dtypes.map(|d| d.name()).join(", ")
+        )));
+    }
+    if row == 0 {
+        return Ok(());
+    }
+    match (q, k, cos, sin, q_out, k_out) {
+        (FloatSlice::F32(q), FloatSlice::F32(k), FloatSlice::F32(c), FloatSlice::F32(s), FloatSliceMut::F32(qo), FloatSliceMut::F32(ko)) => {
+            rotate_rows(q, c, s, batch, dim, qo);
+            rotate_rows(k, c, s, batch, dim, ko);
+        }
+        (FloatSlice::F16(q), FloatSlice::F16(k), FloatSlice::F16(c), FloatSlice::F16(s), FloatSliceMut::F16(qo), FloatSliceMut::F16(ko)) => {
+            rotate_rows(q, c, s, batch, dim, qo);
+            rotate_rows(k, c, s, batch, dim, ko);
+        }
+        (
+            FloatSlice::BF16(q),
+            FloatSlice::BF16(k),
+            FloatSlice::BF16(c),
+            FloatSlice::BF16(s),
+            FloatSliceMut::BF16(qo),
+            FloatSliceMut::BF16(ko),
+        ) => {
+            rotate_rows(q, c, s, batch, dim, qo);
+            rotate_rows(k, c, s, batch, dim, ko);
+        }
+        _ => unreachable!("dtypes checked above"),
+    }
+    Ok(())
+}
+
+fn rotate_rows<T: Element>(x: &[T], cos: &[T], sin: &[T], batch: usize, dim: usize, out: &mut [T]) {
+    let half = dim / 2;
+    let per_row = x.len() / batch;
+    if per_row == 0 {
+        return; // no heads
+    }
+    for ((xb, ob), (c, s)) in x.chunks_exact(per_row).zip(out.chunks_exact_mut(per_row)).zip(cos.chunks_exact(dim).zip(sin.chunks_exact(dim))) {
+        for (xh, oh) in xb.chunks_exact(dim).zip(ob.chunks_exact_mut(dim)) {
+            for j in 0..dim {
+                let turned = if j < half { -xh[j + half].to_f32() } else { xh[j - half].to_f32() };
+                let a = T::from_f32(xh[j].to_f32() * c[j].to_f32()).to_f32();
+                let b = T::from_f32(turned * s[j].to_f32()).to_f32();
+                oh[j] = T::from_f32(a + b);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -446,5 +532,63 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("x has 100 elements"), "{err}");
+    }
+
+    /// cos = 1, sin = 0 keeps a head; cos = 0, sin = 1 turns it half over (`rotate_half`); each
+    /// row of a batch takes its own cos and sin; and the products round before the sum (bf16).
+    #[test]
+    fn rotary_turns_halves_and_rounds_each_step() {
+        let dim = 4;
+        let q: Vec<f32> = vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]; // batch 2, one head
+        let k: Vec<f32> = [[-1.0, 0.5, 2.0, -3.0]; 2].concat(); // one head, the same in both rows
+        let cos = vec![1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0];
+        let sin = vec![0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0];
+        let (mut qo, mut ko) = (vec![0f32; 8], vec![0f32; 8]);
+        rotary(
+            FloatSlice::F32(&q),
+            FloatSlice::F32(&k),
+            FloatSlice::F32(&cos),
+            FloatSlice::F32(&sin),
+            2,
+            dim,
+            FloatSliceMut::F32(&mut qo),
+            FloatSliceMut::F32(&mut ko),
+        )
+        .unwrap();
+        assert_eq!(qo, vec![1.0, 2.0, 3.0, 4.0, -7.0, -8.0, 5.0, 6.0]);
+        assert_eq!(ko, vec![-1.0, 0.5, 2.0, -3.0, -2.0, 3.0, -1.0, 0.5]);
+
+        // bf16, where rounding the product first matters: x0 * c0 = (1 + 2^-7)^2 rounds to 1 + 2^-6,
+        // and 1 + 2^-6 - (2^-8 + 2^-14) to 1 + 2^-7; the unrounded sum 1 + 3 * 2^-8 would give 1 + 2^-6.
+        let b = |v: f32| bf16::from_f32(v);
+        let x = vec![b(1.0 + 1.0 / 128.0), b(1.0)];
+        let (c, s) = (vec![b(1.0 + 1.0 / 128.0), b(1.0)], vec![b(1.0 / 256.0 + 1.0 / 16384.0), b(0.0)]);
+        let (mut xo, mut none) = (vec![b(0.0); 2], Vec::<bf16>::new());
+        rotary(
+            FloatSlice::BF16(&x),
+            FloatSlice::BF16(&[]),
+            FloatSlice::BF16(&c),
+            FloatSlice::BF16(&s),
+            1,
+            2,
+            FloatSliceMut::BF16(&mut xo),
+            FloatSliceMut::BF16(&mut none),
+        )
+        .unwrap();
+        assert_eq!(xo[0].to_f32(), 1.0 + 1.0 / 128.0);
+        assert_eq!(xo[1].to_f32(), 1.0);
+
+        let err = rotary(
+            FloatSlice::F32(&q[..6]),
+            FloatSlice::F32(&k),
+            FloatSlice::F32(&cos),
+            FloatSlice::F32(&sin),
+            2,
+            dim,
+            FloatSliceMut::F32(&mut qo[..6]),
+            FloatSliceMut::F32(&mut ko),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("q has 6 elements"), "{err}");
     }
 }

@@ -1,8 +1,10 @@
 """The CPU decoding path (qlora_rs.nn.cpu_decode): grouped sibling projections give each layer's
 own product bit for bit and dissolve when a model does not call them as expected; the Rust RMS
 norm equals transformers' LlamaRMSNorm bit for bit and replaces nothing else; the one-token
-attention agrees with SDPA (grouped heads, padding masks) and hands everything else to it; and on
-the real SmolLM2-135M-Instruct the prepared model generates as the unprepared one does."""
+attention agrees with SDPA (grouped heads, padding masks) and hands everything else to it; the
+rotary embeddings equal transformers' and Llama's attention modules decode as their own forward
+does, bit for bit; and on the real SmolLM2-135M-Instruct the prepared model generates as the
+unprepared one does."""
 
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ def test_from_pretrained_prepares_cpu_models(tiny_dir):
     model = qlora_rs.from_pretrained(tiny_dir)
     done = model.qlora_rs_cpu_decode
     # 2 layers: q/k/v and gate/up each, one MLP each; 2 norms a layer and the final one.
-    assert (done.groups, done.norms, done.mlps, done.attention) == (4, 5, 2, "sdpa")
+    assert (done.groups, done.norms, done.mlps, done.attention, done.attentions) == (4, 5, 2, "sdpa", 2)
     assert model.config._attn_implementation == cpu_decode.ATTENTION
     attn = model.model.layers[0].self_attn
     assert attn.q_proj._cpu_group is attn.k_proj._cpu_group is attn.v_proj._cpu_group is not None
@@ -55,7 +57,7 @@ def test_from_pretrained_prepares_cpu_models(tiny_dir):
     cpu_decode.restore(model)
     assert model.config._attn_implementation == "sdpa"
     assert attn.q_proj._cpu_group is None and "forward" not in model.model.norm.__dict__
-    assert "forward" not in model.model.layers[0].mlp.__dict__
+    assert "forward" not in model.model.layers[0].mlp.__dict__ and "forward" not in attn.__dict__
 
 
 @pytest.mark.parametrize("rows", [1, 3, 40])
@@ -282,7 +284,7 @@ def test_smollm2_generates_as_without_the_decode_path(smollm2_dir):
     model without the path. The products and norms are exact; attention differs from SDPA's
     bf16 flash kernel only in rounding, so the logits stay close and the greedy choices agree."""
     fast = qlora_rs.from_pretrained(smollm2_dir)
-    assert fast.qlora_rs_cpu_decode == cpu_decode.CpuDecode(60, 61, 30, "sdpa")
+    assert fast.qlora_rs_cpu_decode == cpu_decode.CpuDecode(60, 61, 30, "sdpa", 30)
     plain = _unprepared(smollm2_dir)
     tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
     ids = tok("The Python tutorial explains how lists, tuples and dictionaries differ:", return_tensors="pt").input_ids
@@ -331,3 +333,110 @@ def test_batched_generation_with_left_padding(tiny_dir):
         with torch.inference_mode():
             fast.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=3, min_new_tokens=3, pad_token_id=0)
     assert seen and all(seen)  # the kernel ran, with the padding mask, in every decoding step
+
+
+# ------------------------------------------------------------------ attention modules
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch,q_heads,k_heads,dim", [(1, 4, 2, 8), (3, 9, 3, 64), (2, 2, 2, 16)])
+def test_rotary_equals_transformers_bit_for_bit(dtype, batch, q_heads, k_heads, dim):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    g = torch.Generator().manual_seed(100 * batch + dim)
+    q = (torch.randn(batch, q_heads, 1, dim, generator=g) * 4).to(dtype)
+    k = (torch.randn(batch, k_heads, 1, dim, generator=g) * 4).to(dtype)
+    angles = torch.randn(batch, 1, dim, generator=g) * 50
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
+    got_q, got_k = torch.empty_like(q), torch.empty_like(k)
+    _lib.cpu_rotary(q, k, cos, sin, batch, dim, got_q, got_k)
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+
+
+def test_rotary_names_bad_shapes():
+    q, k, cs = torch.zeros(2, 3, 8), torch.zeros(2, 1, 8), torch.zeros(2, 8)
+    with pytest.raises(qlora_rs.InvalidArgumentError, match="rotary: cos has 16 elements; 1 rows of 8 need 8"):
+        _lib.cpu_rotary(q, k, cs, cs, 1, 8, torch.empty_like(q), torch.empty(1, 8))
+    with pytest.raises(qlora_rs.InvalidArgumentError, match="an even number"):
+        _lib.cpu_rotary(q, k, cs, cs, 2, 7, torch.empty_like(q), torch.empty_like(k))
+    with pytest.raises(qlora_rs.InvalidArgumentError, match="expected one dtype"):
+        _lib.cpu_rotary(q, k, cs.bfloat16(), cs, 2, 8, torch.empty_like(q), torch.empty_like(k))
+
+
+def _without_fast_attention(model):
+    plain = copy.deepcopy(model)
+    for module in plain.modules():
+        if isinstance(module.__dict__.get("forward"), cpu_decode._FastAttention):
+            del module.forward
+    return plain
+
+
+def _decode(model, ids, steps, cache):
+    """Logits of a prefill of ``ids`` and of ``steps`` single tokens after it, teacher-forced."""
+    arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with torch.inference_mode():
+        rows = [model(ids, use_cache=True, **{arg: cache}).logits[:, -1]]
+        for t in steps:
+            rows.append(model(t.view(-1, 1), use_cache=True, **{arg: cache}).logits[:, -1])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fast_attention_decodes_as_the_modules_own_forward(tiny_dir, dtype, monkeypatch):
+    """Prefill, then five single tokens for a batch of two: the same logits and the same cache,
+    bit for bit, as the attention modules' own forward (everything else of the path in both);
+    the one-token steps ran in every decoding step of both layers, and in no prefill."""
+    fast = qlora_rs.from_pretrained(tiny_dir, compute_dtype=dtype, dtype=dtype)
+    assert fast.qlora_rs_cpu_decode.attentions == 2
+    plain = _without_fast_attention(fast)
+    calls = []
+    real = _lib.cpu_rotary
+    monkeypatch.setattr(_lib, "cpu_rotary", lambda *a: calls.append(a[4]) or real(*a))
+    ids = torch.tensor([[5, 9, 11, 4], [7, 3, 2, 8]])
+    steps = torch.tensor([[12, 30, 6, 18, 40], [1, 2, 3, 4, 5]]).T
+    caches = [transformers.DynamicCache(), transformers.DynamicCache()]
+    got = _decode(fast, ids, steps, caches[0])
+    assert calls == [2] * 10
+    want = _decode(plain, ids, steps, caches[1])
+    assert len(calls) == 10 and torch.equal(got, want)
+    for a, b in zip(caches[0].layers, caches[1].layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+def test_fast_attention_steps_aside(tiny_dir, monkeypatch):
+    """Training, autograd, a static cache and other attention implementations take the module's
+    own forward; hooks on a projection still run; restore removes the forward."""
+    model = qlora_rs.from_pretrained(tiny_dir)
+    attn = model.model.layers[0].self_attn
+    assert isinstance(attn.__dict__.get("forward"), cpu_decode._FastAttention)
+    plain = _without_fast_attention(model)
+    calls = []
+    real = _lib.cpu_rotary
+    monkeypatch.setattr(_lib, "cpu_rotary", lambda *a: calls.append(1) or real(*a))
+    ids, steps = torch.tensor([[5, 9, 11, 4]]), torch.tensor([[12], [30]])
+
+    static = [transformers.StaticCache(config=m.config, max_cache_len=16) for m in (model, plain)]
+    assert torch.equal(_decode(model, ids, steps, static[0]), _decode(plain, ids, steps, static[1]))
+    assert calls == []
+
+    seen = []
+    handle = attn.k_proj.register_forward_hook(lambda *a: seen.append(1))
+    _decode(model, ids, steps, transformers.DynamicCache())
+    assert len(calls) == 2 * 2 and len(seen) == 1 + 2  # the prefill's call and both steps'
+    handle.remove()
+
+    calls.clear()
+    model.train()
+    _decode(model, ids, steps, transformers.DynamicCache())
+    model.eval()
+    x = model.model.embed_tokens(torch.tensor([[3]])).detach().requires_grad_()
+    cos, sin = model.model.rotary_emb(x, torch.tensor([[4]]))
+    cache = transformers.DynamicCache()
+    _decode(model, ids, [], cache)
+    arg = "cache" if "cache" in inspect.signature(type(attn).forward).parameters else "past_key_values"
+    out, _ = attn(hidden_states=x, position_embeddings=(cos, sin), attention_mask=None, **{arg: cache})
+    assert out.requires_grad and calls == []
+
+    cpu_decode.restore(model)
+    assert "forward" not in attn.__dict__

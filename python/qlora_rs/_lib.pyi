@@ -112,6 +112,11 @@ def cpu_rms_norm(x: _Tensor, weight: _Tensor, eps: float, out: _Tensor) -> None:
     """out = weight * (x / sqrt(mean(x^2, -1) + eps)) as transformers' LlamaRMSNorm computes it,
     bit for bit; x, weight and out of one float dtype."""
 
+def cpu_rotary(q: _Tensor, k: _Tensor, cos: _Tensor, sin: _Tensor, batch: int, dim: int, q_out: _Tensor,
+               k_out: _Tensor) -> None:
+    """Rotary position embeddings of one token a sequence as transformers' apply_rotary_pos_emb
+    computes them, bit for bit: q and k [batch, heads, dim], cos and sin [batch, dim]; one float dtype."""
+
 def cpu_attend_one_token(q: _Tensor, k: _Tensor, v: _Tensor, mask: _Tensor | None, scale: float, batch: int,
                          heads: int, kv_heads: int, length: int, dim: int, out: _Tensor) -> None:
     """Attention of one query token per sequence: q and out [batch, heads, dim], k and v

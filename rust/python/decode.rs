@@ -1,4 +1,4 @@
-//! Bindings of `crate::decode`: RMS normalization and one token's attention, for the CPU decoding
+//! Bindings of `crate::decode`: RMS normalization, rotary embeddings and one token's attention, for the CPU decoding
 //! path of `qlora_rs.nn.decode`. Tensors (or DLPack capsules) are contiguous CPU tensors.
 
 use pyo3::prelude::*;
@@ -21,6 +21,35 @@ fn cpu_rms_norm(py: Python<'_>, x: &Bound<'_, PyAny>, weight: &Bound<'_, PyAny>,
     // SAFETY: out overlaps neither input (checked above).
     let os = unsafe { out.float_slice_mut()? };
     py.detach(|| decode::rms_norm(xs, ws, eps, os)).map_err(to_pyerr)
+}
+
+/// Rotary position embeddings of one token a sequence, as transformers' `apply_rotary_pos_emb`
+/// (bit for bit): `q` and `k` `[batch, heads, dim]` (each its own number of heads), `cos` and
+/// `sin` `[batch, dim]`, the results into `q_out` and `k_out`; all of one float dtype.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn cpu_rotary(
+    py: Python<'_>,
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    cos: &Bound<'_, PyAny>,
+    sin: &Bound<'_, PyAny>,
+    batch: usize,
+    dim: usize,
+    q_out: &Bound<'_, PyAny>,
+    k_out: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let q = TensorArg::new(q, "cpu_rotary: q")?;
+    let k = TensorArg::new(k, "cpu_rotary: k")?;
+    let cos = TensorArg::new(cos, "cpu_rotary: cos")?;
+    let sin = TensorArg::new(sin, "cpu_rotary: sin")?;
+    let q_out = TensorArg::new(q_out, "cpu_rotary: q_out")?;
+    let k_out = TensorArg::new(k_out, "cpu_rotary: k_out")?;
+    no_overlap(&[&q_out, &k_out], &[&q, &k, &cos, &sin])?;
+    let (qs, ks, cs, ss) = (q.float_slice()?, k.float_slice()?, cos.float_slice()?, sin.float_slice()?);
+    // SAFETY: the outputs overlap no input and each other (checked above).
+    let (qo, ko) = unsafe { (q_out.float_slice_mut()?, k_out.float_slice_mut()?) };
+    py.detach(|| decode::rotary(qs, ks, cs, ss, batch, dim, qo, ko)).map_err(to_pyerr)
 }
 
 /// Attention of one query token per sequence: `q` and `out` `[batch, heads, dim]`, `k` and `v`
@@ -68,6 +97,7 @@ fn cpu_attend_one_token(
 
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cpu_rms_norm, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_rotary, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_attend_one_token, m)?)?;
     Ok(())
 }

@@ -6,7 +6,7 @@ At one token a step a small model's layer is mostly overhead. Measured on SmolLM
 back to back on weights from memory; each RMS norm ran as eight torch ops (~18 us), each attention as SDPA's flash kernel built
 for long sequences (~50 us for one query over ~60 cached positions), and each of the 210 products
 paid a module call, a kernel call and a thread-team wake-up. :func:`prepare` (run by
-:func:`qlora_rs.from_pretrained` for CPU models) changes four things, each only where it is exact
+:func:`qlora_rs.from_pretrained` for CPU models) changes five things, each only where it is exact
 or checked:
 
 - sibling projections that read the same input (q/k/v, gate/up) become a
@@ -19,10 +19,14 @@ or checked:
   as one call (:func:`fused_mlps`);
 - attention runs ``"qlora_rs_cpu"``, registered with transformers' attention interface: one
   query token per sequence on the CPU with no autograd is a Rust kernel (float32 softmax, as SDPA),
-  everything else transformers' SDPA function itself (:func:`attention`).
+  everything else transformers' SDPA function itself (:func:`attention`);
+- Llama's attention modules whose forward gives, on a probe, exactly what the same steps in fewer
+  calls give take those steps for one token a step with a dynamic cache: the rotary embeddings
+  of query and key in one Rust call (ten torch ops before), the attention kernel without the
+  interface's lookup (:func:`fast_attentions`).
 
 Each falls back to the module's own code for anything else: training (autograd), other devices,
-tracing, other dtypes. :func:`restore` undoes all four. Measured with ``benches/generate_bench.py``
+tracing, other dtypes. :func:`restore` undoes all five. Measured with ``benches/generate_bench.py``
 (same machine, one run): 77.9 tokens/s against 65.4 with the products alone.
 """
 
@@ -35,13 +39,14 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
 from .. import _lib
-from ..core.ops import CPU_FUSED_GEMM_MAX_M, _capsule
+from ..core.ops import CPU_FUSED_GEMM_MAX_M, _capsule, cpu_matmul_group
 from .linear4bit import Linear4bit, ProjectionGroup, _untraced
 
-__all__ = ["prepare", "restore", "group_projections", "fast_rms_norms", "fused_mlps", "attention", "ATTENTION",
-           "CpuDecode"]
+__all__ = ["prepare", "restore", "group_projections", "fast_rms_norms", "fused_mlps", "attention", "fast_attentions",
+           "ATTENTION", "CpuDecode"]
 
 #: Names of sibling layers that models call in this order on one input.
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"), ("w1", "w3"))
@@ -52,13 +57,15 @@ ATTENTION = "qlora_rs_cpu"
 
 @dataclass
 class CpuDecode:
-    """What :func:`prepare` changed: projection groups, RMS norms, MLPs, and the attention it
-    replaced (None: left as it was)."""
+    """What :func:`prepare` changed: projection groups, RMS norms, MLPs, the attention
+    implementation it replaced (None: left as it was), and attention modules that take the
+    one-token steps."""
 
     groups: int = 0
     norms: int = 0
     mlps: int = 0
     attention: Optional[str] = None
+    attentions: int = 0
 
 
 def prepare(model: nn.Module) -> CpuDecode:
@@ -66,6 +73,7 @@ def prepare(model: nn.Module) -> CpuDecode:
     what changed. Idempotent; nothing changes for training or on other devices."""
     done = CpuDecode(groups=len(group_projections(model)), norms=fast_rms_norms(model), mlps=fused_mlps(model))
     done.attention = attention(model)
+    done.attentions = fast_attentions(model)
     return done
 
 
@@ -76,7 +84,7 @@ def restore(model: nn.Module) -> None:
         group = module.__dict__.get("_cpu_group") if isinstance(module, Linear4bit) else None
         if group is not None:
             group.dissolve()
-        if isinstance(module.__dict__.get("forward"), (_FastRMSNorm, _FastMLP)):
+        if isinstance(module.__dict__.get("forward"), (_FastRMSNorm, _FastMLP, _FastAttention)):
             del module.forward
     config = getattr(model, "config", None)
     previous = getattr(model, "_qlora_rs_attention", None)
@@ -230,20 +238,29 @@ def fast_rms_norms(model: nn.Module) -> int:
     """Gives every RMS norm of ``model`` whose forward agrees with the kernel (:func:`_probe_agrees`)
     the kernel's forward; returns how many. Candidates: a 1-D floating ``weight`` on the CPU and
     a float ``variance_epsilon``, the names transformers' Llama-style norms use."""
+    def candidate(module: nn.Module) -> bool:
+        weight = module._parameters.get("weight")
+        return (weight is not None and weight.dim() == 1 and weight.is_floating_point() and weight.is_cpu
+                and isinstance(getattr(module, "variance_epsilon", None), float))
+
+    # Each module's own weight and epsilon would agree alike.
+    return _install(model, _FastRMSNorm, candidate, lambda module: module.weight.dtype, _probe_agrees)
+
+
+def _install(model: nn.Module, forward: type, candidate, dtype, agrees) -> int:
+    """Gives each module of ``model`` that is a ``candidate`` (and has no such forward yet) the
+    ``forward(module)``, where ``agrees(module)`` holds for the first module of its class and
+    ``dtype(module)`` (one probe for all of them); returns how many."""
     count = 0
     probed: dict = {}
     for module in model.modules():
-        weight = module._parameters.get("weight")
-        eps = getattr(module, "variance_epsilon", None)
-        if (weight is None or weight.dim() != 1 or not weight.is_floating_point() or not weight.is_cpu
-                or not isinstance(eps, float) or isinstance(module.__dict__.get("forward"), _FastRMSNorm)):
+        if isinstance(module.__dict__.get("forward"), forward) or not candidate(module):
             continue
-        # One probe per class and dtype: each module's own weight and epsilon would agree alike.
-        key = (type(module), weight.dtype)
+        key = (type(module), dtype(module))
         if key not in probed:
-            probed[key] = _probe_agrees(module)
+            probed[key] = agrees(module)
         if probed[key]:
-            module.forward = _FastRMSNorm(module)
+            module.forward = forward(module)
             count += 1
     return count
 
@@ -255,35 +272,45 @@ def _attention_function():
 
     def qlora_rs_cpu_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                                scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
-        b, heads, q_len, dim = query.shape
-        if (q_len != 1 or dropout != 0.0 or not query.is_cpu or type(query) is not torch.Tensor
-                or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
-                or kwargs.get("position_bias") is not None or kwargs.get("output_attentions")
-                or key.dtype != query.dtype or value.dtype != query.dtype or key.shape[1] == 0
-                or heads % key.shape[1] != 0 or value.shape != key.shape
-                or not (_untraced(query, key) and _untraced(value, None))):
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                          scaling=scaling, is_causal=is_causal, **kwargs)
-        length = key.shape[2]
-        mask = None
-        if attention_mask is not None:
-            if attention_mask.shape != (b, 1, 1, length) or attention_mask.dtype not in (torch.bool, torch.float32):
-                return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                              scaling=scaling, is_causal=is_causal, **kwargs)
-            mask = attention_mask.reshape(b, length)
-            if mask.dtype == torch.bool:
-                mask = torch.zeros((b, length), dtype=torch.float32).masked_fill_(~mask, -math.inf)
-            else:
-                mask = mask.contiguous()
-        q = query.reshape(b, heads, dim).contiguous()
-        out = q.new_empty((b, 1, heads, dim))
-        scale = scaling if scaling is not None else dim ** -0.5
-        _lib.cpu_attend_one_token(_capsule(q), _capsule(key.contiguous()), _capsule(value.contiguous()),
-                                  None if mask is None else _capsule(mask), float(scale), b, heads, key.shape[1],
-                                  length, dim, _capsule(out))
-        return out, None
+        if (dropout == 0.0 and query.is_cpu and type(query) is torch.Tensor and not any(
+                kwargs.get(name) for name in _SDPA_ONLY) and _untraced(query, key) and _untraced(value, None)):
+            done = _attend_one_token(query, key, value, attention_mask, scaling)
+            if done is not None:
+                return done
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
 
     return qlora_rs_cpu_attention
+
+
+# Arguments of the attention interface that the kernel does not take (set: SDPA's function runs).
+_SDPA_ONLY = ("softcap", "s_aux", "position_bias", "output_attentions")
+
+
+def _attend_one_token(query, key, value, attention_mask, scaling):
+    """``(out [b, 1, heads, dim], None)`` by the Rust kernel for one query token per sequence of
+    CPU tensors that need no graph, or None where the shapes, dtypes or mask do not suit it."""
+    b, heads, q_len, dim = query.shape
+    if (q_len != 1 or key.dtype != query.dtype or value.dtype != query.dtype or key.shape[1] == 0
+            or heads % key.shape[1] != 0 or value.shape != key.shape):
+        return None
+    length = key.shape[2]
+    mask = None
+    if attention_mask is not None:
+        if attention_mask.shape != (b, 1, 1, length) or attention_mask.dtype not in (torch.bool, torch.float32):
+            return None
+        mask = attention_mask.reshape(b, length)
+        if mask.dtype == torch.bool:
+            mask = torch.zeros((b, length), dtype=torch.float32).masked_fill_(~mask, -math.inf)
+        else:
+            mask = mask.contiguous()
+    q = query.reshape(b, heads, dim).contiguous()
+    out = q.new_empty((b, 1, heads, dim))
+    scale = scaling if scaling is not None else dim ** -0.5
+    _lib.cpu_attend_one_token(_capsule(q), _capsule(key.contiguous()), _capsule(value.contiguous()),
+                              None if mask is None else _capsule(mask), float(scale), b, heads, key.shape[1],
+                              length, dim, _capsule(out))
+    return out, None
 
 
 def _register() -> bool:
@@ -298,6 +325,13 @@ def _register() -> bool:
         AttentionInterface.register(ATTENTION, _attention_function())
         AttentionMaskInterface.register(ATTENTION, sdpa_mask)
     return True
+
+
+def _registered_attention():
+    """The function registered as :data:`ATTENTION` (None before :func:`_register`)."""
+    from transformers import AttentionInterface
+
+    return AttentionInterface._global_mapping.get(ATTENTION)
 
 
 def _set_attention(model: nn.Module, name: str) -> None:
@@ -323,3 +357,164 @@ def attention(model: nn.Module) -> Optional[str]:
         return None
     model._qlora_rs_attention = "sdpa"
     return "sdpa"
+
+
+# ------------------------------------------------------------------ attention modules
+
+# The named arguments of the attention modules' forward (transformers 5.2x renamed past_key_values
+# to cache); whatever else a caller passes goes on to the attention function, as there.
+_ATTENTION_NAMED = ("hidden_states", "position_embeddings", "attention_mask", "cache", "past_key_values")
+
+#: Attention classes whose forward :class:`_FastAttention` restates (checked on a probe besides).
+FAST_ATTENTION_CLASSES = ("LlamaAttention",)
+
+
+class _FastAttention:
+    """The forward of a Llama attention module, for one token a step on CPU inference with a
+    dynamic cache, in the module's own steps but fewer calls: its projections (one kernel call for
+    q, k and v when grouped), the rotary embeddings of query and key by one Rust call
+    (:func:`qlora_rs._lib.cpu_rotary`, the bits of ``apply_rotary_pos_emb``), the cache's update,
+    the :data:`ATTENTION` function called directly, the output projection. Anything else (more
+    tokens, training, autograd, other caches, another attention implementation): the module's own
+    forward."""
+
+    __slots__ = ("module",)
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        out = self.step(args, kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs) if out is None else out
+
+    def step(self, args: tuple, kwargs: dict):
+        """The forward's ``(output, weights)`` by the one-token steps, or None where they do not apply."""
+        module = self.module
+        hidden = args[0] if len(args) == 1 else kwargs.get("hidden_states") if not args else None
+        embeddings = kwargs.get("position_embeddings")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if (type(hidden) is not torch.Tensor or hidden.dim() != 3 or hidden.shape[1] != 1 or not hidden.is_cpu
+                or embeddings is None or module.training or kwargs.get("output_attentions")
+                or type(cache) is not _DYNAMIC_CACHE or not _untraced(hidden, None)
+                or module.config._attn_implementation != ATTENTION):
+            return None
+        layers, index = getattr(cache, "layers", None), module.layer_idx
+        cos, sin = embeddings
+        batch, dim = hidden.shape[0], module.head_dim
+        if (not isinstance(layers, list) or index >= len(layers) or type(layers[index]) is not _DYNAMIC_LAYER
+                or type(cos) is not torch.Tensor or type(sin) is not torch.Tensor or cos.dtype != hidden.dtype
+                or sin.dtype != hidden.dtype or cos.shape not in ((batch, 1, dim), (1, 1, dim)) or sin.shape != cos.shape):
+            return None
+        if cos.shape[0] != batch:  # one position for the whole batch (no padding): broadcast, as the forward does
+            cos, sin = cos.expand(batch, 1, dim), sin.expand(batch, 1, dim)
+        attend = _registered_attention()
+        if attend is None:
+            return None
+        layers = module._modules
+        q, k, v = _products((layers["q_proj"], layers["k_proj"], layers["v_proj"]), hidden)
+        if not (q.dtype == k.dtype == v.dtype == hidden.dtype) or q.shape[-1] % dim or k.shape[-1] % dim:
+            return None  # the forward then starts over
+        q, k = q.contiguous(), k.contiguous()
+        q_rot, k_rot = torch.empty_like(q), torch.empty_like(k)
+        _lib.cpu_rotary(_capsule(q), _capsule(k), _capsule(cos.contiguous()), _capsule(sin.contiguous()), batch, dim,
+                        _capsule(q_rot), _capsule(k_rot))
+        query = q_rot.view(batch, 1, -1, dim).transpose(1, 2)
+        key, value = cache.update(k_rot.view(batch, 1, -1, dim).transpose(1, 2),
+                                  v.view(batch, 1, -1, dim).transpose(1, 2), index)
+        rest = {name: value for name, value in kwargs.items() if name not in _ATTENTION_NAMED}
+        mask = kwargs.get("attention_mask")
+        # The registered function's own path, without its checks of what is known here.
+        done = (None if any(rest.get(name) for name in _SDPA_ONLY) or not _untraced(key, value)
+                else _attend_one_token(query, key, value, mask, module.scaling))
+        out, weights = done if done is not None else attend(module, query, key, value, mask, dropout=0.0,
+                                                             scaling=module.scaling, **rest)
+        return _products((layers["o_proj"],), out.reshape(batch, 1, -1).contiguous())[0], weights
+
+
+def _hooked(layers) -> bool:
+    """Whether calling any of these modules would run a hook (its own or a global one)."""
+    return bool(_torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks
+                or _torch_module._global_backward_hooks or _torch_module._global_backward_pre_hooks or any(
+                    layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks
+                    or layer._backward_pre_hooks for layer in layers))
+
+
+def _products(layers, x: torch.Tensor) -> list:
+    """``[layer(x) for layer in layers]``, the same bits: for plain 4-bit layers without bias or
+    hooks, in x's compute dtype, one kernel call (:func:`~qlora_rs.core.ops.cpu_matmul_group`)
+    without the module calls; else the module calls (x: a CPU tensor that needs no graph)."""
+    if all(type(layer) is Linear4bit and layer.compute_dtype == x.dtype and layer._parameters["bias"] is None
+           for layer in layers) and not _hooked(layers):
+        weights = [layer._cpu_kernel_weight() for layer in layers]
+        if None not in weights and x.shape[-1] == layers[0].in_features:
+            return cpu_matmul_group(weights, x)
+    return [layer(x) for layer in layers]
+
+
+_DYNAMIC_CACHE: Any = None
+_DYNAMIC_LAYER: Any = None
+
+
+def _attention_candidate(module: nn.Module) -> bool:
+    return (type(module).__name__ in FAST_ATTENTION_CLASSES and isinstance(getattr(module, "layer_idx", None), int)
+            and isinstance(getattr(module, "head_dim", None), int) and all(
+                isinstance(module._modules.get(n), nn.Module) for n in ("q_proj", "k_proj", "v_proj", "o_proj")))
+
+
+def _layer_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype a projection computes in: a 4-bit layer's compute dtype, else its weight's."""
+    base = _base(layer)
+    return base.compute_dtype if isinstance(base, Linear4bit) else base.weight.dtype
+
+
+def _attention_probe_agrees(module: nn.Module) -> bool:
+    """Whether ``module``'s own forward and :class:`_FastAttention` give the same output and cache,
+    bit for bit, on a probe: three tokens' prefill, then one token, in the dtype of its layers."""
+    q, dtype = _base(module.q_proj), _layer_dtype(module.q_proj)
+    generator = torch.Generator().manual_seed(0)
+
+    def inputs(n):
+        angles = torch.randn((1, n, module.head_dim), generator=generator)
+        hidden = torch.randn((1, n, q.in_features), generator=generator).to(dtype)
+        return dict(hidden_states=hidden, position_embeddings=(angles.cos().to(dtype), angles.sin().to(dtype)),
+                    attention_mask=None)
+
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(type(module).forward).parameters else "past_key_values"
+    prefill, token = inputs(3), inputs(1)
+    caches = (_DYNAMIC_CACHE(), _DYNAMIC_CACHE())
+    training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            for cache in caches:
+                type(module).forward(module, **prefill, **{name: cache})
+            want, _ = type(module).forward(module, **token, **{name: caches[0]})
+            got = _FastAttention(module).step((), {**token, name: caches[1]})
+    except Exception:
+        return False
+    finally:
+        module.train(training)
+    if got is None or not isinstance(want, torch.Tensor) or want.dtype != got[0].dtype or not torch.equal(want, got[0]):
+        return False
+    a, b = caches[0].layers[module.layer_idx], caches[1].layers[module.layer_idx]
+    return torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+def fast_attentions(model: nn.Module) -> int:
+    """Gives every attention module of ``model`` of a class in :data:`FAST_ATTENTION_CLASSES` whose
+    forward agrees with :class:`_FastAttention` on a probe (one probe per class and dtype) that
+    forward; returns how many. Only for a model that attends by :data:`ATTENTION` (see
+    :func:`attention`)."""
+    global _DYNAMIC_CACHE, _DYNAMIC_LAYER
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) != ATTENTION:
+        return 0
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+    except ImportError:
+        return 0
+    _DYNAMIC_CACHE, _DYNAMIC_LAYER = DynamicCache, DynamicLayer
+    return _install(model, _FastAttention, _attention_candidate, lambda module: _layer_dtype(module.q_proj),
+                    _attention_probe_agrees)
