@@ -398,10 +398,10 @@ class _FastAttention:
                 or type(cache) is not _DYNAMIC_CACHE or not _untraced(hidden, None)
                 or module.config._attn_implementation != ATTENTION):
             return None
-        layers, index = getattr(cache, "layers", None), module.layer_idx
+        cached, index = getattr(cache, "layers", None), module.layer_idx
         cos, sin = embeddings
         batch, dim = hidden.shape[0], module.head_dim
-        if (not isinstance(layers, list) or index >= len(layers) or type(layers[index]) is not _DYNAMIC_LAYER
+        if (not isinstance(cached, list) or index >= len(cached) or type(cached[index]) is not _DYNAMIC_LAYER
                 or type(cos) is not torch.Tensor or type(sin) is not torch.Tensor or cos.dtype != hidden.dtype
                 or sin.dtype != hidden.dtype or cos.shape not in ((batch, 1, dim), (1, 1, dim)) or sin.shape != cos.shape):
             return None
@@ -410,8 +410,8 @@ class _FastAttention:
         attend = _registered_attention()
         if attend is None:
             return None
-        layers = module._modules
-        q, k, v = _products((layers["q_proj"], layers["k_proj"], layers["v_proj"]), hidden)
+        projections = module._modules
+        q, k, v = _products((projections["q_proj"], projections["k_proj"], projections["v_proj"]), hidden)
         if not (q.dtype == k.dtype == v.dtype == hidden.dtype) or q.shape[-1] % dim or k.shape[-1] % dim:
             return None  # the forward then starts over
         q, k = q.contiguous(), k.contiguous()
@@ -421,14 +421,14 @@ class _FastAttention:
         query = q_rot.view(batch, 1, -1, dim).transpose(1, 2)
         key, value = cache.update(k_rot.view(batch, 1, -1, dim).transpose(1, 2),
                                   v.view(batch, 1, -1, dim).transpose(1, 2), index)
-        rest = {name: value for name, value in kwargs.items() if name not in _ATTENTION_NAMED}
+        rest = {name: arg for name, arg in kwargs.items() if name not in _ATTENTION_NAMED}
         mask = kwargs.get("attention_mask")
         # The registered function's own path, without its checks of what is known here.
         done = (None if any(rest.get(name) for name in _SDPA_ONLY) or not _untraced(key, value)
                 else _attend_one_token(query, key, value, mask, module.scaling))
         out, weights = done if done is not None else attend(module, query, key, value, mask, dropout=0.0,
                                                              scaling=module.scaling, **rest)
-        return _products((layers["o_proj"],), out.reshape(batch, 1, -1).contiguous())[0], weights
+        return _products((projections["o_proj"],), out.reshape(batch, 1, -1).contiguous())[0], weights
 
 
 def _hooked(layers) -> bool:
@@ -443,10 +443,10 @@ def _products(layers, x: torch.Tensor) -> list:
     """``[layer(x) for layer in layers]``, the same bits: for plain 4-bit layers without bias or
     hooks, in x's compute dtype, one kernel call (:func:`~qlora_rs.core.ops.cpu_matmul_group`)
     without the module calls; else the module calls (x: a CPU tensor that needs no graph)."""
-    if all(type(layer) is Linear4bit and layer.compute_dtype == x.dtype and layer._parameters["bias"] is None
-           for layer in layers) and not _hooked(layers):
+    if all(type(layer) is Linear4bit and layer.compute_dtype == x.dtype and layer.in_features == x.shape[-1]
+           and layer._parameters["bias"] is None for layer in layers) and not _hooked(layers):
         weights = [layer._cpu_kernel_weight() for layer in layers]
-        if None not in weights and x.shape[-1] == layers[0].in_features:
+        if None not in weights:
             return cpu_matmul_group(weights, x)
     return [layer(x) for layer in layers]
 
