@@ -1,11 +1,12 @@
 //! The small steps of a decoder layer's forward that sit between its 4-bit products, for
 //! generating on the CPU: RMS normalization, rotary position embeddings and one query token's
-//! attention over the key/value cache. In a 135M-parameter model each of them does a few microseconds of work, while PyTorch
-//! runs it as 5-10 ops of 2-5 us each (or, for attention, a kernel built for long sequences):
-//! per generated token they cost as much as all the layer's weights take to read.
+//! attention over the key/value cache. In a 135M-parameter model each of them does a few
+//! microseconds of work, while PyTorch runs it as 5-10 ops of 2-5 us each (or, for attention, a
+//! kernel built for long sequences): per generated token they cost as much as all the layer's
+//! weights take to read.
 //!
-//! They compute in float32 and round to the tensors' dtype where the PyTorch code they stand
-//! in for does (`qlora_rs.nn.decode` checks each module against its own forward before using it).
+//! They compute in float32 and round to the tensors' dtype where the PyTorch code they stand in
+//! for does (`qlora_rs.nn.cpu_decode` checks each module against its own forward before using it).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 

@@ -1,5 +1,5 @@
 //! Bindings of `crate::decode`: RMS normalization, rotary embeddings and one token's attention, for the CPU decoding
-//! path of `qlora_rs.nn.decode`. Tensors (or DLPack capsules) are contiguous CPU tensors.
+//! path of `qlora_rs.nn.cpu_decode`. Tensors (or DLPack capsules) are contiguous CPU tensors.
 
 use pyo3::prelude::*;
 

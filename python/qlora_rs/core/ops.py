@@ -586,7 +586,7 @@ def _gemm_backward(ctx, grad):
 # result needs no graph and the CPU kernel is next in line (no mode, subclass, functorch or
 # functionalization key), ours calls it at once; everything else goes through the wrapper torch
 # generates, so autograd, compile and export behave as with register_autograd. That wrapper is
-# private torch API (present from 2.4 to at least 2.15): without it, register_autograd as before.
+# private torch API (present in 2.11 and 2.15, the versions tested): without it, register_autograd as before.
 _after_autograd = getattr(torch._C, "_after_autograd_keyset", None)
 try:
     from torch._library.autograd import Info as _AutogradInfo, make_autograd_impl as _make_autograd_impl

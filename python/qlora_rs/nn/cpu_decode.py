@@ -403,7 +403,8 @@ class _FastAttention:
         batch, dim = hidden.shape[0], module.head_dim
         if (not isinstance(cached, list) or index >= len(cached) or type(cached[index]) is not _DYNAMIC_LAYER
                 or type(cos) is not torch.Tensor or type(sin) is not torch.Tensor or cos.dtype != hidden.dtype
-                or sin.dtype != hidden.dtype or cos.shape not in ((batch, 1, dim), (1, 1, dim)) or sin.shape != cos.shape):
+                or sin.dtype != hidden.dtype or cos.shape not in ((batch, 1, dim), (1, 1, dim))
+                or sin.shape != cos.shape):
             return None
         if cos.shape[0] != batch:  # one position for the whole batch (no padding): broadcast, as the forward does
             cos, sin = cos.expand(batch, 1, dim), sin.expand(batch, 1, dim)
