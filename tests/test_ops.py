@@ -4,6 +4,7 @@ pure-torch decode, fake (meta) implementations, autograd, argument errors, CUDA 
 from __future__ import annotations
 
 import logging
+import warnings
 
 import pytest
 import torch
@@ -123,6 +124,17 @@ def test_gemm_autograd_kernel_calls_the_cpu_kernel_at_once_only_without_a_graph(
     with torch.no_grad(), Recorder() as recorder:  # a mode: its key comes before the CPU kernel's
         y = torch.ops.qlora_rs.gemm_4bit(x, *args)
     assert direct == [1, 1] and recorder.calls == ["qlora_rs.gemm_4bit.default"] and torch.equal(y, expected)
+
+
+def test_gemm_under_vmap_equals_the_loop():
+    # No batching rule: torch's fallback calls the op on each slice, through its Autograd kernel.
+    packed, state = qlora_rs.quantize(torch.randn(24, 32), double_quant=True)
+    args = ops.quant_args(packed, state)
+    x = torch.randn(4, 3, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch says that it falls back to a loop
+        y = torch.vmap(lambda xi: torch.ops.qlora_rs.gemm_4bit(xi, *args))(x)
+    assert torch.equal(y, torch.stack([torch.ops.qlora_rs.gemm_4bit(xi, *args) for xi in x]))
 
 
 def test_fake_implementations_give_shapes_on_meta():
