@@ -595,6 +595,7 @@ except ImportError:
 
 
 def _needs_graph(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether autograd would record an op on these tensors (None: no tensor)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 

@@ -33,6 +33,7 @@ before the attention modules' steps, in a slower hour).
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -328,13 +329,6 @@ def _register() -> bool:
     return True
 
 
-def _registered_attention():
-    """The function registered as :data:`ATTENTION` (None before :func:`_register`)."""
-    from transformers import AttentionInterface
-
-    return AttentionInterface._global_mapping.get(ATTENTION)
-
-
 def _set_attention(model: nn.Module, name: str) -> None:
     setter = getattr(model, "set_attn_implementation", None)
     if setter is not None:
@@ -409,9 +403,6 @@ class _FastAttention:
             return None
         if cos.shape[0] != batch:  # one position for the whole batch (no padding): broadcast, as the forward does
             cos, sin = cos.expand(batch, 1, dim), sin.expand(batch, 1, dim)
-        attend = _registered_attention()
-        if attend is None:
-            return None
         projections = module._modules
         q, k, v = _products((projections["q_proj"], projections["k_proj"], projections["v_proj"]), hidden)
         if not (q.dtype == k.dtype == v.dtype == hidden.dtype) or q.shape[-1] % dim or k.shape[-1] % dim:
@@ -423,13 +414,14 @@ class _FastAttention:
         query = q_rot.view(batch, 1, -1, dim).transpose(1, 2)
         key, value = cache.update(k_rot.view(batch, 1, -1, dim).transpose(1, 2),
                                   v.view(batch, 1, -1, dim).transpose(1, 2), index)
-        rest = {name: arg for name, arg in kwargs.items() if name not in _ATTENTION_NAMED}
         mask = kwargs.get("attention_mask")
         # The registered function's own path, without its checks of what is known here.
-        done = (None if any(rest.get(name) for name in _SDPA_ONLY) or not _untraced(key, value)
+        done = (None if any(kwargs.get(name) for name in _SDPA_ONLY) or not _untraced(key, value)
                 else _attend_one_token(query, key, value, mask, module.scaling))
-        out, weights = done if done is not None else attend(module, query, key, value, mask, dropout=0.0,
-                                                             scaling=module.scaling, **rest)
+        if done is None:
+            rest = {name: arg for name, arg in kwargs.items() if name not in _ATTENTION_NAMED}
+            done = _ATTEND(module, query, key, value, mask, dropout=0.0, scaling=module.scaling, **rest)
+        out, weights = done
         return _products((projections["o_proj"],), out.reshape(batch, 1, -1).contiguous())[0], weights
 
 
@@ -453,8 +445,11 @@ def _products(layers, x: torch.Tensor) -> list:
     return [layer(x) for layer in layers]
 
 
+# transformers' DynamicCache and DynamicLayer, and the function registered as ATTENTION: looked up
+# once, when fast_attentions installs the first forward.
 _DYNAMIC_CACHE: Any = None
 _DYNAMIC_LAYER: Any = None
+_ATTEND: Any = None
 
 
 def _attention_candidate(module: nn.Module) -> bool:
@@ -480,8 +475,6 @@ def _attention_probe_agrees(module: nn.Module) -> bool:
         hidden = torch.randn((1, n, q.in_features), generator=generator).to(dtype)
         return dict(hidden_states=hidden, position_embeddings=(angles.cos().to(dtype), angles.sin().to(dtype)),
                     attention_mask=None)
-
-    import inspect
 
     name = "cache" if "cache" in inspect.signature(type(module).forward).parameters else "past_key_values"
     prefill, token = inputs(3), inputs(1)
@@ -509,14 +502,18 @@ def fast_attentions(model: nn.Module) -> int:
     forward agrees with :class:`_FastAttention` on a probe (one probe per class and dtype) that
     forward; returns how many. Only for a model that attends by :data:`ATTENTION` (see
     :func:`attention`)."""
-    global _DYNAMIC_CACHE, _DYNAMIC_LAYER
+    global _DYNAMIC_CACHE, _DYNAMIC_LAYER, _ATTEND
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != ATTENTION:
         return 0
     try:
+        from transformers import AttentionInterface
         from transformers.cache_utils import DynamicCache, DynamicLayer
     except ImportError:
         return 0
-    _DYNAMIC_CACHE, _DYNAMIC_LAYER = DynamicCache, DynamicLayer
+    attend = AttentionInterface._global_mapping.get(ATTENTION)
+    if attend is None:
+        return 0
+    _DYNAMIC_CACHE, _DYNAMIC_LAYER, _ATTEND = DynamicCache, DynamicLayer, attend
     return _install(model, _FastAttention, _attention_candidate, lambda module: _layer_dtype(module.q_proj),
                     _attention_probe_agrees)

@@ -30,7 +30,7 @@ from .. import _lib
 from ..core.autograd import Linear4bitFunction
 from ..errors import FormatError, InvalidArgumentError
 from ..core.functional import quantize
-from ..core.ops import CpuPackedWeight, _no_modes, cpu_matmul_group, cpu_weight, forget_cpu_weight
+from ..core.ops import CpuPackedWeight, _needs_graph, _no_modes, cpu_matmul_group, cpu_weight, forget_cpu_weight
 from ..core.ops import dequantize_4bit as _dequantize_op
 from ..core.quant_state import QUANT_TYPES, QuantState, code_table, dtype_name, nested_code_table, parse_dtype
 
@@ -547,6 +547,6 @@ def _untraced(x: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     compiler tracing, no dispatch or function mode (FlopCounterMode, fake tensors...) to see the op."""
     if torch.compiler.is_compiling():  # first: the compiler folds it, and traces nothing below
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+    if _needs_graph(x, bias):
         return False
     return _no_modes()

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.autograd import LoraLinear4bitFunction, LoraLinearFunction
+from ..core.ops import _needs_graph
 from ..errors import InvalidArgumentError
 from ..core.quant_state import dtype_name, parse_dtype
 from .linear4bit import Linear4bit
@@ -140,9 +141,7 @@ class LoraLinear4bit(_LoraLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         p = self.dropout if self.training else 0.0
-        if p == 0.0 and not (
-            torch.is_grad_enabled() and (self.lora_A.weight.requires_grad or self.lora_B.weight.requires_grad)
-        ):
+        if p == 0.0 and not _needs_graph(self.lora_A.weight, self.lora_B.weight):
             y = base._cpu_inference(x)
             if y is not None:
                 return self._add_adapters(x, y)
