@@ -11,18 +11,19 @@ calls), so that a machine whose speed drifts affects all of them alike. Prints m
   a cycle apart so that neither reads a weight the other has just brought in), as the layers of a
   model do during generation: a weight repeated from cache would time the cache, not the bytes a
   quarter-size format saves (``--warm`` keeps one copy);
-- dequantize 4096x4096 NF4 + double quant to bf16: qlora-rs into a new tensor (the op) and into a
-  preallocated one (``ops.dequantize_4bit_cpu(..., out=)``: the weight checked once and its block
+- dequantize 4096x4096 NF4 + double quant to bf16: qlora-rs into a new tensor (the op, its output
+  on memory the freed outputs before it used: ``qlora_rs.core.memory``; and, for comparison, on a
+  new allocation each call, as before that pool) and into a preallocated one (``ops.dequantize_4bit_cpu(..., out=)``: the weight checked once and its block
   scales decoded to float32 once, as every CPU entry point keeps them; and, for comparison, a weight
   checked and its double-quantized scales decoded in every call), against bitsandbytes'
-  ``dequantize_4bit``; Gparam/s and GB/s (bytes read + written), and the anchor the machine sets:
+  ``dequantize_4bit`` (into a new tensor: its CPU path takes no ``out``); Gparam/s and GB/s (bytes read + written), and the anchor the machine sets:
   torch copying a bf16 tensor of the output's size;
 - above the crossover (M = 128, 512): the op, whose decode goes into a buffer it reuses, against
   the same decode into a new tensor;
 - ``--crossover``: the fused kernel against the decode (into the reused buffer, as the op does
   above the limit) + ``F.linear`` for M = 1..64, the table behind ``qlora_rs.ops.CPU_FUSED_GEMM_MAX_M``.
 
-    python benches/cpu_matmul_bench.py [--repeat 7] [--threads 2] [--crossover]
+    python benches/cpu_matmul_bench.py [--repeat 7] [--threads 2] [--crossover | --dequantize]
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ def matmul_table(repeat: int, warm: bool) -> None:
 
 def dequantize_table(repeat: int) -> None:
     import qlora_rs
-    from qlora_rs.core import ops
+    from qlora_rs.core import memory, ops
 
     n_out = k = 4096
     n = n_out * k
@@ -166,9 +167,19 @@ def dequantize_table(repeat: int) -> None:
     args = ops.quant_args(packed, state)
     buffer = torch.empty(n_out, k, dtype=torch.bfloat16)
     source = torch.randn(n_out, k, dtype=torch.bfloat16)
+
+    def fresh_memory():
+        """The op as before its output pool: each output a new allocation, its pages untouched."""
+        pool_min, memory.POOL_MIN_BYTES = memory.POOL_MIN_BYTES, 1 << 62
+        try:
+            return torch.ops.qlora_rs.dequantize_4bit(*args, torch.bfloat16)
+        finally:
+            memory.POOL_MIN_BYTES = pool_min
+
     contenders = {
         "torch copy_ (anchor)": lambda: buffer.copy_(source),
         "qlora-rs, new tensor": lambda: torch.ops.qlora_rs.dequantize_4bit(*args, torch.bfloat16),
+        "new tensor, fresh memory": fresh_memory,
         "qlora-rs, preallocated": lambda: ops.dequantize_4bit_cpu(*args, torch.bfloat16, out=buffer),
         "prealloc., checked every call": lambda: ops.CpuPackedWeight(*args).dequantize(torch.bfloat16, out=buffer),
     }
@@ -176,7 +187,7 @@ def dequantize_table(repeat: int) -> None:
         import bitsandbytes.functional as BF
 
         bp, bs = BF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
-        contenders["bitsandbytes, new tensor"] = lambda: BF.dequantize_4bit(bp, bs)
+        contenders["bitsandbytes, new tensor"] = lambda: BF.dequantize_4bit(bp, bs)  # its CPU path has no out=
     except ImportError:
         print("bitsandbytes not installed: skipped")
     t = interleaved(contenders, repeat, run=3)
@@ -190,8 +201,8 @@ def dequantize_table(repeat: int) -> None:
           f"{t['torch copy_ (anchor)'] / t['qlora-rs, preallocated']:.2f}x")
     if "bitsandbytes, new tensor" in t:
         ref = t["bitsandbytes, new tensor"]
-        print(f"qlora-rs vs bitsandbytes: new tensor {ref / t['qlora-rs, new tensor']:.2f}x, "
-              f"preallocated {ref / t['qlora-rs, preallocated']:.2f}x")
+        print(f"qlora-rs vs bitsandbytes: new tensor {ref / t['qlora-rs, new tensor']:.2f}x (fresh memory "
+              f"{ref / t['new tensor, fresh memory']:.2f}x), preallocated {ref / t['qlora-rs, preallocated']:.2f}x")
 
 
 def large_m_table(repeat: int) -> None:
@@ -249,6 +260,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (qlora-rs: QLORA_RS_NUM_THREADS)")
     ap.add_argument("--crossover", action="store_true", help="only the fused vs decode + F.linear table")
+    ap.add_argument("--dequantize", action="store_true", help="only the dequantize table")
     ap.add_argument("--warm", action="store_true", help="matmul: repeat one weight (cache-warm) instead of cycling copies")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -262,6 +274,8 @@ def main() -> None:
         crossover_table(args.repeat)
         return
     dequantize_table(args.repeat)
+    if args.dequantize:
+        return
     matmul_table(args.repeat, args.warm)
     large_m_table(args.repeat)
 

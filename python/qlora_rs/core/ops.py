@@ -9,6 +9,7 @@ see through it, and per-device kernels behind it:
   (``M <= CPU_FUSED_GEMM_MAX_M``) runs a fused kernel that reads the packed weight directly; with
   more, the core decodes and the matmul is torch's (MKL/oneDNN). Each packed weight is checked, and
   its double-quantized scales decoded, once while it lives and stays unchanged (:func:`cpu_weight`).
+  Decoded weights go into memory already in use (:mod:`~qlora_rs.core.memory`).
 - CUDA: kernels registered for the ``CUDA`` dispatch key by ``qlora_rs.core.cuda_ops`` when compiled in.
   Without them every other device (CUDA included) runs a pure-torch decode registered as the
   ``CompositeExplicitAutograd`` default; it is exact but slow and says so once in the log.
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import weakref
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -37,6 +37,7 @@ from ..errors import InvalidArgumentError
 from .op_args import (  # noqa: F401  (check_*, packed_bytes, quant_args: part of this module's API)
     _NESTED_BLOCKSIZE, _numel, check_gemm_input, check_out_dtype, check_quant_args, packed_bytes, quant_args,
 )
+from .memory import _decode_buffers, _kept_from, decode_buffer, free_decode_buffers, new_output  # noqa: F401
 from .quant_state import QuantState, code_table, dtype_name
 
 _log = logging.getLogger("qlora_rs")
@@ -206,7 +207,7 @@ class CpuPackedWeight:
         n = math.prod(self.shape)
         fresh = out is None
         if fresh:
-            out = torch.empty(self.shape, dtype=dtype)
+            out, fresh = new_output(self.shape, dtype)
         elif out.device.type != "cpu" or out.dtype != dtype or out.numel() != n or not out.is_contiguous():
             raise InvalidArgumentError(
                 f"{_DEQUANTIZE} (CPU): out is {dtype_name(out.dtype)} {list(out.shape)} on {out.device} (contiguous: "
@@ -255,48 +256,6 @@ class CpuPackedWeight:
         out = x.new_empty((*x.shape[:-1], n_out))  # 2 us less than torch.empty of a torch.Size + tuple
         _lib.cpu_gemm_4bit(self._packed_for(m, x.dtype), _capsule(x), _capsule(out), None)
         return out
-
-
-# The decoded weights of the larger CPU products go into a buffer per thread and dtype, kept and
-# grown to the largest weight decoded so far: the C library maps a new tensor of 32 MiB or more
-# afresh for each call, whose pages then fault in one by one (a 4096x4096 bf16 weight: 8.6-9.5 ms
-# with 4 KiB pages on a 2-core Zen 5 VM, 18-23 ms with huge pages in some phases), where decoding
-# into memory already in use takes about 1 ms.
-_thread_buffers = threading.local()
-
-
-def _decode_buffers() -> dict:
-    buffers = getattr(_thread_buffers, "buffers", None)
-    if buffers is None:
-        buffers = _thread_buffers.buffers = {}
-    return buffers
-
-
-def decode_buffer(n: int, dtype: torch.dtype) -> torch.Tensor:
-    """This thread's buffer of at least ``n`` elements of ``dtype`` for decoded weights (its first
-    ``n`` elements), reallocated only when a larger weight comes. It holds the largest weight
-    decoded so far in this thread; :func:`free_decode_buffers` lets it go."""
-    buffers = _decode_buffers()
-    buffer = buffers.get(dtype)
-    if buffer is None or buffer.numel() < n:
-        buffers.pop(dtype, None)  # the old one goes before the new one comes
-        buffer = buffers[dtype] = torch.empty(n, dtype=dtype)
-    return buffer[:n]
-
-
-def _kept_from(y: torch.Tensor) -> torch.Tensor:
-    """``y``, a product of a weight decoded into this thread's buffer. When autograd recorded it,
-    the graph may have saved the decoded weight for its backward: the buffer is the graph's now,
-    and the next decode goes into a new one."""
-    if y.requires_grad:
-        _decode_buffers().pop(y.dtype, None)
-    return y
-
-
-def free_decode_buffers() -> None:
-    """Frees this thread's buffers of decoded weights (the next product above
-    :data:`CPU_FUSED_GEMM_MAX_M` rows allocates again)."""
-    _decode_buffers().clear()
 
 
 # Private torch API (present since 2.0); without it the CPU kernels are never called directly.
