@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import qlora_rs
-from _loading_helpers import make_tiny_llama
+from _loading_helpers import make_tiny_family, make_tiny_llama
 from qlora_rs import _lib
 from qlora_rs.nn import Linear4bit, cpu_decode
 from qlora_rs.nn.linear4bit import ProjectionGroup
@@ -402,6 +402,45 @@ def test_fast_attention_decodes_as_the_modules_own_forward(tiny_dir, dtype, monk
     assert len(calls) == 10 and torch.equal(got, want)
     for a, b in zip(caches[0].layers, caches[1].layers):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+# Mistral without a window; Qwen2 (a bias on q, k and v); Qwen2 with a window of 3 positions on
+# its second layer (the layers from max_window_layers on), which the decoding below outgrows.
+FAMILIES = {
+    "mistral": ("Mistral", {"sliding_window": None}),
+    "qwen2": ("Qwen2", {}),
+    "qwen2-window": ("Qwen2", {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1}),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family_dir(request, tmp_path_factory):
+    family, overrides = FAMILIES[request.param]
+    return make_tiny_family(tmp_path_factory.mktemp(request.param), family, **overrides)
+
+
+def test_fast_attention_of_other_families_decodes_as_their_own_forward(family_dir, monkeypatch):
+    """Mistral's and Qwen2's attention modules take the one-token steps (Qwen2's biased q, k and v
+    in one kernel call; a sliding window comes in the mask) and give the logits and cache of their
+    own forward bit for bit; with the model's own cache, sliding-window layers keep their forward."""
+    fast = qlora_rs.from_pretrained(family_dir)
+    assert fast.qlora_rs_cpu_decode.attentions == 2
+    plain = _without_fast_attention(fast)
+    rotary, groups = [], []
+    real_rotary, real_group = _lib.cpu_rotary, cpu_decode.cpu_matmul_group
+    monkeypatch.setattr(_lib, "cpu_rotary", lambda *a: rotary.append(1) or real_rotary(*a))
+    monkeypatch.setattr(cpu_decode, "cpu_matmul_group", lambda w, x: groups.append(len(w)) or real_group(w, x))
+    ids = torch.tensor([[5, 9, 11, 4], [7, 3, 2, 8]])
+    steps = torch.tensor([[12, 30, 6, 18, 40], [1, 2, 3, 4, 5]]).T
+    caches = [transformers.DynamicCache(), transformers.DynamicCache()]
+    got = _decode(fast, ids, steps, caches[0])
+    assert len(rotary) == 10 and groups.count(3) == 10  # each step of both layers; q, k and v in one call
+    want = _decode(plain, ids, steps, caches[1])
+    assert torch.equal(got, want)
+    for a, b in zip(caches[0].layers, caches[1].layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    own = [transformers.DynamicCache(config=m.config) for m in (fast, plain)]
+    assert torch.equal(_decode(fast, ids, steps, own[0]), _decode(plain, ids, steps, own[1]))
 
 
 def test_fast_attention_steps_aside(tiny_dir, monkeypatch):

@@ -20,7 +20,7 @@ or checked:
 - attention runs ``"qlora_rs_cpu"``, registered with transformers' attention interface: one
   query token per sequence on the CPU with no autograd is a Rust kernel (float32 softmax, as SDPA),
   everything else transformers' SDPA function itself (:func:`attention`);
-- Llama's attention modules whose forward gives, on a probe, exactly what the same steps in fewer
+- Llama's, Mistral's and Qwen2's attention modules whose forward gives, on a probe, exactly what the same steps in fewer
   calls give take those steps for one token a step with a dynamic cache: the rotary embeddings
   of query and key in one Rust call (ten torch ops before), the attention kernel without the
   interface's lookup (:func:`fast_attentions`).
@@ -44,7 +44,7 @@ from torch import nn
 from torch.nn.modules import module as _torch_module
 
 from .. import _lib
-from ..core.ops import CPU_FUSED_GEMM_MAX_M, _capsule, cpu_matmul_group
+from ..core.ops import CPU_FUSED_GEMM_MAX_M, _capsule, _needs_graph, cpu_matmul_group
 from .linear4bit import Linear4bit, ProjectionGroup, _untraced
 
 __all__ = ["prepare", "restore", "group_projections", "fast_rms_norms", "fused_mlps", "attention", "fast_attentions",
@@ -361,13 +361,16 @@ def attention(model: nn.Module) -> Optional[str]:
 _ATTENTION_NAMED = ("hidden_states", "position_embeddings", "attention_mask", "cache", "past_key_values")
 
 #: Attention classes whose forward :class:`_FastAttention` restates (checked on a probe besides).
-FAST_ATTENTION_CLASSES = ("LlamaAttention",)
+#: Mistral's and Qwen2's differ from Llama's in a bias on q, k and v (Qwen2) and in handing a
+#: ``sliding_window`` to the attention function, which the registered function does not need: the
+#: window is in the mask it gets (and layers of a sliding-window cache keep their own forward).
+FAST_ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
 
 
 class _FastAttention:
-    """The forward of a Llama attention module, for one token a step on CPU inference with a
-    dynamic cache, in the module's own steps but fewer calls: its projections (one kernel call for
-    q, k and v when grouped), the rotary embeddings of query and key by one Rust call
+    """The forward of a Llama-style attention module (:data:`FAST_ATTENTION_CLASSES`), for one
+    token a step on CPU inference with a dynamic cache, in the module's own steps but fewer calls:
+    its projections (one kernel call for q, k and v when grouped), the rotary embeddings of query and key by one Rust call
     (:func:`qlora_rs._lib.cpu_rotary`, the bits of ``apply_rotary_pos_emb``), the cache's update,
     the :data:`ATTENTION` function called directly, the output projection. Anything else (more
     tokens, training, autograd, other caches, another attention implementation): the module's own
@@ -434,14 +437,17 @@ def _hooked(layers) -> bool:
 
 
 def _products(layers, x: torch.Tensor) -> list:
-    """``[layer(x) for layer in layers]``, the same bits: for plain 4-bit layers without bias or
-    hooks, in x's compute dtype, one kernel call (:func:`~qlora_rs.core.ops.cpu_matmul_group`)
-    without the module calls; else the module calls (x: a CPU tensor that needs no graph)."""
+    """``[layer(x) for layer in layers]``, the same bits: for plain 4-bit layers without hooks, in
+    x's compute dtype, one kernel call (:func:`~qlora_rs.core.ops.cpu_matmul_group`) without the
+    module calls, a bias added as the layer adds it; else the module calls (x: a CPU tensor that
+    needs no graph)."""
     if all(type(layer) is Linear4bit and layer.compute_dtype == x.dtype and layer.in_features == x.shape[-1]
-           and layer._parameters["bias"] is None for layer in layers) and not _hooked(layers):
+           for layer in layers) and not _hooked(layers):
         weights = [layer._cpu_kernel_weight() for layer in layers]
-        if None not in weights:
-            return cpu_matmul_group(weights, x)
+        biases = [layer._parameters["bias"] for layer in layers]
+        if None not in weights and not _needs_graph(*biases):
+            return [y if b is None else y + b.to(y.dtype)
+                    for y, b in zip(cpu_matmul_group(weights, x), biases)]
     return [layer(x) for layer in layers]
 
 
