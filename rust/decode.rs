@@ -8,15 +8,13 @@
 //! They compute in float32 and round to the tensors' dtype where the PyTorch code they stand in
 //! for does (`qlora_rs.nn.cpu_decode` checks each module against its own forward before using it).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use crate::cpu_isa::{Host, Isa};
 use crate::dtype::{Element, FloatSlice, FloatSliceMut};
 use crate::error::{Error, Result};
 use crate::reduce::{torch_mean_f32, SumOrder};
 
 /// Multiply-adds below which attention runs on the calling thread alone (as in `matmul4`).
-const PARALLEL_MIN_WORK: usize = 1 << 17;
+pub(crate) const PARALLEL_MIN_WORK: usize = 1 << 17;
 
 /// Llama's RMS normalization of `rows` rows of `cols`: in float32, `h = x / sqrt(mean(x^2) + eps)`
 /// rounded to the dtype, then `weight * h` rounded again (transformers' `LlamaRMSNorm` and the
@@ -194,21 +192,9 @@ fn attend<T: Element>(
             }
         }
     };
-    let tasks = batch * kv_heads;
     let work = rows.saturating_mul(len).saturating_mul(dim);
-    let threads = if work < PARALLEL_MIN_WORK { 1 } else { host.team_size().min(tasks) };
-    if threads <= 1 {
-        (0..tasks).for_each(task);
-        return;
-    }
-    let next = AtomicUsize::new(0);
-    crate::threads::run_team(threads, &|| loop {
-        let t = next.fetch_add(1, Ordering::Relaxed);
-        if t >= tasks {
-            break;
-        }
-        task(t);
-    });
+    let threads = if work < PARALLEL_MIN_WORK { 1 } else { host.team_size() };
+    crate::threads::run_tasks(threads, batch * kv_heads, &task);
 }
 
 /// One query head: scores, softmax, weighted sum of the values into `acc`.

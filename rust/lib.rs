@@ -14,6 +14,7 @@ pub mod dtype;
 pub mod error;
 pub mod matmul4;
 pub mod gguf;
+pub mod lora;
 pub mod paging;
 pub mod quant4;
 pub mod reduce;

@@ -73,6 +73,23 @@ pub fn run_team(threads: usize, work: &(dyn Fn() + Sync)) {
     });
 }
 
+/// Runs `task(t)` for every t in `0..tasks` on up to `threads` threads of [`run_team`], each
+/// thread taking the next task from a counter (on the calling thread alone for one).
+pub fn run_tasks(threads: usize, tasks: usize, task: &(dyn Fn(usize) + Sync)) {
+    if threads.min(tasks) <= 1 {
+        (0..tasks).for_each(task);
+        return;
+    }
+    let next = AtomicUsize::new(0);
+    run_team(threads.min(tasks), &|| loop {
+        let t = next.fetch_add(1, Ordering::Relaxed);
+        if t >= tasks {
+            break;
+        }
+        task(t);
+    });
+}
+
 /// GNU OpenMP's entry points, found in the already loaded libgomp (never loaded by us).
 mod openmp {
     use super::*;

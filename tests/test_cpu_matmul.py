@@ -584,6 +584,7 @@ def test_inference_path_equals_the_op_path(bias):
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 def test_lora_inference_path_equals_the_function_path(bias, x_dtype):
     from qlora_rs.nn import LoraLinear4bit
+    from qlora_rs.nn.lora import LORA_KERNEL_MAX_ROWS
 
     torch.manual_seed(0)
     lora = LoraLinear4bit(layer(bias), r=8, alpha=16, dropout=0.1)
@@ -594,9 +595,13 @@ def test_lora_inference_path_equals_the_function_path(bias, x_dtype):
         x = torch.randn(2, m, 96).to(x_dtype)
         with torch.no_grad():
             fast = lora(x)
-        slow = lora(x)  # grad enabled and the adapters require grad: the autograd function
-        assert slow.grad_fn is not None and fast.grad_fn is None
-        assert fast.dtype == x_dtype and torch.equal(fast, slow.detach()), m
+        slow = lora(x).detach()  # grad enabled and the adapters require grad: the autograd function
+        assert lora(x).grad_fn is not None and fast.grad_fn is None and fast.dtype == x_dtype
+        if 2 * m > LORA_KERNEL_MAX_ROWS:
+            assert torch.equal(fast, slow), m  # the same ops
+        else:
+            # The Rust call sums in its own order: a result rounded to bf16 may land one unit off.
+            assert ((fast - slow).abs() <= slow.abs() * 2.0**-7).all() and (fast != slow).float().mean() < 0.05, m
     # Training with dropout takes the function (a mask per call), even without gradients.
     lora.train()
     with torch.no_grad():

@@ -186,3 +186,65 @@ def test_torch_compile_fullgraph_forward_backward():
 @pytest.mark.slow
 def test_torch_compile_inductor():
     _compile_check("inductor")
+
+
+# ------------------------------------------------------------------ the adapters' share on CPU inference
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows, k, r, n", [(1, 576, 16, 576), (3, 37, 5, 70), (2, 4096, 64, 1100)])
+def test_cpu_lora_add_equals_float64_within_one_rounding(dtype, rows, k, r, n):
+    """``y += round(B @ (A @ x) * scaling)``: the float32 share within summation error of float64,
+    rounded to y's dtype, then the sum rounded: y lands on one of the two representable values
+    around the exact result (the larger sizes share the work among threads)."""
+    from qlora_rs import _lib
+
+    g = torch.Generator().manual_seed(rows * k + r)
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    a, b = torch.randn(r, k, generator=g) * 0.05, torch.randn(n, r, generator=g) * 0.05
+    y0 = torch.randn(rows, n, generator=g).to(dtype)
+    scaling = 32 / 12
+    y = y0.clone()
+    _lib.cpu_lora_add(x, a, b, scaling, rows, k, r, n, y)
+    share = (x.double() @ a.double().T @ b.double().T) * scaling
+    exact = y0.double() + share.to(dtype).double()  # the share rounded first, as the ops round it
+    # One rounding of the sum; float32 summation error (1e-5 of the terms' magnitudes), and a
+    # share that it moves across a rounding boundary rounds one unit away.
+    terms = (x.double().abs() @ a.double().abs().T @ b.double().abs().T) * scaling
+    bound = torch.finfo(dtype).eps * (exact.abs() + share.abs()) + 1e-5 * terms
+    assert ((y.double() - exact).abs() <= bound).all()
+    assert (y != y0).any()
+
+
+def test_cpu_lora_add_names_what_does_not_fit():
+    from qlora_rs import _lib
+
+    x, a, b, y = torch.randn(2, 8), torch.randn(4, 8), torch.randn(6, 4), torch.randn(2, 6)
+    with pytest.raises(InvalidArgumentError, match="lora_B has 24 elements"):
+        _lib.cpu_lora_add(x, a, b, 1.0, 2, 8, 4, 5, y[:, :5].contiguous())
+    with pytest.raises(InvalidArgumentError, match="lora_A: dtype bfloat16, expected float32"):
+        _lib.cpu_lora_add(x, a.bfloat16(), b, 1.0, 2, 8, 4, 6, y)
+    with pytest.raises(InvalidArgumentError, match="shares memory"):
+        _lib.cpu_lora_add(y, a[:, :6].contiguous(), b, 1.0, 2, 6, 4, 6, y)
+
+
+def test_inference_adds_float32_adapters_by_one_call_for_few_rows(monkeypatch):
+    """No grad and no dropout: few rows take the Rust call, more rows and bf16 adapters the ops."""
+    from qlora_rs import _lib
+    from qlora_rs.nn import lora as lora_module
+
+    layer = LoraLinear4bit(_base(compute_dtype=torch.bfloat16), r=8, alpha=16)
+    _randomize(layer)
+    layer.eval()
+    calls = []
+    real = _lib.cpu_lora_add
+    monkeypatch.setattr(_lib, "cpu_lora_add", lambda *a: calls.append(a[4]) or real(*a))
+    with torch.no_grad():
+        for rows in (1, lora_module.LORA_KERNEL_MAX_ROWS, lora_module.LORA_KERNEL_MAX_ROWS + 1):
+            x = torch.randn(rows, 64, dtype=torch.bfloat16)
+            fast, (want, *_) = layer(x), _reference(layer, x.float())
+            torch.testing.assert_close(fast.float(), want.detach(), rtol=2e-2, atol=2e-2)
+        assert calls == [1, lora_module.LORA_KERNEL_MAX_ROWS]
+        layer.to(torch.bfloat16)  # bf16 adapters (and base scales): the ops
+        layer(torch.randn(1, 64, dtype=torch.bfloat16))
+    assert len(calls) == 2

@@ -123,6 +123,12 @@ def cpu_attend_one_token(q: _Tensor, k: _Tensor, v: _Tensor, mask: _Tensor | Non
     [batch, kv_heads, length, dim], mask None or float32 [batch, length] added to the scores;
     in float32."""
 
+def cpu_lora_add(x: _Tensor, lora_a: _Tensor, lora_b: _Tensor, scaling: float, rows: int, in_features: int,
+                 rank: int, out_features: int, y: _Tensor) -> None:
+    """y += (lora_B @ (lora_A @ x)) * scaling in place, rounded to y's dtype, for each of `rows`
+    rows: x [rows, in_features] and y [rows, out_features] of any float dtype, lora_A
+    [rank, in_features] and lora_B [out_features, rank] float32; summed in float32."""
+
 def cpu_dequantize_4bit(weight: PackedWeight4, out: _Tensor, isa: str | None = None, fresh: bool = False) -> None:
     """Decodes the weight into `out` (float32, float16 or bfloat16) on the CPU, decoding
     double-quantized scales chunk by chunk. `isa`: a level from `cpu_isas()` (default: `cpu_isa()`).

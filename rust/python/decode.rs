@@ -1,5 +1,5 @@
 //! Bindings of `crate::decode`: RMS normalization, rotary embeddings and one token's attention, for the CPU decoding
-//! path of `qlora_rs.nn.cpu_decode`. Tensors (or DLPack capsules) are contiguous CPU tensors.
+//! path of `qlora_rs.nn.cpu_decode`; and of `crate::lora`, a LoRA adapter's share of a layer's output. Tensors (or DLPack capsules) are contiguous CPU tensors.
 
 use pyo3::prelude::*;
 
@@ -7,6 +7,7 @@ use super::tensor_arg::{no_overlap, Elem, TensorArg};
 use super::to_pyerr;
 use crate::cpu_isa::{Host, Isa};
 use crate::decode::{self, AttentionShape};
+use crate::lora::{self, LoraShape};
 
 /// `out = weight * (x / sqrt(mean(x^2, -1) + eps))` as transformers' `LlamaRMSNorm` computes it
 /// (float32, rounded to the dtype before the weight and after), bit for bit. `x` and `out`: rows
@@ -95,7 +96,38 @@ fn cpu_attend_one_token(
     py.detach(|| decode::attend_one_token(qs, ks, vs, ms, scale, shape, os, isa, Host::Native)).map_err(to_pyerr)
 }
 
+/// `y += round((lora_B @ (lora_A @ x)) * scaling)` in place, for each of `rows` rows: `x`
+/// `[rows, in_features]` and `y` `[rows, out_features]` of any float dtype, `lora_A`
+/// `[rank, in_features]` and `lora_B` `[out_features, rank]` float32; summed in float32.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn cpu_lora_add(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    lora_a: &Bound<'_, PyAny>,
+    lora_b: &Bound<'_, PyAny>,
+    scaling: f32,
+    rows: usize,
+    in_features: usize,
+    rank: usize,
+    out_features: usize,
+    y: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let isa = Isa::current().map_err(to_pyerr)?;
+    let x = TensorArg::new(x, "cpu_lora_add: x")?;
+    let a = TensorArg::new(lora_a, "cpu_lora_add: lora_A")?.expect(Elem::F32)?;
+    let b = TensorArg::new(lora_b, "cpu_lora_add: lora_B")?.expect(Elem::F32)?;
+    let y = TensorArg::new(y, "cpu_lora_add: y")?;
+    no_overlap(&[&y], &[&x, &a, &b])?;
+    let (xs, az, bz) = (x.float_slice()?, a.slice::<f32>()?, b.slice::<f32>()?);
+    // SAFETY: y overlaps no input (checked above).
+    let ys = unsafe { y.float_slice_mut()? };
+    let shape = LoraShape { rows, in_features, rank, out_features };
+    py.detach(|| lora::lora_add(xs, az, bz, scaling, shape, ys, isa)).map_err(to_pyerr)
+}
+
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(cpu_lora_add, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_rms_norm, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_rotary, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_attend_one_token, m)?)?;
