@@ -9,9 +9,11 @@
 //! PyTorch's GEMM (which has its own for each CPU), so results agree with the ops within float32
 //! summation error rather than bit for bit.
 
-use crate::cpu_isa::Isa;
+use crate::cpu_isa::{Host, Isa};
 use crate::decode::PARALLEL_MIN_WORK;
-use crate::dtype::{Element, FloatSlice, FloatSliceMut};
+use crate::dtype::{DType, Element, FloatSlice, FloatSliceMut};
+#[cfg(target_arch = "x86_64")]
+use crate::matmul4::avx2::bf16_bits;
 use crate::error::{Error, Result};
 
 /// The sizes of [`lora_add`]: `rows` of `in_features` in, `rank`, `out_features` out.
@@ -28,8 +30,19 @@ const OUT_PER_TASK: usize = 256;
 
 /// `y[r] += round_y((B @ (A @ x[r])) * scaling)` rounded to `y`'s dtype, for each row r: `x`
 /// `[rows, in_features]`, `a` `[rank, in_features]`, `b` `[out_features, rank]`, `y`
-/// `[rows, out_features]`, all contiguous; `x` and `y` of any float dtype each.
-pub fn lora_add(x: FloatSlice<'_>, a: &[f32], b: &[f32], scaling: f32, shape: LoraShape, y: FloatSliceMut<'_>, isa: Isa) -> Result<()> {
+/// `[rows, out_features]`, all contiguous; `x` and `y` of any float dtype each. On `host`'s
+/// threads (one on an emulated CPU).
+#[allow(clippy::too_many_arguments)]
+pub fn lora_add(
+    x: FloatSlice<'_>,
+    a: &[f32],
+    b: &[f32],
+    scaling: f32,
+    shape: LoraShape,
+    y: FloatSliceMut<'_>,
+    isa: Isa,
+    host: Host,
+) -> Result<()> {
     let LoraShape { rows, in_features, rank, out_features } = shape;
     let want = [
         ("x", x.len(), rows * in_features),
@@ -42,7 +55,7 @@ pub fn lora_add(x: FloatSlice<'_>, a: &[f32], b: &[f32], scaling: f32, shape: Lo
             return Err(Error::shape(format!("lora_add: {name} has {have} elements; {shape:?} needs {need}")));
         }
     }
-    isa.check_supported()?;
+    host.check(isa)?;
     if rows == 0 || out_features == 0 {
         return Ok(());
     }
@@ -52,9 +65,9 @@ pub fn lora_add(x: FloatSlice<'_>, a: &[f32], b: &[f32], scaling: f32, shape: Lo
         FloatSlice::BF16(x) => x.iter().map(|v| v.to_f32()).collect(),
     };
     match y {
-        FloatSliceMut::F32(y) => add(&xf, a, b, scaling, shape, y, isa),
-        FloatSliceMut::F16(y) => add(&xf, a, b, scaling, shape, y, isa),
-        FloatSliceMut::BF16(y) => add(&xf, a, b, scaling, shape, y, isa),
+        FloatSliceMut::F32(y) => add(&xf, a, b, scaling, shape, y, isa, host),
+        FloatSliceMut::F16(y) => add(&xf, a, b, scaling, shape, y, isa, host),
+        FloatSliceMut::BF16(y) => add(&xf, a, b, scaling, shape, y, isa, host),
     }
     Ok(())
 }
@@ -72,10 +85,11 @@ impl<T> SharedOut<T> {
     }
 }
 
-fn add<Y: Element>(x: &[f32], a: &[f32], b: &[f32], scaling: f32, shape: LoraShape, y: &mut [Y], isa: Isa) {
+#[allow(clippy::too_many_arguments)]
+fn add<Y: Element>(x: &[f32], a: &[f32], b: &[f32], scaling: f32, shape: LoraShape, y: &mut [Y], isa: Isa, host: Host) {
     let LoraShape { rows, in_features, rank, out_features } = shape;
     let work = rows.saturating_mul(rank).saturating_mul(in_features + out_features);
-    let threads = if work < PARALLEL_MIN_WORK { 1 } else { crate::threads::team_size() };
+    let threads = if work < PARALLEL_MIN_WORK { 1 } else { host.team_size() };
     // t = A @ x: `rank` dot products a row, few enough to run on one thread unless `x` is long.
     let mut t = vec![0f32; rows * rank];
     if threads <= 1 || rank * in_features < PARALLEL_MIN_WORK {
@@ -141,27 +155,101 @@ fn up_products<Y: Element>(isa: Isa, t: &[f32], b: &[f32], scaling: f32, y: &mut
     up_products_generic(t, b, scaling, y)
 }
 
+/// [`up_products`] eight outputs at a time: their rows' products in eight vectors (the rank is
+/// short: 8-64), summed across lanes together by a tree of `vhaddps` instead of one by one.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn up_products_avx2<Y: Element>(t: &[f32], b: &[f32], scaling: f32, y: &mut [Y]) {
-    up_products_generic(t, b, scaling, y)
+    use std::arch::x86_64::*;
+    let r = t.len();
+    let whole = r / 8 * 8;
+    let blocks = y.len() / 8 * 8;
+    let mut sums = [0f32; 8];
+    for o in (0..blocks).step_by(8) {
+        let v: [__m256; 8] = std::array::from_fn(|l| {
+            let row = &b[(o + l) * r..(o + l + 1) * r];
+            let mut acc = _mm256_setzero_ps();
+            for j in (0..whole).step_by(8) {
+                // SAFETY: j + 8 <= whole <= r, the length of both rows.
+                acc = unsafe { _mm256_fmadd_ps(_mm256_loadu_ps(row.as_ptr().add(j)), _mm256_loadu_ps(t.as_ptr().add(j)), acc) };
+            }
+            acc
+        });
+        // hadd(hadd(v0, v1), hadd(v2, v3)) holds v0..v3's sums of lanes 0-3 in its low half and
+        // of lanes 4-7 in its high half; the same for v4..v7; the halves then add up.
+        let low = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+        let high = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+        let total = _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(low, high), _mm256_permute2f128_ps::<0x31>(low, high));
+        if whole == r && Y::DTYPE != DType::F16 {
+            add_shares8(&mut y[o..o + 8], total, scaling);
+            continue;
+        }
+        _mm256_storeu_ps(sums.as_mut_ptr(), total);
+        for (l, (yo, sum)) in y[o..o + 8].iter_mut().zip(sums).enumerate() {
+            let row = &b[(o + l) * r..(o + l + 1) * r];
+            let dot = row[whole..].iter().zip(&t[whole..]).fold(sum, |d, (bv, tv)| bv.mul_add(*tv, d));
+            add_share(yo, dot, scaling);
+        }
+    }
+    up_products_generic(t, &b[blocks * r..], scaling, &mut y[blocks..])
+}
+
+/// [`add_share`] of eight outputs at once, float32 or bfloat16 (rounded as `half` rounds).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn add_shares8<Y: Element>(y: &mut [Y], sums: std::arch::x86_64::__m256, scaling: f32) {
+    use std::arch::x86_64::*;
+    debug_assert!(y.len() == 8);
+    let share = _mm256_mul_ps(sums, _mm256_set1_ps(scaling));
+    match Y::DTYPE {
+        DType::F32 => {
+            let p = y.as_mut_ptr() as *mut f32;
+            _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), share));
+        }
+        DType::BF16 => {
+            let p = y.as_mut_ptr() as *mut __m128i;
+            let lora = widen_bf16(bf16_bits(share));
+            let sum = _mm256_add_ps(widen_bf16(_mm256_cvtepu16_epi32(_mm_loadu_si128(p))), lora);
+            // packus leaves each 128-bit half's four values in its low 8 bytes; gather those two.
+            let packed = _mm256_packus_epi32(bf16_bits(sum), _mm256_setzero_si256());
+            _mm_storeu_si128(p, _mm256_castsi256_si128(_mm256_permute4x64_epi64::<0b00_00_10_00>(packed)));
+        }
+        DType::F16 => unreachable!("float16 outputs round one by one"),
+    }
+}
+
+/// bfloat16 bits in the low 16 bits of each lane, as float32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn widen_bf16(bits: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(bits))
 }
 
 #[inline(always)]
 fn up_products_generic<Y: Element>(t: &[f32], b: &[f32], scaling: f32, y: &mut [Y]) {
     for (yo, bo) in y.iter_mut().zip(b.chunks_exact(t.len())) {
-        let lora = Y::from_f32(dot(bo, t) * scaling);
-        *yo = Y::from_f32(yo.to_f32() + lora.to_f32());
+        add_share(yo, dot(bo, t), scaling);
     }
 }
 
-/// A float32 dot product in 8 lanes (vectors where the caller enables them).
+/// `y = round(y + round(share * scaling))`: the share scaled in float32 and rounded to y's dtype,
+/// then the sum rounded (`mul_`, `to`, `add_` in PyTorch).
+#[inline(always)]
+fn add_share<Y: Element>(y: &mut Y, share: f32, scaling: f32) {
+    let lora = Y::from_f32(share * scaling);
+    *y = Y::from_f32(y.to_f32() + lora.to_f32());
+}
+
+/// A float32 dot product in 32 lanes (four vectors, where the caller enables them, so that
+/// four chains of fused multiply-adds run at once).
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (mut ac, mut bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let mut lanes = [0f32; 32];
+    let (mut ac, mut bc) = (a.chunks_exact(32), b.chunks_exact(32));
     for (av, bv) in (&mut ac).zip(&mut bc) {
-        for l in 0..8 {
+        for l in 0..32 {
             lanes[l] = av[l].mul_add(bv[l], lanes[l]);
         }
     }
@@ -195,7 +283,7 @@ mod tests {
             let scaling = 32.0 / 12.0;
             for isa in Isa::available() {
                 let mut y = y0.clone();
-                lora_add(FloatSlice::F32(&x), &a, &b, scaling, shape, FloatSliceMut::F32(&mut y), isa).unwrap();
+                lora_add(FloatSlice::F32(&x), &a, &b, scaling, shape, FloatSliceMut::F32(&mut y), isa, Host::Native).unwrap();
                 for row in 0..rows {
                     let t: Vec<f64> =
                         (0..r).map(|j| (0..k).map(|i| a[j * k + i] as f64 * x[row * k + i] as f64).sum()).collect();
@@ -216,12 +304,18 @@ mod tests {
         // y = 1.0 in bf16 (a unit in the last place: 2^-7). A share of 2^-8 (1 + 2^-10) rounds to
         // 2^-8 in bf16, and 1 + 2^-8, a tie, to 1.0 (even), where adding the float32 share would
         // round up to 1 + 2^-7. A share of 2^-8 (1 + 2^-7) is a bf16 value and rounds up either way.
-        let shape = LoraShape { rows: 1, in_features: 1, rank: 1, out_features: 1 };
-        for (share, want) in [(2f32.powi(-8) * (1.0 + 2f32.powi(-10)), 1.0), (2f32.powi(-8) * (1.0 + 2f32.powi(-7)), 1.0 + 2f32.powi(-7))] {
-            for isa in Isa::available() {
-                let mut y = [bf16::from_f32(1.0)];
-                lora_add(FloatSlice::F32(&[1.0]), &[share], &[1.0], 1.0, shape, FloatSliceMut::BF16(&mut y), isa).unwrap();
-                assert_eq!(y[0], bf16::from_f32(want), "{isa:?} share {share}");
+        // Eight outputs of rank 8 take the vector path on x86 (of rank 1, the one-by-one path).
+        for (rank, out) in [(1, 1), (8, 8), (8, 9)] {
+            let shape = LoraShape { rows: 1, in_features: 1, rank, out_features: out };
+            for (share, want) in [(2f32.powi(-8) * (1.0 + 2f32.powi(-10)), 1.0), (2f32.powi(-8) * (1.0 + 2f32.powi(-7)), 1.0 + 2f32.powi(-7))] {
+                // t = [share, 0, ...]; every row of B is [1, 0, ...].
+                let a: Vec<f32> = (0..rank).map(|j| if j == 0 { share } else { 0.0 }).collect();
+                let b: Vec<f32> = (0..out * rank).map(|i| if i % rank == 0 { 1.0 } else { 0.0 }).collect();
+                for isa in Isa::available() {
+                    let mut y = vec![bf16::from_f32(1.0); out];
+                    lora_add(FloatSlice::F32(&[1.0]), &a, &b, 1.0, shape, FloatSliceMut::BF16(&mut y), isa, Host::Native).unwrap();
+                    assert!(y.iter().all(|v| *v == bf16::from_f32(want)), "{isa:?} rank {rank} share {share}: {y:?}");
+                }
             }
         }
     }
@@ -230,7 +324,7 @@ mod tests {
     fn lora_add_names_wrong_sizes() {
         let shape = LoraShape { rows: 2, in_features: 4, rank: 2, out_features: 3 };
         let mut y = [0f32; 6];
-        let err = lora_add(FloatSlice::F32(&[0.0; 8]), &[0.0; 7], &[0.0; 6], 1.0, shape, FloatSliceMut::F32(&mut y), Isa::Portable)
+        let err = lora_add(FloatSlice::F32(&[0.0; 8]), &[0.0; 7], &[0.0; 6], 1.0, shape, FloatSliceMut::F32(&mut y), Isa::Portable, Host::Native)
             .unwrap_err()
             .to_string();
         assert!(err.contains("lora_A has 7 elements") && err.contains("needs 8"), "{err}");

@@ -154,6 +154,36 @@ def test_fused_mlp_of_large_layers_reads_what_the_layers_read():
         assert torch.equal(mlp(x), type(mlp).forward(mlp, x))
 
 
+@pytest.mark.parametrize("targets", [["gate_proj", "up_proj", "down_proj"], ["down_proj"]])
+def test_fused_mlp_with_lora_adapters_equals_the_modules_own_forward(tiny_dir, targets, monkeypatch):
+    """LoRA layers on the projections (float32 adapters, eval, no grad): the fused call adds their
+    shares as the layers add them, the same bits as the module's own forward, up to the rows the
+    adapters' kernel takes; above, the module's own forward."""
+    from qlora_rs.nn.lora import LORA_KERNEL_MAX_ROWS
+
+    model = qlora_rs.from_pretrained(tiny_dir)
+    qlora_rs.add_lora(model, r=4, alpha=8, target_modules=targets)
+    g = torch.Generator().manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.05
+    mlp = model.model.layers[1].mlp
+    calls = []
+    real = _lib.cpu_silu_mlp_4bit
+    monkeypatch.setattr(_lib, "cpu_silu_mlp_4bit", lambda *a: calls.append(a[-1] is not None) or real(*a))
+    for rows in (1, 5, LORA_KERNEL_MAX_ROWS, LORA_KERNEL_MAX_ROWS + 1):
+        x = (torch.randn(rows, 64, generator=g) * 3).to(torch.bfloat16)
+        with torch.inference_mode():
+            got = mlp(x)
+            want = type(mlp).forward(mlp, x)
+        assert torch.equal(got, want), rows
+    assert calls == [True] * 3
+    with torch.inference_mode():  # the shares count: without them the output moves
+        for t in targets:
+            getattr(mlp, t).lora_B.weight.zero_()
+        assert not torch.equal(mlp(x[:1]), got[:1]) and calls[-1] is True
+
+
 def test_fused_mlp_steps_aside_for_adapters_autograd_and_other_mlps(tiny_dir, monkeypatch):
     model = qlora_rs.from_pretrained(tiny_dir)
     calls = []
@@ -166,9 +196,16 @@ def test_fused_mlp_steps_aside_for_adapters_autograd_and_other_mlps(tiny_dir, mo
         y.float().sum().backward()  # its own forward: autograd reaches x
     assert x.grad is not None and calls == []
     qlora_rs.add_lora(model, r=2, target_modules=["gate_proj"])
+    model.train()
     with torch.inference_mode():
-        mlp(x.detach())  # gate_proj is wrapped now: the module's own forward runs it
+        mlp(x.detach())  # an adapter that drops out: the module's own forward runs it
     assert calls == []
+    model.eval()
+    handle = mlp.up_proj.register_forward_hook(lambda *a: calls.append("hook"))
+    with torch.inference_mode():
+        mlp(x.detach())  # a hook on a projection: the module's own forward, which runs it
+    assert calls == ["hook"]
+    handle.remove()
 
     class GeluMLP(nn.Module):
         def __init__(self, layer):
@@ -400,6 +437,33 @@ def test_fast_attention_decodes_as_the_modules_own_forward(tiny_dir, dtype, monk
     assert calls == [2] * 10
     want = _decode(plain, ids, steps, caches[1])
     assert len(calls) == 10 and torch.equal(got, want)
+    for a, b in zip(caches[0].layers, caches[1].layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+def test_fast_attention_with_lora_adapters_decodes_as_the_modules_own_forward(tiny_dir, monkeypatch):
+    """LoRA layers on q, k, v and o: the one-token steps run the 4-bit products in one call and
+    add the adapters' shares as the layers do (no layer call), the same logits and cache, bit for
+    bit, as the modules' own forward."""
+    from qlora_rs.nn import LoraLinear4bit
+
+    model = qlora_rs.from_pretrained(tiny_dir)
+    qlora_rs.add_lora(model, r=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    g = torch.Generator().manual_seed(2)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.05
+    plain = _without_fast_attention(model)
+    forwards = []
+    real = LoraLinear4bit.forward
+    monkeypatch.setattr(LoraLinear4bit, "forward", lambda self, x: forwards.append(1) or real(self, x))
+    ids = torch.tensor([[5, 9, 11, 4], [7, 3, 2, 8]])
+    steps = torch.tensor([[12, 30, 6, 18, 40], [1, 2, 3, 4, 5]]).T
+    caches = [transformers.DynamicCache(), transformers.DynamicCache()]
+    got = _decode(model, ids, steps, caches[0])
+    assert len(forwards) == 2 * 4  # the prefill's layer calls only
+    want = _decode(plain, ids, steps, caches[1])
+    assert len(forwards) == 2 * 4 + 2 * 4 * 6 and torch.equal(got, want)  # then every call of the plain model
     for a, b in zip(caches[0].layers, caches[1].layers):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
 

@@ -205,7 +205,7 @@ def test_cpu_lora_add_equals_float64_within_one_rounding(dtype, rows, k, r, n):
     y0 = torch.randn(rows, n, generator=g).to(dtype)
     scaling = 32 / 12
     y = y0.clone()
-    _lib.cpu_lora_add(x, a, b, scaling, rows, k, r, n, y)
+    _lib.cpu_lora_add(_lib.LoraAdapter(a, b, k, scaling), x, y)
     share = (x.double() @ a.double().T @ b.double().T) * scaling
     exact = y0.double() + share.to(dtype).double()  # the share rounded first, as the ops round it
     # One rounding of the sum; float32 summation error (1e-5 of the terms' magnitudes), and a
@@ -220,12 +220,14 @@ def test_cpu_lora_add_names_what_does_not_fit():
     from qlora_rs import _lib
 
     x, a, b, y = torch.randn(2, 8), torch.randn(4, 8), torch.randn(6, 4), torch.randn(2, 6)
-    with pytest.raises(InvalidArgumentError, match="lora_B has 24 elements"):
-        _lib.cpu_lora_add(x, a, b, 1.0, 2, 8, 4, 5, y[:, :5].contiguous())
+    with pytest.raises(InvalidArgumentError, match="y has 10 elements; .* needs 12"):
+        _lib.cpu_lora_add(_lib.LoraAdapter(a, b, 8, 1.0), x, y[:, :5].contiguous())
     with pytest.raises(InvalidArgumentError, match="lora_A: dtype bfloat16, expected float32"):
-        _lib.cpu_lora_add(x, a.bfloat16(), b, 1.0, 2, 8, 4, 6, y)
+        _lib.LoraAdapter(a.bfloat16(), b, 8, 1.0)
+    with pytest.raises(InvalidArgumentError, match=r"lora_A has 32 elements and lora_B 24; expected \[rank, 7\]"):
+        _lib.LoraAdapter(a, b, 7, 1.0)
     with pytest.raises(InvalidArgumentError, match="shares memory"):
-        _lib.cpu_lora_add(y, a[:, :6].contiguous(), b, 1.0, 2, 6, 4, 6, y)
+        _lib.cpu_lora_add(_lib.LoraAdapter(a[:, :6].contiguous(), b, 6, 1.0), y, y)
 
 
 def test_inference_adds_float32_adapters_by_one_call_for_few_rows(monkeypatch):
@@ -238,13 +240,14 @@ def test_inference_adds_float32_adapters_by_one_call_for_few_rows(monkeypatch):
     layer.eval()
     calls = []
     real = _lib.cpu_lora_add
-    monkeypatch.setattr(_lib, "cpu_lora_add", lambda *a: calls.append(a[4]) or real(*a))
+    monkeypatch.setattr(_lib, "cpu_lora_add", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
-        for rows in (1, lora_module.LORA_KERNEL_MAX_ROWS, lora_module.LORA_KERNEL_MAX_ROWS + 1):
+        for rows, kernel in ((1, True), (lora_module.LORA_KERNEL_MAX_ROWS, True), (lora_module.LORA_KERNEL_MAX_ROWS + 1, False)):
             x = torch.randn(rows, 64, dtype=torch.bfloat16)
+            before = len(calls)
             fast, (want, *_) = layer(x), _reference(layer, x.float())
             torch.testing.assert_close(fast.float(), want.detach(), rtol=2e-2, atol=2e-2)
-        assert calls == [1, lora_module.LORA_KERNEL_MAX_ROWS]
+            assert len(calls) - before == kernel, rows
         layer.to(torch.bfloat16)  # bf16 adapters (and base scales): the ops
         layer(torch.randn(1, 64, dtype=torch.bfloat16))
     assert len(calls) == 2

@@ -104,9 +104,11 @@ def cpu_gemm_4bit_group(weights: list[PackedWeight4], x: _Tensor, outs: list[_Te
     the rows of all the weights shared among the threads."""
 
 def cpu_silu_mlp_4bit(gate: PackedWeight4, up: PackedWeight4, down: PackedWeight4, x: _Tensor, out: _Tensor,
-                      isa: str | None = None) -> None:
+                      isa: str | None = None,
+                      adapters: list[LoraAdapter | None] | None = None) -> None:
     """out = down(silu(gate(x)) * up(x)) in one call, rounded as PyTorch computes transformers'
-    LlamaMLP in x's dtype."""
+    LlamaMLP in x's dtype. adapters: None, or per projection (gate, up, down) None or a
+    LoraAdapter whose share is added as cpu_lora_add adds it."""
 
 def cpu_rms_norm(x: _Tensor, weight: _Tensor, eps: float, out: _Tensor) -> None:
     """out = weight * (x / sqrt(mean(x^2, -1) + eps)) as transformers' LlamaRMSNorm computes it,
@@ -123,11 +125,17 @@ def cpu_attend_one_token(q: _Tensor, k: _Tensor, v: _Tensor, mask: _Tensor | Non
     [batch, kv_heads, length, dim], mask None or float32 [batch, length] added to the scores;
     in float32."""
 
-def cpu_lora_add(x: _Tensor, lora_a: _Tensor, lora_b: _Tensor, scaling: float, rows: int, in_features: int,
-                 rank: int, out_features: int, y: _Tensor) -> None:
-    """y += (lora_B @ (lora_A @ x)) * scaling in place, rounded to y's dtype, for each of `rows`
-    rows: x [rows, in_features] and y [rows, out_features] of any float dtype, lora_A
-    [rank, in_features] and lora_B [out_features, rank] float32; summed in float32."""
+class LoraAdapter:
+    """A LoRA adapter for the CPU kernels, checked once and held: lora_A [rank, in_features] and
+    lora_B [out_features, rank], float32, and its scaling."""
+
+    def __new__(cls, lora_a: _Tensor, lora_b: _Tensor, in_features: int, scaling: float) -> LoraAdapter: ...
+    @property
+    def rank(self) -> int: ...
+
+def cpu_lora_add(adapter: LoraAdapter, x: _Tensor, y: _Tensor) -> None:
+    """y += (lora_B @ (lora_A @ x)) * scaling in place, rounded to y's dtype and the sum rounded
+    again: x [rows, in_features] and y [rows, out_features] of any float dtype; summed in float32."""
 
 def cpu_dequantize_4bit(weight: PackedWeight4, out: _Tensor, isa: str | None = None, fresh: bool = False) -> None:
     """Decodes the weight into `out` (float32, float16 or bfloat16) on the CPU, decoding

@@ -88,7 +88,7 @@ unsafe fn decode_half(p: *const u8, table: Table) -> (__m256, __m256) {
 /// quieting NaN as `half::bf16::from_f32`.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn bf16_bits(v: __m256) -> __m256i {
+pub(crate) unsafe fn bf16_bits(v: __m256) -> __m256i {
     let bits = _mm256_castps_si256(v);
     let upper = _mm256_srli_epi32::<16>(bits);
     let bias = _mm256_add_epi32(_mm256_and_si256(upper, _mm256_set1_epi32(1)), _mm256_set1_epi32(0x7fff));

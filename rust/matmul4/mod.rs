@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::quant4::{check_blocksize, num_blocks, packed_len, BlockScales, QuantType};
 
 #[cfg(target_arch = "x86_64")]
-mod avx2;
+pub(crate) mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod portable;
@@ -217,11 +217,23 @@ pub fn gemm_4bit_group_on(
     gemm_4bit_group_with(x, m, ws, outs, isa, host, bf16)
 }
 
+/// A LoRA adapter on one of [`silu_mlp_4bit_on`]'s projections: `a` `[rank, in]`, `b`
+/// `[out, rank]`, float32 (see [`crate::lora::lora_add`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Adapter<'a> {
+    pub a: &'a [f32],
+    pub b: &'a [f32],
+    pub rank: usize,
+    pub scaling: f32,
+}
+
 /// A gated MLP with SiLU at one call: `out = down(silu(gate(x)) * up(x))` with 4-bit weights,
 /// rounded as PyTorch computes transformers' `LlamaMLP` in `x`'s dtype: each product rounded to
 /// it ([`gemm_4bit_group_on`]), `silu(g)` computed in float32 and rounded, the elementwise product
 /// of the two rounded once more, then the down product of that. `gate` and `up` are
 /// `[inter, cols]`, `down` `[rows, inter]`; `x` `[m, cols]`, `out` `[m, rows]`, one dtype.
+/// `adapters` (gate, up, down): a LoRA adapter's share added to that projection's rounded
+/// product, as `qlora_rs.nn.LoraLinear4bit` adds it ([`crate::lora::lora_add`]).
 #[allow(clippy::too_many_arguments)]
 pub fn silu_mlp_4bit_on(
     x: FloatSlice<'_>,
@@ -229,6 +241,7 @@ pub fn silu_mlp_4bit_on(
     gate: &Weight4<'_>,
     up: &Weight4<'_>,
     down: &Weight4<'_>,
+    adapters: [Option<Adapter<'_>>; 3],
     out: FloatSliceMut<'_>,
     isa: Isa,
     host: Host,
@@ -238,6 +251,9 @@ pub fn silu_mlp_4bit_on(
             "gated MLP: gate [{}, {}], up [{}, {}] and down [{}, {}] do not chain (down's in_features must be gate's and up's out_features)",
             gate.rows, gate.cols, up.rows, up.cols, down.rows, down.cols
         )));
+    }
+    if x.dtype() != out.dtype() {
+        return Err(Error::shape(format!("gated MLP: x is {}, out {}; expected one dtype", x.dtype().name(), out.dtype().name())));
     }
     trait Wrap: Element {
         fn slice(s: &[Self]) -> FloatSlice<'_>;
@@ -258,23 +274,43 @@ pub fn silu_mlp_4bit_on(
     wrap!(f32, F32);
     wrap!(f16, F16);
     wrap!(bf16, BF16);
-    fn run<T: Wrap>(x: FloatSlice<'_>, m: usize, ws: [&Weight4<'_>; 3], out: FloatSliceMut<'_>, isa: Isa, host: Host) -> Result<()> {
+    #[allow(clippy::too_many_arguments)]
+    fn run<T: Wrap>(
+        x: &[T],
+        m: usize,
+        ws: [&Weight4<'_>; 3],
+        adapters: [Option<Adapter<'_>>; 3],
+        out: &mut [T],
+        isa: Isa,
+        host: Host,
+    ) -> Result<()> {
         let [gate, up, down] = ws;
         let inter = gate.rows;
         let (mut g, mut u) = (vec![T::from_f32(0.0); m * inter], vec![T::from_f32(0.0); m * inter]);
-        gemm_4bit_group_on(x, m, &[*gate, *up], vec![T::slice_mut(&mut g), T::slice_mut(&mut u)], isa, host)?;
+        gemm_4bit_group_on(T::slice(x), m, &[*gate, *up], vec![T::slice_mut(&mut g), T::slice_mut(&mut u)], isa, host)?;
+        let share = |adapter: Option<Adapter<'_>>, input: &[T], w: &Weight4<'_>, y: &mut [T]| match adapter {
+            Some(Adapter { a, b, rank, scaling }) => {
+                let shape = crate::lora::LoraShape { rows: m, in_features: w.cols, rank, out_features: w.rows };
+                crate::lora::lora_add(T::slice(input), a, b, scaling, shape, T::slice_mut(y), isa, host)
+            }
+            None => Ok(()),
+        };
+        share(adapters[0], x, gate, &mut g)?;
+        share(adapters[1], x, up, &mut u)?;
         for (g, u) in g.iter_mut().zip(&u) {
             let v = g.to_f32();
             let a = T::from_f32(v / (1.0 + (-v).exp()));
             *g = T::from_f32(a.to_f32() * u.to_f32());
         }
-        gemm_4bit_on(T::slice(&g), m, down, out, isa, host)
+        gemm_4bit_on(T::slice(&g), m, down, T::slice_mut(out), isa, host)?;
+        share(adapters[2], &g, down, out)
     }
     let ws = [gate, up, down];
-    match x {
-        FloatSlice::F32(_) => run::<f32>(x, m, ws, out, isa, host),
-        FloatSlice::F16(_) => run::<f16>(x, m, ws, out, isa, host),
-        FloatSlice::BF16(_) => run::<bf16>(x, m, ws, out, isa, host),
+    match (x, out) {
+        (FloatSlice::F32(x), FloatSliceMut::F32(o)) => run::<f32>(x, m, ws, adapters, o, isa, host),
+        (FloatSlice::F16(x), FloatSliceMut::F16(o)) => run::<f16>(x, m, ws, adapters, o, isa, host),
+        (FloatSlice::BF16(x), FloatSliceMut::BF16(o)) => run::<bf16>(x, m, ws, adapters, o, isa, host),
+        _ => unreachable!("dtypes checked above"),
     }
 }
 

@@ -3,7 +3,7 @@
 
 use pyo3::prelude::*;
 
-use super::tensor_arg::{no_overlap, Elem, TensorArg};
+use super::tensor_arg::{no_overlap, Elem, HeldTensor, TensorArg};
 use super::to_pyerr;
 use crate::cpu_isa::{Host, Isa};
 use crate::decode::{self, AttentionShape};
@@ -96,37 +96,73 @@ fn cpu_attend_one_token(
     py.detach(|| decode::attend_one_token(qs, ks, vs, ms, scale, shape, os, isa, Host::Native)).map_err(to_pyerr)
 }
 
-/// `y += round((lora_B @ (lora_A @ x)) * scaling)` in place, for each of `rows` rows: `x`
-/// `[rows, in_features]` and `y` `[rows, out_features]` of any float dtype, `lora_A`
-/// `[rank, in_features]` and `lora_B` `[out_features, rank]` float32; summed in float32.
-#[pyfunction]
-#[allow(clippy::too_many_arguments)]
-fn cpu_lora_add(
-    py: Python<'_>,
-    x: &Bound<'_, PyAny>,
-    lora_a: &Bound<'_, PyAny>,
-    lora_b: &Bound<'_, PyAny>,
+/// A LoRA adapter for the CPU kernels, checked once and held: `lora_A` `[rank, in_features]` and
+/// `lora_B` `[out_features, rank]`, float32 (tensors or DLPack capsules), and its scaling.
+#[pyclass(name = "LoraAdapter", module = "qlora_rs._lib", frozen)]
+pub(super) struct LoraAdapter {
+    a: HeldTensor,
+    b: HeldTensor,
+    shape: LoraShape,
     scaling: f32,
-    rows: usize,
-    in_features: usize,
-    rank: usize,
-    out_features: usize,
-    y: &Bound<'_, PyAny>,
-) -> PyResult<()> {
+}
+
+#[pymethods]
+impl LoraAdapter {
+    #[new]
+    #[pyo3(signature = (lora_a, lora_b, in_features, scaling))]
+    fn new(lora_a: &Bound<'_, PyAny>, lora_b: &Bound<'_, PyAny>, in_features: usize, scaling: f32) -> PyResult<Self> {
+        let a = TensorArg::new(lora_a, "LoraAdapter: lora_A")?.expect(Elem::F32)?;
+        let b = TensorArg::new(lora_b, "LoraAdapter: lora_B")?.expect(Elem::F32)?;
+        if in_features == 0 || a.len % in_features != 0 || a.len == 0 || b.len % (a.len / in_features) != 0 {
+            return Err(to_pyerr(crate::Error::shape(format!(
+                "LoraAdapter: lora_A has {} elements and lora_B {}; expected [rank, {in_features}] and [out_features, rank]",
+                a.len, b.len
+            ))));
+        }
+        let rank = a.len / in_features;
+        let shape = LoraShape { rows: 0, in_features, rank, out_features: b.len / rank };
+        Ok(LoraAdapter { a: HeldTensor(a), b: HeldTensor(b), shape, scaling })
+    }
+
+    #[getter]
+    fn rank(&self) -> usize {
+        self.shape.rank
+    }
+}
+
+impl LoraAdapter {
+    /// The adapter for `rows` rows, as `crate::matmul4` and `crate::lora` take it.
+    pub(super) fn parts(&self) -> PyResult<(&[f32], &[f32], LoraShape, f32)> {
+        Ok((self.a.0.slice::<f32>()?, self.b.0.slice::<f32>()?, self.shape, self.scaling))
+    }
+
+    pub(super) fn tensors(&self) -> [&TensorArg; 2] {
+        [&self.a.0, &self.b.0]
+    }
+}
+
+/// `y += round((lora_B @ (lora_A @ x)) * scaling)` in place (rounded to y's dtype, then the sum
+/// rounded): `x` `[rows, in_features]` and `y` `[rows, out_features]` of any float dtype; summed
+/// in float32.
+#[pyfunction]
+fn cpu_lora_add(py: Python<'_>, adapter: &Bound<'_, LoraAdapter>, x: &Bound<'_, PyAny>, y: &Bound<'_, PyAny>) -> PyResult<()> {
     let isa = Isa::current().map_err(to_pyerr)?;
+    let adapter = adapter.get();
     let x = TensorArg::new(x, "cpu_lora_add: x")?;
-    let a = TensorArg::new(lora_a, "cpu_lora_add: lora_A")?.expect(Elem::F32)?;
-    let b = TensorArg::new(lora_b, "cpu_lora_add: lora_B")?.expect(Elem::F32)?;
     let y = TensorArg::new(y, "cpu_lora_add: y")?;
-    no_overlap(&[&y], &[&x, &a, &b])?;
-    let (xs, az, bz) = (x.float_slice()?, a.slice::<f32>()?, b.slice::<f32>()?);
+    let [a, b] = adapter.tensors();
+    no_overlap(&[&y], &[&x, a, b])?;
+    let (az, bz, shape, scaling) = adapter.parts()?;
+    let rows = x.len / shape.in_features;
+    let shape = LoraShape { rows, ..shape };
+    let xs = x.float_slice()?;
     // SAFETY: y overlaps no input (checked above).
     let ys = unsafe { y.float_slice_mut()? };
-    let shape = LoraShape { rows, in_features, rank, out_features };
-    py.detach(|| lora::lora_add(xs, az, bz, scaling, shape, ys, isa)).map_err(to_pyerr)
+    py.detach(|| lora::lora_add(xs, az, bz, scaling, shape, ys, isa, Host::Native)).map_err(to_pyerr)
 }
 
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<LoraAdapter>()?;
     m.add_function(wrap_pyfunction!(cpu_lora_add, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_rms_norm, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_rotary, m)?)?;

@@ -9,6 +9,7 @@ use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 
 use super::tensor_arg::{no_overlap, Elem, HeldTensor, TensorArg};
+use super::decode::LoraAdapter;
 use super::to_pyerr;
 use crate::cpu_isa::{Host, Isa};
 use crate::matmul4::{self, Weight4};
@@ -228,8 +229,11 @@ fn products(py: Python<'_>, name: &str, ws: &[&PackedWeight4], x: TensorArg, out
 
 /// `out = down(silu(gate(x)) * up(x))` in one call (transformers' `LlamaMLP` with 4-bit
 /// projections, rounded as PyTorch computes it in x's dtype): `x` `[m, in]`, `out` `[m, out]`.
+/// `adapters`: None, or one entry per projection (gate, up, down), None or a `LoraAdapter` whose
+/// share is added to that projection's product as `cpu_lora_add` adds it.
 #[pyfunction]
-#[pyo3(signature = (gate, up, down, x, out, isa=None))]
+#[pyo3(signature = (gate, up, down, x, out, isa=None, adapters=None))]
+#[allow(clippy::too_many_arguments)]
 fn cpu_silu_mlp_4bit(
     py: Python<'_>,
     gate: &Bound<'_, PackedWeight4>,
@@ -238,6 +242,7 @@ fn cpu_silu_mlp_4bit(
     x: &Bound<'_, PyAny>,
     out: &Bound<'_, PyAny>,
     isa: Option<&str>,
+    adapters: Option<Vec<Option<Bound<'_, LoraAdapter>>>>,
 ) -> PyResult<()> {
     let isa = isa_or_current(isa)?;
     let (g, u, d) = (gate.get(), up.get(), down.get());
@@ -258,14 +263,33 @@ fn cpu_silu_mlp_4bit(
             m * d.rows
         )));
     }
+    let adapters = adapters.unwrap_or_else(|| vec![None, None, None]);
+    if adapters.len() != 3 {
+        return Err(shape_err(format!("cpu_silu_mlp_4bit: {} adapters; expected one entry (or None) for each of gate, up, down", adapters.len())));
+    }
     for w in [g, u, d] {
         w.check_out(&out, &[&x])?;
     }
     let (gw, uw, dw) = (g.weight()?, u.weight()?, d.weight()?);
+    let mut lora = [None, None, None];
+    for ((slot, entry), (name, w)) in lora.iter_mut().zip(&adapters).zip([("gate", &gw), ("up", &uw), ("down", &dw)]) {
+        if let Some(adapter) = entry {
+            let adapter = adapter.get();
+            no_overlap(&[&out], &adapter.tensors())?;
+            let (a, b, shape, scaling) = adapter.parts()?;
+            if (shape.in_features, shape.out_features) != (w.cols, w.rows) {
+                return Err(shape_err(format!(
+                    "cpu_silu_mlp_4bit: {name}'s adapter is for [{}, {}] (out x in); the projection is [{}, {}]",
+                    shape.out_features, shape.in_features, w.rows, w.cols
+                )));
+            }
+            *slot = Some(matmul4::Adapter { a, b, rank: shape.rank, scaling });
+        }
+    }
     let xs = x.float_slice()?;
-    // SAFETY: out overlaps neither x nor the weights' tensors (checked above).
+    // SAFETY: out overlaps neither x, the weights' tensors nor the adapters (checked above).
     let os = unsafe { out.float_slice_mut()? };
-    run_kernel(py, isa, |host| matmul4::silu_mlp_4bit_on(xs, m, &gw, &uw, &dw, os, isa, host))
+    run_kernel(py, isa, |host| matmul4::silu_mlp_4bit_on(xs, m, &gw, &uw, &dw, lora, os, isa, host))
 }
 
 /// Decodes the weight into `out` (float32, float16 or bfloat16, rows * cols elements) on the CPU,

@@ -15,15 +15,17 @@ or checked:
 - RMS norms whose forward gives, on a probe, exactly what the Rust kernel gives (transformers'
   ``LlamaRMSNorm`` and its copies in Mistral, Qwen2/3 and others; not Gemma's ``1 + weight``) run
   that kernel on CPU inference (:func:`fast_rms_norms`);
-- gated SiLU MLPs of plain 4-bit layers whose forward gives the fused call's bits on a probe run
-  as one call (:func:`fused_mlps`);
+- gated SiLU MLPs of 4-bit layers whose forward gives the fused call's bits on a probe run as one
+  call (:func:`fused_mlps`), LoRA layers on the projections included (their shares added in the
+  call as the layers add them);
 - attention runs ``"qlora_rs_cpu"``, registered with transformers' attention interface: one
   query token per sequence on the CPU with no autograd is a Rust kernel (float32 softmax, as SDPA),
   everything else transformers' SDPA function itself (:func:`attention`);
 - Llama's, Mistral's and Qwen2's attention modules whose forward gives, on a probe, exactly what the same steps in fewer
   calls give take those steps for one token a step with a dynamic cache: the rotary embeddings
   of query and key in one Rust call (ten torch ops before), the attention kernel without the
-  interface's lookup (:func:`fast_attentions`).
+  interface's lookup, the projections without their module calls, LoRA layers included
+  (:func:`fast_attentions`).
 
 Each falls back to the module's own code for anything else: training (autograd), other devices,
 tracing, other dtypes. :func:`restore` undoes all five. Measured with ``benches/generate_bench.py``
@@ -46,6 +48,7 @@ from torch.nn.modules import module as _torch_module
 from .. import _lib
 from ..core.ops import CPU_FUSED_GEMM_MAX_M, _capsule, _needs_graph, cpu_matmul_group
 from .linear4bit import Linear4bit, ProjectionGroup, _untraced
+from .lora import LORA_KERNEL_MAX_ROWS, LoraLinear4bit
 
 __all__ = ["prepare", "restore", "group_projections", "fast_rms_norms", "fused_mlps", "attention", "fast_attentions",
            "ATTENTION", "CpuDecode"]
@@ -139,9 +142,11 @@ class _FastRMSNorm:
 
 
 class _FastMLP:
-    """The forward of a gated SiLU MLP with plain 4-bit projections on CPU inference: one Rust call
-    (:func:`qlora_rs._lib.cpu_silu_mlp_4bit`) instead of three layer calls and two ops; anything
-    else (adapters on its layers, more rows than the fused kernel takes, autograd): its own forward."""
+    """The forward of a gated SiLU MLP with 4-bit projections on CPU inference: one Rust call
+    (:func:`qlora_rs._lib.cpu_silu_mlp_4bit`) instead of three layer calls and two ops, also with
+    LoRA adapters on the projections (whose shares the call adds as the layers add them, up to
+    :data:`~qlora_rs.nn.lora.LORA_KERNEL_MAX_ROWS` rows); anything else (hooks, other adapters,
+    more rows than the kernels take, autograd): its own forward."""
 
     __slots__ = ("module",)
 
@@ -152,17 +157,44 @@ class _FastMLP:
         module = self.module
         layers = module._modules
         gate, up, down = layers["gate_proj"], layers["up_proj"], layers["down_proj"]
-        if (type(gate) is Linear4bit and type(up) is Linear4bit and type(down) is Linear4bit and type(x) is torch.Tensor
-                and x.is_cpu and x.dtype == gate.compute_dtype and x.dim() > 0 and x.shape[-1] == gate.in_features
-                and x.numel() <= CPU_FUSED_GEMM_MAX_M * gate.in_features and _untraced(x, None)):
-            weights = (gate._cpu_kernel_weight(), up._cpu_kernel_weight(), down._cpu_kernel_weight())
-            if None not in weights:
-                x = x.contiguous()
-                out = x.new_empty((*x.shape[:-1], down.out_features))
-                m = x.numel() // gate.in_features
-                _lib.cpu_silu_mlp_4bit(*(w._packed_for(m, x.dtype) for w in weights), _capsule(x), _capsule(out), None)
-                return out
+        if type(gate) is Linear4bit and type(up) is Linear4bit and type(down) is Linear4bit:
+            bases, adapters = (gate, up, down), None
+        else:
+            bases, adapters = _adapted((gate, up, down), x)
+        if bases is not None:
+            gate = bases[0]
+            if (type(x) is torch.Tensor and x.is_cpu and x.dtype == gate.compute_dtype and x.dim() > 0
+                    and x.shape[-1] == gate.in_features and x.numel() <= CPU_FUSED_GEMM_MAX_M * gate.in_features
+                    and _untraced(x, None) and not _hooked(layers.values())):
+                weights = tuple(layer._cpu_kernel_weight() for layer in bases)
+                if None not in weights:
+                    x = x.contiguous()
+                    out = x.new_empty((*x.shape[:-1], bases[2].out_features))
+                    m = x.numel() // gate.in_features
+                    _lib.cpu_silu_mlp_4bit(*(w._packed_for(m, x.dtype) for w in weights), _capsule(x), _capsule(out),
+                                           None, adapters)
+                    return out
         return type(module).forward(module, x)
+
+
+def _adapted(layers, x) -> tuple:
+    """``(bases, adapters)`` of projections that are plain 4-bit layers or qlora-rs LoRA layers
+    around them whose shares a Rust call adds for ``x`` (:meth:`LoraLinear4bit._inference_share`);
+    ``(None, None)`` if any is neither."""
+    bases, adapters = [], []
+    k = layers[0].in_features
+    rows = x.numel() // k if type(x) is torch.Tensor and k else LORA_KERNEL_MAX_ROWS + 1
+    for layer in layers:
+        if type(layer) is Linear4bit:
+            bases.append(layer)
+            adapters.append(None)
+            continue
+        share = layer._inference_share(rows) if type(layer) is LoraLinear4bit else None
+        if share is None or type(layer.base_layer) is not Linear4bit:
+            return None, None
+        bases.append(layer.base_layer)
+        adapters.append(share)
+    return bases, adapters
 
 
 def _is_silu(act: Any) -> bool:
@@ -179,7 +211,10 @@ def _is_silu(act: Any) -> bool:
 
 
 def _mlp_candidate(module: nn.Module) -> bool:
-    layers = [module._modules.get(n) for n in ("gate_proj", "up_proj", "down_proj")]
+    wrapped = [module._modules.get(n) for n in ("gate_proj", "up_proj", "down_proj")]
+    if not all(type(layer) in (Linear4bit, LoraLinear4bit) for layer in wrapped):
+        return False
+    layers = [_base(layer) for layer in wrapped]
     if not all(type(layer) is Linear4bit for layer in layers) or any(layer.bias is not None for layer in layers):
         return False
     gate, up, down = layers
@@ -193,7 +228,7 @@ def _mlp_probe_agrees(module: nn.Module) -> bool:
     ``exp`` is the one step computed differently (torch's vectorized one and the kernel's may
     differ in the last bit of a float32): in bf16 and fp16 that almost never survives the rounding
     that follows, in float32 it shows, so float32 MLPs keep their own forward."""
-    gate = module.gate_proj
+    gate = _base(module.gate_proj)
     x = (torch.randn((4, gate.in_features), generator=torch.Generator().manual_seed(0)) * 2).to(gate.compute_dtype)
     with torch.inference_mode():
         try:
@@ -437,17 +472,27 @@ def _hooked(layers) -> bool:
 
 
 def _products(layers, x: torch.Tensor) -> list:
-    """``[layer(x) for layer in layers]``, the same bits: for plain 4-bit layers without hooks, in
-    x's compute dtype, one kernel call (:func:`~qlora_rs.core.ops.cpu_matmul_group`) without the
-    module calls, a bias added as the layer adds it; else the module calls (x: a CPU tensor that
-    needs no graph)."""
-    if all(type(layer) is Linear4bit and layer.compute_dtype == x.dtype and layer.in_features == x.shape[-1]
-           for layer in layers) and not _hooked(layers):
-        weights = [layer._cpu_kernel_weight() for layer in layers]
-        biases = [layer._parameters["bias"] for layer in layers]
+    """``[layer(x) for layer in layers]``, the same bits: for 4-bit layers without hooks, plain or
+    in qlora-rs LoRA layers whose shares a Rust call adds (:func:`_adapted`), in x's compute dtype,
+    one kernel call (:func:`~qlora_rs.core.ops.cpu_matmul_group`) without the module calls, a bias
+    and the adapters' shares added as the layers add them; else the module calls (x: a CPU tensor
+    that needs no graph)."""
+    if all(type(layer) is Linear4bit for layer in layers):
+        bases, shares = layers, None
+    else:
+        bases, shares = _adapted(layers, x)
+    if (bases is not None and all(base.compute_dtype == x.dtype and base.in_features == x.shape[-1] for base in bases)
+            and not _hooked(layers)):
+        weights = [base._cpu_kernel_weight() for base in bases]
+        biases = [base._parameters["bias"] for base in bases]
         if None not in weights and not _needs_graph(*biases):
-            return [y if b is None else y + b.to(y.dtype)
-                    for y, b in zip(cpu_matmul_group(weights, x), biases)]
+            outs = [y if b is None else y + b.to(y.dtype) for y, b in zip(cpu_matmul_group(weights, x), biases)]
+            if shares is not None:
+                x = x.contiguous()
+                for y, share in zip(outs, shares):
+                    if share is not None:
+                        _lib.cpu_lora_add(share, _capsule(x), _capsule(y))
+            return outs
     return [layer(x) for layer in layers]
 
 

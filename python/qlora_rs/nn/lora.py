@@ -169,17 +169,55 @@ class LoraLinear4bit(_LoraLayer):
         layers, 5 of them the call); else the function's own operations (two small products, the
         scaling and the sum in place on the fresh results)."""
         xc = x if x.dtype is y.dtype else x.to(y.dtype)
-        if a.dtype is torch.float32 and b.dtype is torch.float32 and a.is_cpu and b.is_cpu:
-            (r, k), n = a.shape, b.shape[0]
-            rows = xc.numel() // k if k else 0
-            if rows <= LORA_KERNEL_MAX_ROWS and a.is_contiguous() and b.is_contiguous() and y.is_contiguous():
-                _lib.cpu_lora_add(_capsule(xc if xc.is_contiguous() else xc.contiguous()), _capsule(a.detach()),
-                                  _capsule(b.detach()), self.scaling, rows, k, r, n, _capsule(y))
-                return y if y.dtype is x.dtype else y.to(x.dtype)
-        elif a.dtype != b.dtype or a.device != b.device:
+        k = a.shape[1]
+        if _kernel_adds(a, b, xc.numel() // k if k else 0) and y.is_contiguous():
+            _lib.cpu_lora_add(self._cpu_adapter(a, b), _capsule(xc if xc.is_contiguous() else xc.contiguous()), _capsule(y))
+            return y if y.dtype is x.dtype else y.to(x.dtype)
+        if a.dtype != b.dtype or a.device != b.device:
             self._check_adapters()
         lora = F.linear(F.linear(xc.to(a.dtype), a), b).mul_(self.scaling)
         return y.add_(lora.to(y.dtype)).to(x.dtype)
+
+    def _cpu_adapter(self, a: torch.Tensor, b: torch.Tensor) -> Any:
+        """``a`` and ``b`` (this layer's float32 CPU adapters) and the scaling checked once for the
+        Rust calls (a :class:`qlora_rs._lib.LoraAdapter`), kept while the same tensors, at the same
+        address and version, and the same scaling come (an optimizer's step writes a new version)."""
+        try:
+            key = (a.data_ptr(), b.data_ptr(), a._version, b._version, self.scaling)
+        except RuntimeError:  # inference tensors keep no version: built each time
+            key = None
+        memo = self.__dict__.get("_cpu_adapter_memo")
+        if memo is not None and key is not None and memo[0] is a and memo[1] is b and memo[2] == key:
+            return memo[3]
+        held = _lib.LoraAdapter(_capsule(a.detach()), _capsule(b.detach()), a.shape[1], self.scaling)
+        if key is not None:
+            self.__dict__["_cpu_adapter_memo"] = (a, b, key, held)
+        return held
+
+    def __getstate__(self):
+        # Copies and pickles rebuild the held adapters on their first forward.
+        state = super().__getstate__()
+        state.pop("_cpu_adapter_memo", None)
+        return state
+
+    def _inference_share(self, rows: int) -> Any:
+        """The held adapters (:meth:`_cpu_adapter`) for a Rust call that adds this layer's share to
+        its base's product of ``rows`` rows as :meth:`forward` adds it on CPU inference
+        (:meth:`_add_adapters`), or None where forward would do otherwise (training with dropout,
+        a graph to record, adapters the call does not take). The caller checks the input and
+        that no hook of this layer would run."""
+        modules = self._modules
+        a, b = modules["lora_A"]._parameters["weight"], modules["lora_B"]._parameters["weight"]
+        if (self.training and self.dropout) or _needs_graph(a, b) or not _kernel_adds(a, b, rows):
+            return None
+        return self._cpu_adapter(a, b)
+
+
+def _kernel_adds(a: torch.Tensor, b: torch.Tensor, rows: int) -> bool:
+    """Whether CPU inference adds the share of adapters ``a`` and ``b`` for ``rows`` rows by the
+    Rust call: float32 CPU tensors laid out plainly, few rows."""
+    return (a.dtype is torch.float32 and b.dtype is torch.float32 and a.is_cpu and b.is_cpu
+            and rows <= LORA_KERNEL_MAX_ROWS and a.is_contiguous() and b.is_contiguous())
 
 
 class LoraLinear(_LoraLayer):

@@ -265,8 +265,8 @@ def wrap_layers(
         cls = LoraLinear4bit if isinstance(base, Linear4bit) else LoraLinear
         if getattr(base, "_qlora_name", None) is None:
             base._qlora_name = name
-        setattr(parent, attr, cls(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init,
-                                  lora_dtype=lora_dtype))
+        layer = cls(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init, lora_dtype=lora_dtype)
+        setattr(parent, attr, layer.train(base.training))  # an eval model's new layers do not drop out
 
 
 def lora_layers(model: nn.Module) -> dict[str, _LoraLayer]:
