@@ -113,6 +113,17 @@ def test_chat_applies_an_adapter_from_a_run(tiny, tmp_path, capsys):
     assert adapted.out != plain.out
 
 
+def test_a_4bit_models_adapters_load_in_float32(tiny, tmp_path):
+    """As training keeps them and PEFT loads them; a 16-bit model's take its compute dtype."""
+    model = qlora_rs.from_pretrained(tiny)
+    qlora_rs.add_lora(model, r=4, alpha=8)
+    qlora_rs.save_adapter(model, tmp_path / "adapter")
+    for quantize, dtype in (("nf4", torch.float32), ("none", torch.bfloat16)):
+        loaded = load_model(tiny, adapter=tmp_path / "adapter", quantize=quantize, compute_dtype=torch.bfloat16)
+        layers = qlora_rs.surgery.model.lora_layers(loaded.model).values()
+        assert layers and all(layer.lora_A.weight.dtype == layer.lora_B.weight.dtype == dtype for layer in layers)
+
+
 def test_interactive_chat_keeps_the_conversation(tiny, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO("the cat\nthe dog\n\nnot read\n"))
     assert cli.main(["chat", str(tiny), "--max-new-tokens", "3", "--compute-dtype", "float32"]) == 0

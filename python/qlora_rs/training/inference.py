@@ -114,7 +114,9 @@ def load_model(
         how = "16-bit" if quantization is False else f"quantized on load to {quantization['quant_type']}"
     model = from_pretrained(path, quantization=quantization, compute_dtype=compute, dtype=compute, device=device)
     if adapter_dir is not None:
-        load_adapter(model, adapter_dir, lora_dtype=compute)
+        # A 4-bit model's adapters in float32, as training keeps them and PEFT loads them (its
+        # autocast_adapter_dtype): the CPU inference path adds their share by one Rust call.
+        load_adapter(model, adapter_dir, lora_dtype=compute if quantization is False else torch.float32)
         how += f", adapter {adapter_dir}"
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
