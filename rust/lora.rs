@@ -55,6 +55,9 @@ pub fn lora_add(
             return Err(Error::shape(format!("lora_add: {name} has {have} elements; {shape:?} needs {need}")));
         }
     }
+    if rank == 0 || in_features == 0 {
+        return Err(Error::shape(format!("lora_add: {shape:?}: an adapter needs a rank and in_features of at least 1")));
+    }
     host.check(isa)?;
     if rows == 0 || out_features == 0 {
         return Ok(());

@@ -1,6 +1,7 @@
 """LoRA layers: the fused function against a plain-autograd reference (forward, gradients of x,
 A, B; dropout; rslora; init), what the backward saves, one dequantization per backward, the
-16-bit LoraLinear, and torch.compile without graph breaks."""
+16-bit LoraLinear, torch.compile without graph breaks, and the adapters' share on CPU inference
+(the Rust call against float64 and the ops, when it runs, its errors)."""
 
 from __future__ import annotations
 
@@ -251,3 +252,24 @@ def test_inference_adds_float32_adapters_by_one_call_for_few_rows(monkeypatch):
         layer.to(torch.bfloat16)  # bf16 adapters (and base scales): the ops
         layer(torch.randn(1, 64, dtype=torch.bfloat16))
     assert len(calls) == 2
+
+
+def _quantized(out_f: int, in_f: int):
+    import qlora_rs
+
+    return qlora_rs.quantize(torch.randn(out_f, in_f, dtype=torch.bfloat16), "nf4", 64, double_quant=True)
+
+
+def test_fused_mlp_call_names_an_adapter_that_does_not_fit():
+    from qlora_rs import _lib
+    from qlora_rs.core import ops
+
+    torch.manual_seed(0)
+    weights = [ops.cpu_weight(*ops.quant_args(*_quantized(out_f, in_f))) for out_f, in_f in ((96, 64), (96, 64), (64, 96))]
+    packed = [w._packed_for(1, torch.bfloat16) for w in weights]
+    x, out = torch.randn(1, 64, dtype=torch.bfloat16), torch.empty(1, 64, dtype=torch.bfloat16)
+    wrong = _lib.LoraAdapter(torch.randn(4, 64), torch.randn(64, 4), 64, 1.0)  # [64, 64]: not up's [96, 64]
+    with pytest.raises(InvalidArgumentError, match=r"up's adapter is for \[64, 64\] \(out x in\); the projection is \[96, 64\]"):
+        _lib.cpu_silu_mlp_4bit(*packed, x, out, None, [None, wrong, None])
+    with pytest.raises(InvalidArgumentError, match="2 adapters; expected one entry"):
+        _lib.cpu_silu_mlp_4bit(*packed, x, out, None, [None, None])

@@ -165,9 +165,9 @@ class LoraLinear4bit(_LoraLayer):
         dtype) and the adapters ``a`` and ``b``: their share added to ``y``. Up to
         :data:`LORA_KERNEL_MAX_ROWS` rows of float32 adapters by one Rust call
         (:func:`qlora_rs._lib.cpu_lora_add`: the same steps and roundings in its own order of
-        summation, so within float32 summation error of the ops; 25 -> 16 us a call on SmolLM2's
-        layers, 5 of them the call); else the function's own operations (two small products, the
-        scaling and the sum in place on the fresh results)."""
+        summation, so within float32 summation error of the ops; 3.6 us for a 576 -> 16 -> 1536
+        share, where the ops took ~25); else the function's own operations (two small products,
+        the scaling and the sum in place on the fresh results)."""
         xc = x if x.dtype is y.dtype else x.to(y.dtype)
         k = a.shape[1]
         if _kernel_adds(a, b, xc.numel() // k if k else 0) and y.is_contiguous():
