@@ -130,6 +130,32 @@ def test_get_peft_model_on_a_qlora_rs_model_trains():
     assert losses[-1] < losses[0] - 0.05, losses
 
 
+def test_registered_peft_layer_adds_the_share_as_lora_linear4bit_does(monkeypatch):
+    """CPU inference of few rows: the share by the Rust call, the same bits as qlora-rs's own
+    LoRA layer with the same adapter; copies still work after it (the held adapters stay behind)."""
+    from qlora_rs import _lib
+
+    model = qlora_rs.quantize_model(tiny_llama())
+    ours = copy.deepcopy(model)
+    qlora_rs.add_lora(ours, r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    randomize_lora(ours)
+    config = register(peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    pm = peft.get_peft_model(model, config)
+    with torch.no_grad():
+        for name, value in ours.state_dict().items():
+            if "lora_" in name:
+                peft_name = name.replace("lora_A.", "lora_A.default.").replace("lora_B.", "lora_B.default.")
+                pm.get_parameter("base_model.model." + peft_name).copy_(value)
+    calls = []
+    real = _lib.cpu_lora_add
+    monkeypatch.setattr(_lib, "cpu_lora_add", lambda *a: calls.append(1) or real(*a))
+    ids = tokens()[:1, :6]
+    with torch.no_grad():
+        got, want = pm.eval()(ids).logits, ours.eval()(ids).logits
+    assert len(calls) == 2 * 14 and torch.equal(got, want)
+    copy.deepcopy(pm)
+
+
 def test_registered_peft_layer_is_fused_and_merges(monkeypatch):
     import qlora_rs.io.peft_integration as integration
 
@@ -156,7 +182,11 @@ def test_registered_peft_layer_is_fused_and_merges(monkeypatch):
     ids = tokens()
     with torch.no_grad():
         fused, generic = pm.eval()(ids).logits, plain.eval()(ids).logits
-    assert _rel(fused, generic) < 1e-2 and len(calls) == 14
+    # Inference takes the base's CPU kernels and adds the share itself: no autograd function.
+    assert _rel(fused, generic) < 1e-2 and calls == []
+    with torch.enable_grad():
+        assert pm(ids).logits.requires_grad  # a graph to record: the autograd function
+    assert len(calls) == 14
     losses = train_lm(pm, steps=3)
     assert losses[-1] < losses[0]
     with torch.no_grad():

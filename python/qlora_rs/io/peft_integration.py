@@ -36,7 +36,9 @@ from peft.tuners.lora.model import LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from ..core.autograd import LoraLinear4bitFunction
+from ..core.ops import _needs_graph
 from ..errors import InvalidArgumentError
+from ..nn.lora import _MEMO, _without_memos, add_share
 from ..nn.merge import RequantizedMerge
 from ..nn.linear4bit import Linear4bit
 
@@ -68,9 +70,17 @@ class PeftLoraLinear4bit(_PeftLinear):
         dropout = self.lora_dropout[name]
         p = float(getattr(dropout, "p", 0.0)) if dropout.training else 0.0
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        if p == 0.0 and not _needs_graph(a, b) and a.dtype == b.dtype and a.device == b.device:
+            y = base._cpu_inference(x)  # CPU inference: the base's kernels, the share as LoraLinear4bit adds it
+            if y is not None:
+                return add_share(self, f"{_MEMO}_{name}", x, y, a, b, float(self.scaling[name]))
         y = LoraLinear4bitFunction.apply(x.to(base.compute_dtype), a, b, base.bias, float(self.scaling[name]), p,
                                          *base._op_args())
         return y.to(x.dtype)
+
+    def __getstate__(self):
+        # Copies and pickles rebuild the held adapters on their first forward.
+        return _without_memos(super().__getstate__())
 
     def _requantize(self, adapter: str, sign: float, safe: bool) -> None:
         base: Linear4bit = self.get_base_layer()

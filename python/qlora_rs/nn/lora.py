@@ -161,47 +161,17 @@ class LoraLinear4bit(_LoraLayer):
 
     def _add_adapters(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """The rest of :class:`LoraLinear4bitFunction`'s forward without dropout, for chat and
-        evaluation on the CPU, given the base's ``y`` from its kernels (fresh, in the compute
-        dtype) and the adapters ``a`` and ``b``: their share added to ``y``. Up to
-        :data:`LORA_KERNEL_MAX_ROWS` rows of float32 adapters by one Rust call
-        (:func:`qlora_rs._lib.cpu_lora_add`: the same steps and roundings in its own order of
-        summation, so within float32 summation error of the ops; 3.6 us for a 576 -> 16 -> 1536
-        share, where the ops took ~25); else the function's own operations (two small products,
-        the scaling and the sum in place on the fresh results)."""
-        xc = x if x.dtype is y.dtype else x.to(y.dtype)
-        k = a.shape[1]
-        if _kernel_adds(a, b, xc.numel() // k if k else 0) and y.is_contiguous():
-            _lib.cpu_lora_add(self._cpu_adapter(a, b), _capsule(xc if xc.is_contiguous() else xc.contiguous()), _capsule(y))
-            return y if y.dtype is x.dtype else y.to(x.dtype)
+        evaluation on the CPU, given the base's ``y`` from its kernels: :func:`add_share`."""
         if a.dtype != b.dtype or a.device != b.device:
             self._check_adapters()
-        lora = F.linear(F.linear(xc.to(a.dtype), a), b).mul_(self.scaling)
-        return y.add_(lora.to(y.dtype)).to(x.dtype)
-
-    def _cpu_adapter(self, a: torch.Tensor, b: torch.Tensor) -> Any:
-        """``a`` and ``b`` (this layer's float32 CPU adapters) and the scaling checked once for the
-        Rust calls (a :class:`qlora_rs._lib.LoraAdapter`), kept while the same tensors, at the same
-        address and version, and the same scaling come (an optimizer's step writes a new version)."""
-        try:
-            key = (a.data_ptr(), b.data_ptr(), a._version, b._version, self.scaling)
-        except RuntimeError:  # inference tensors keep no version: built each time
-            key = None
-        memo = self.__dict__.get("_cpu_adapter_memo")
-        if memo is not None and key is not None and memo[0] is a and memo[1] is b and memo[2] == key:
-            return memo[3]
-        held = _lib.LoraAdapter(_capsule(a.detach()), _capsule(b.detach()), a.shape[1], self.scaling)
-        if key is not None:
-            self.__dict__["_cpu_adapter_memo"] = (a, b, key, held)
-        return held
+        return add_share(self, _MEMO, x, y, a, b, self.scaling)
 
     def __getstate__(self):
         # Copies and pickles rebuild the held adapters on their first forward.
-        state = super().__getstate__()
-        state.pop("_cpu_adapter_memo", None)
-        return state
+        return _without_memos(super().__getstate__())
 
     def _inference_share(self, rows: int) -> Any:
-        """The held adapters (:meth:`_cpu_adapter`) for a Rust call that adds this layer's share to
+        """The held adapters (:func:`held_adapter`) for a Rust call that adds this layer's share to
         its base's product of ``rows`` rows as :meth:`forward` adds it on CPU inference
         (:meth:`_add_adapters`), or None where forward would do otherwise (training with dropout,
         a graph to record, adapters the call does not take). The caller checks the input and
@@ -210,7 +180,55 @@ class LoraLinear4bit(_LoraLayer):
         a, b = modules["lora_A"]._parameters["weight"], modules["lora_B"]._parameters["weight"]
         if (self.training and self.dropout) or _needs_graph(a, b) or not _kernel_adds(a, b, rows):
             return None
-        return self._cpu_adapter(a, b)
+        return held_adapter(self, _MEMO, a, b, self.scaling)
+
+
+# Where a layer keeps its held adapters (one per adapter for PEFT's layers: the name appended).
+_MEMO = "_cpu_adapter_memo"
+
+
+def add_share(owner: nn.Module, slot: str, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+              scaling: float) -> torch.Tensor:
+    """``y + dropout-free LoRA share`` in ``x``'s dtype, as :class:`LoraLinear4bitFunction`'s
+    forward computes it, given the base's fresh ``y`` from its CPU kernels (in the compute dtype)
+    and adapters ``a`` ``[r, in]`` and ``b`` ``[out, r]``. Up to :data:`LORA_KERNEL_MAX_ROWS` rows of
+    float32 adapters by one Rust call (:func:`qlora_rs._lib.cpu_lora_add` on :func:`held_adapter`:
+    the same steps and roundings in its own order of summation, so within float32 summation error
+    of the ops; 3.6 us for a 576 -> 16 -> 1536 share, where the ops took ~25); else the function's
+    own operations (two small products, the scaling and the sum in place on the fresh ``y``)."""
+    xc = x if x.dtype is y.dtype else x.to(y.dtype)
+    k = a.shape[1]
+    if _kernel_adds(a, b, xc.numel() // k if k else 0) and y.is_contiguous():
+        held = held_adapter(owner, slot, a, b, scaling)
+        _lib.cpu_lora_add(held, _capsule(xc if xc.is_contiguous() else xc.contiguous()), _capsule(y))
+        return y if y.dtype is x.dtype else y.to(x.dtype)
+    lora = F.linear(F.linear(xc.to(a.dtype), a), b).mul_(scaling)
+    return y.add_(lora.to(y.dtype)).to(x.dtype)
+
+
+def held_adapter(owner: nn.Module, slot: str, a: torch.Tensor, b: torch.Tensor, scaling: float) -> Any:
+    """``a`` and ``b`` (float32 CPU adapters) and ``scaling`` checked once for the Rust calls (a
+    :class:`qlora_rs._lib.LoraAdapter`), kept in ``owner.__dict__[slot]`` while the same tensors, at
+    the same address and version, and the same scaling come (an optimizer's step writes a new
+    version). The owner drops its slots when copied or pickled (:func:`_without_memos`)."""
+    try:
+        key = (a.data_ptr(), b.data_ptr(), a._version, b._version, scaling)
+    except RuntimeError:  # inference tensors keep no version: built each time
+        key = None
+    memo = owner.__dict__.get(slot)
+    if memo is not None and key is not None and memo[0] is a and memo[1] is b and memo[2] == key:
+        return memo[3]
+    held = _lib.LoraAdapter(_capsule(a.detach()), _capsule(b.detach()), a.shape[1], scaling)
+    if key is not None:
+        owner.__dict__[slot] = (a, b, key, held)
+    return held
+
+
+def _without_memos(state: dict) -> dict:
+    """A module's ``__getstate__`` without the adapters it holds for the Rust calls."""
+    for name in [n for n in state if n.startswith(_MEMO)]:
+        del state[name]
+    return state
 
 
 def _kernel_adds(a: torch.Tensor, b: torch.Tensor, rows: int) -> bool:
