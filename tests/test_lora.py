@@ -223,7 +223,7 @@ def test_cpu_lora_add_names_what_does_not_fit():
     x, a, b, y = torch.randn(2, 8), torch.randn(4, 8), torch.randn(6, 4), torch.randn(2, 6)
     with pytest.raises(InvalidArgumentError, match="y has 10 elements; .* needs 12"):
         _lib.cpu_lora_add(_lib.LoraAdapter(a, b, 8, 1.0), x, y[:, :5].contiguous())
-    with pytest.raises(InvalidArgumentError, match="lora_A: dtype bfloat16, expected float32"):
+    with pytest.raises(InvalidArgumentError, match="lora_A is bfloat16, lora_B float32; expected one float dtype"):
         _lib.LoraAdapter(a.bfloat16(), b, 8, 1.0)
     with pytest.raises(InvalidArgumentError, match=r"lora_A has 32 elements and lora_B 24; expected \[rank, 7\]"):
         _lib.LoraAdapter(a, b, 7, 1.0)
@@ -231,27 +231,29 @@ def test_cpu_lora_add_names_what_does_not_fit():
         _lib.cpu_lora_add(_lib.LoraAdapter(a[:, :6].contiguous(), b, 6, 1.0), y, y)
 
 
-def test_inference_adds_float32_adapters_by_one_call_for_few_rows(monkeypatch):
-    """No grad and no dropout: few rows take the Rust call, more rows and bf16 adapters the ops."""
+@pytest.mark.parametrize("lora_dtype", [torch.float32, torch.bfloat16])
+def test_inference_adds_the_share_by_one_call_for_few_rows(lora_dtype, monkeypatch):
+    """No grad and no dropout: few rows take the Rust call, more rows the ops; either within
+    float32 summation error of the autograd function (bf16 outputs a unit off in rare elements)."""
     from qlora_rs import _lib
     from qlora_rs.nn import lora as lora_module
 
-    layer = LoraLinear4bit(_base(compute_dtype=torch.bfloat16), r=8, alpha=16)
+    layer = LoraLinear4bit(_base(compute_dtype=torch.bfloat16), r=8, alpha=16, lora_dtype=lora_dtype)
     _randomize(layer)
     layer.eval()
     calls = []
     real = _lib.cpu_lora_add
     monkeypatch.setattr(_lib, "cpu_lora_add", lambda *a: calls.append(1) or real(*a))
-    with torch.no_grad():
-        for rows, kernel in ((1, True), (lora_module.LORA_KERNEL_MAX_ROWS, True), (lora_module.LORA_KERNEL_MAX_ROWS + 1, False)):
-            x = torch.randn(rows, 64, dtype=torch.bfloat16)
-            before = len(calls)
-            fast, (want, *_) = layer(x), _reference(layer, x.float())
-            torch.testing.assert_close(fast.float(), want.detach(), rtol=2e-2, atol=2e-2)
-            assert len(calls) - before == kernel, rows
-        layer.to(torch.bfloat16)  # bf16 adapters (and base scales): the ops
-        layer(torch.randn(1, 64, dtype=torch.bfloat16))
-    assert len(calls) == 2
+    limit = lora_module.LORA_KERNEL_MAX_ROWS
+    for rows, kernel in ((1, True), (limit, True), (limit + 1, False)):
+        x = torch.randn(rows, 64, dtype=torch.bfloat16)
+        before = len(calls)
+        with torch.no_grad():
+            fast = layer(x)
+        function = layer(x).detach()  # grad enabled, the adapters require grad: the autograd function
+        assert len(calls) - before == kernel, rows
+        close = (fast.float() - function.float()).abs() <= function.float().abs() * 2.0**-7 + 1e-6
+        assert close.all() and (fast != function).float().mean() < 0.05, rows
 
 
 def _quantized(out_f: int, in_f: int):

@@ -127,15 +127,16 @@ def cpu_attend_one_token(q: _Tensor, k: _Tensor, v: _Tensor, mask: _Tensor | Non
 
 class LoraAdapter:
     """A LoRA adapter for the CPU kernels, checked once and held: lora_A [rank, in_features] and
-    lora_B [out_features, rank], float32, and its scaling."""
+    lora_B [out_features, rank] of one float dtype, and its scaling."""
 
     def __new__(cls, lora_a: _Tensor, lora_b: _Tensor, in_features: int, scaling: float) -> LoraAdapter: ...
     @property
     def rank(self) -> int: ...
 
 def cpu_lora_add(adapter: LoraAdapter, x: _Tensor, y: _Tensor) -> None:
-    """y += (lora_B @ (lora_A @ x)) * scaling in place, rounded to y's dtype and the sum rounded
-    again: x [rows, in_features] and y [rows, out_features] of any float dtype; summed in float32."""
+    """y += (lora_B @ (lora_A @ x)) * scaling in place, rounded as LoRA's ops round (x, both
+    products and the scaled share to the adapters' dtype, the share to y's, the sum): x
+    [rows, in_features] and y [rows, out_features] of any float dtype; summed in float32."""
 
 def cpu_dequantize_4bit(weight: PackedWeight4, out: _Tensor, isa: str | None = None, fresh: bool = False) -> None:
     """Decodes the weight into `out` (float32, float16 or bfloat16) on the CPU, decoding

@@ -218,11 +218,11 @@ pub fn gemm_4bit_group_on(
 }
 
 /// A LoRA adapter on one of [`silu_mlp_4bit_on`]'s projections: `a` `[rank, in]`, `b`
-/// `[out, rank]`, float32 (see [`crate::lora::lora_add`]).
+/// `[out, rank]`, of one float dtype (see [`crate::lora::lora_add`]).
 #[derive(Clone, Copy, Debug)]
 pub struct Adapter<'a> {
-    pub a: &'a [f32],
-    pub b: &'a [f32],
+    pub a: FloatSlice<'a>,
+    pub b: FloatSlice<'a>,
     pub rank: usize,
     pub scaling: f32,
 }

@@ -7,6 +7,7 @@ use super::tensor_arg::{no_overlap, Elem, HeldTensor, TensorArg};
 use super::to_pyerr;
 use crate::cpu_isa::{Host, Isa};
 use crate::decode::{self, AttentionShape};
+use crate::dtype::FloatSlice;
 use crate::lora::{self, LoraShape};
 
 /// `out = weight * (x / sqrt(mean(x^2, -1) + eps))` as transformers' `LlamaRMSNorm` computes it
@@ -97,7 +98,7 @@ fn cpu_attend_one_token(
 }
 
 /// A LoRA adapter for the CPU kernels, checked once and held: `lora_A` `[rank, in_features]` and
-/// `lora_B` `[out_features, rank]`, float32 (tensors or DLPack capsules), and its scaling.
+/// `lora_B` `[out_features, rank]`, of one float dtype (tensors or DLPack capsules), and its scaling.
 #[pyclass(name = "LoraAdapter", module = "qlora_rs._lib", frozen)]
 pub(super) struct LoraAdapter {
     a: HeldTensor,
@@ -111,8 +112,15 @@ impl LoraAdapter {
     #[new]
     #[pyo3(signature = (lora_a, lora_b, in_features, scaling))]
     fn new(lora_a: &Bound<'_, PyAny>, lora_b: &Bound<'_, PyAny>, in_features: usize, scaling: f32) -> PyResult<Self> {
-        let a = TensorArg::new(lora_a, "LoraAdapter: lora_A")?.expect(Elem::F32)?;
-        let b = TensorArg::new(lora_b, "LoraAdapter: lora_B")?.expect(Elem::F32)?;
+        let a = TensorArg::new(lora_a, "LoraAdapter: lora_A")?;
+        let b = TensorArg::new(lora_b, "LoraAdapter: lora_B")?;
+        if a.float_dtype()? != b.float_dtype()? {
+            return Err(to_pyerr(crate::Error::shape(format!(
+                "LoraAdapter: lora_A is {}, lora_B {}; expected one float dtype",
+                a.elem.name(),
+                b.elem.name()
+            ))));
+        }
         if in_features == 0 || a.len % in_features != 0 || a.len == 0 || b.len % (a.len / in_features) != 0 {
             return Err(to_pyerr(crate::Error::shape(format!(
                 "LoraAdapter: lora_A has {} elements and lora_B {}; expected [rank, {in_features}] and [out_features, rank]",
@@ -132,8 +140,8 @@ impl LoraAdapter {
 
 impl LoraAdapter {
     /// The adapter for `rows` rows, as `crate::matmul4` and `crate::lora` take it.
-    pub(super) fn parts(&self) -> PyResult<(&[f32], &[f32], LoraShape, f32)> {
-        Ok((self.a.0.slice::<f32>()?, self.b.0.slice::<f32>()?, self.shape, self.scaling))
+    pub(super) fn parts(&self) -> PyResult<(FloatSlice<'_>, FloatSlice<'_>, LoraShape, f32)> {
+        Ok((self.a.0.float_slice()?, self.b.0.float_slice()?, self.shape, self.scaling))
     }
 
     pub(super) fn tensors(&self) -> [&TensorArg; 2] {

@@ -192,7 +192,7 @@ def add_share(owner: nn.Module, slot: str, x: torch.Tensor, y: torch.Tensor, a: 
     """``y + dropout-free LoRA share`` in ``x``'s dtype, as :class:`LoraLinear4bitFunction`'s
     forward computes it, given the base's fresh ``y`` from its CPU kernels (in the compute dtype)
     and adapters ``a`` ``[r, in]`` and ``b`` ``[out, r]``. Up to :data:`LORA_KERNEL_MAX_ROWS` rows of
-    float32 adapters by one Rust call (:func:`qlora_rs._lib.cpu_lora_add` on :func:`held_adapter`:
+    CPU adapters of one float dtype by one Rust call (:func:`qlora_rs._lib.cpu_lora_add` on :func:`held_adapter`:
     the same steps and roundings in its own order of summation, so within float32 summation error
     of the ops; 3.6 us for a 576 -> 16 -> 1536 share, where the ops took ~25); else the function's
     own operations (two small products, the scaling and the sum in place on the fresh ``y``)."""
@@ -207,7 +207,7 @@ def add_share(owner: nn.Module, slot: str, x: torch.Tensor, y: torch.Tensor, a: 
 
 
 def held_adapter(owner: nn.Module, slot: str, a: torch.Tensor, b: torch.Tensor, scaling: float) -> Any:
-    """``a`` and ``b`` (float32 CPU adapters) and ``scaling`` checked once for the Rust calls (a
+    """``a`` and ``b`` (CPU adapters of one float dtype) and ``scaling`` checked once for the Rust calls (a
     :class:`qlora_rs._lib.LoraAdapter`), kept in ``owner.__dict__[slot]`` while the same tensors, at
     the same address and version, and the same scaling come (an optimizer's step writes a new
     version). The owner drops its slots when copied or pickled (:func:`_without_memos`)."""
@@ -231,10 +231,13 @@ def _without_memos(state: dict) -> dict:
     return state
 
 
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _kernel_adds(a: torch.Tensor, b: torch.Tensor, rows: int) -> bool:
     """Whether CPU inference adds the share of adapters ``a`` and ``b`` for ``rows`` rows by the
-    Rust call: float32 CPU tensors laid out plainly, few rows."""
-    return (a.dtype is torch.float32 and b.dtype is torch.float32 and a.is_cpu and b.is_cpu
+    Rust call: CPU tensors of one float dtype laid out plainly, few rows."""
+    return (a.dtype is b.dtype and a.dtype in _KERNEL_DTYPES and a.is_cpu and b.is_cpu
             and rows <= LORA_KERNEL_MAX_ROWS and a.is_contiguous() and b.is_contiguous())
 
 
