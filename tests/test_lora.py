@@ -231,7 +231,7 @@ def test_cpu_lora_add_names_what_does_not_fit():
         _lib.cpu_lora_add(_lib.LoraAdapter(a[:, :6].contiguous(), b, 6, 1.0), y, y)
 
 
-@pytest.mark.parametrize("lora_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lora_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_inference_adds_the_share_by_one_call_for_few_rows(lora_dtype, monkeypatch):
     """No grad and no dropout: few rows take the Rust call, more rows the ops; either within
     float32 summation error of the autograd function (bf16 outputs a unit off in rare elements)."""
