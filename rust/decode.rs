@@ -108,11 +108,7 @@ pub fn attend_one_token(
         ("out", out.len(), batch * heads * dim),
         ("mask", mask.map_or(batch * len, <[f32]>::len), batch * len),
     ];
-    for (name, have, need) in want {
-        if have != need {
-            return Err(Error::shape(format!("attention: {name} has {have} elements; {shape:?} needs {need}")));
-        }
-    }
+    check_lengths("attention", &shape, &want)?;
     if q.dtype() != k.dtype() || q.dtype() != v.dtype() || q.dtype() != out.dtype() {
         return Err(Error::shape(format!(
             "attention: q is {}, k {}, v {}, out {}; expected one dtype",
@@ -136,6 +132,15 @@ pub fn attend_one_token(
         _ => unreachable!("dtypes checked above"),
     }
     Ok(())
+}
+
+/// Each `(name, elements, needed)` of `want` has the elements `shape` needs, else an error that
+/// names the first that has not: `"{what}: {name} has {elements} elements; {shape:?} needs {needed}"`.
+pub(crate) fn check_lengths(what: &str, shape: &impl std::fmt::Debug, want: &[(&str, usize, usize)]) -> Result<()> {
+    match want.iter().find(|(_, have, need)| have != need) {
+        Some((name, have, need)) => Err(Error::shape(format!("{what}: {name} has {have} elements; {shape:?} needs {need}"))),
+        None => Ok(()),
+    }
 }
 
 /// The output rows shared by the threads (each task writes its own heads).

@@ -12,7 +12,7 @@
 //! bit for bit.
 
 use crate::cpu_isa::{Host, Isa};
-use crate::decode::PARALLEL_MIN_WORK;
+use crate::decode::{check_lengths, PARALLEL_MIN_WORK};
 use crate::dtype::{DType, Element, FloatSlice, FloatSliceMut};
 #[cfg(target_arch = "x86_64")]
 use crate::matmul4::avx2::bf16_bits;
@@ -52,11 +52,7 @@ pub fn lora_add(
         ("lora_B", b.len(), out_features * rank),
         ("y", y.len(), rows * out_features),
     ];
-    for (name, have, need) in want {
-        if have != need {
-            return Err(Error::shape(format!("lora_add: {name} has {have} elements; {shape:?} needs {need}")));
-        }
-    }
+    check_lengths("lora_add", &shape, &want)?;
     if rank == 0 || in_features == 0 {
         return Err(Error::shape(format!("lora_add: {shape:?}: an adapter needs a rank and in_features of at least 1")));
     }

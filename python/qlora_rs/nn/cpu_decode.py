@@ -156,11 +156,7 @@ class _FastMLP:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         module = self.module
         layers = module._modules
-        gate, up, down = layers["gate_proj"], layers["up_proj"], layers["down_proj"]
-        if type(gate) is Linear4bit and type(up) is Linear4bit and type(down) is Linear4bit:
-            bases, adapters = (gate, up, down), None
-        else:
-            bases, adapters = _adapted((gate, up, down), x)
+        bases, adapters = _adapted((layers["gate_proj"], layers["up_proj"], layers["down_proj"]), x)
         if bases is not None:
             gate = bases[0]
             if (type(x) is torch.Tensor and x.is_cpu and x.dtype == gate.compute_dtype and x.dim() > 0
@@ -180,7 +176,9 @@ class _FastMLP:
 def _adapted(layers, x) -> tuple:
     """``(bases, adapters)`` of projections that are plain 4-bit layers or qlora-rs LoRA layers
     around them whose shares a Rust call adds for ``x`` (:meth:`LoraLinear4bit._inference_share`);
-    ``(None, None)`` if any is neither."""
+    ``(None, None)`` if any is neither. Plain layers only (the usual case): ``(layers, None)``."""
+    if all(type(layer) is Linear4bit for layer in layers):
+        return layers, None
     bases, adapters = [], []
     k = layers[0].in_features
     rows = x.numel() // k if type(x) is torch.Tensor and k else LORA_KERNEL_MAX_ROWS + 1
@@ -477,10 +475,7 @@ def _products(layers, x: torch.Tensor) -> list:
     one kernel call (:func:`~qlora_rs.core.ops.cpu_matmul_group`) without the module calls, a bias
     and the adapters' shares added as the layers add them; else the module calls (x: a CPU tensor
     that needs no graph)."""
-    if all(type(layer) is Linear4bit for layer in layers):
-        bases, shares = layers, None
-    else:
-        bases, shares = _adapted(layers, x)
+    bases, shares = _adapted(layers, x)
     if (bases is not None and all(base.compute_dtype == x.dtype and base.in_features == x.shape[-1] for base in bases)
             and not _hooked(layers)):
         weights = [base._cpu_kernel_weight() for base in bases]
