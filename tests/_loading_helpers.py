@@ -73,17 +73,21 @@ def make_tiny_llama(directory: Path, *, vocab: int = 160, tie: bool = False, dty
     return directory
 
 
+_CONFIG_CLASSES = {"Gemma3": "Gemma3TextConfig"}  # families whose causal LM takes another config than <family>Config
+
+
 def make_tiny_family(directory: Path, family: str, *, vocab: int = 160, seed: int = 0, **overrides) -> Path:
     """Saves a randomly initialized tiny bf16 model of another Llama-style family (``"Mistral"``,
-    ``"Qwen2"``: transformers' ``<family>Config`` and ``<family>ForCausalLM``) with the tiny
-    Llama's sizes and ``overrides`` of its config (and a tokenizer) into ``directory``."""
+    ``"Qwen2"``: transformers' ``<family>Config`` and ``<family>ForCausalLM``; ``"Gemma3"``: its
+    text config) with the tiny Llama's sizes and ``overrides`` of its config (and a tokenizer)
+    into ``directory``."""
     import transformers
 
     directory = Path(directory)
     sizes = {k: v for k, v in tiny_llama_config(vocab).to_dict().items() if k in (
         "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
         "vocab_size", "max_position_embeddings", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")}
-    config = getattr(transformers, f"{family}Config")(**{**sizes, **overrides})
+    config = getattr(transformers, _CONFIG_CLASSES.get(family, f"{family}Config"))(**{**sizes, **overrides})
     torch.manual_seed(seed)
     getattr(transformers, f"{family}ForCausalLM")(config).to(torch.bfloat16).save_pretrained(str(directory))
     save_tokenizer(directory, (), vocab)

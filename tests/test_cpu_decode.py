@@ -469,11 +469,18 @@ def test_fast_attention_with_lora_adapters_decodes_as_the_modules_own_forward(ti
 
 
 # Mistral without a window; Qwen2 (a bias on q, k and v); Qwen2 with a window of 3 positions on
-# its second layer (the layers from max_window_layers on), which the decoding below outgrows.
+# its second layer (the layers from max_window_layers on), which the decoding below outgrows;
+# Qwen3 (norms of each query and key head); Gemma (Llama's forward, another scaling; head_dim
+# apart from hidden_size / heads); Gemma3 (head norms of its own kind after the transpose, a
+# window of 3 on its first layer); Granite (Llama's forward, its own multipliers).
 FAMILIES = {
     "mistral": ("Mistral", {"sliding_window": None}),
     "qwen2": ("Qwen2", {}),
     "qwen2-window": ("Qwen2", {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1}),
+    "qwen3": ("Qwen3", {}),
+    "gemma": ("Gemma", {"head_dim": 8}),
+    "gemma3": ("Gemma3", {"head_dim": 8, "sliding_window": 3, "layer_types": ["sliding_attention", "full_attention"]}),
+    "granite": ("Granite", {"attention_multiplier": 0.2, "residual_multiplier": 0.5}),
 }
 
 
@@ -484,9 +491,10 @@ def family_dir(request, tmp_path_factory):
 
 
 def test_fast_attention_of_other_families_decodes_as_their_own_forward(family_dir, monkeypatch):
-    """Mistral's and Qwen2's attention modules take the one-token steps (Qwen2's biased q, k and v
-    in one kernel call; a sliding window comes in the mask) and give the logits and cache of their
-    own forward bit for bit; with the model's own cache, sliding-window layers keep their forward."""
+    """The attention modules of the other families take the one-token steps (Qwen2's biased q, k
+    and v in one kernel call; a sliding window comes in the mask; Qwen3's and Gemma3's head norms
+    by their modules) and give the logits and cache of their own forward bit for bit; with the
+    model's own cache, sliding-window layers keep their forward."""
     fast = qlora_rs.from_pretrained(family_dir)
     assert fast.qlora_rs_cpu_decode.attentions == 2
     plain = _without_fast_attention(fast)
@@ -505,6 +513,15 @@ def test_fast_attention_of_other_families_decodes_as_their_own_forward(family_di
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
     own = [transformers.DynamicCache(config=m.config) for m in (fast, plain)]
     assert torch.equal(_decode(fast, ids, steps, own[0]), _decode(plain, ids, steps, own[1]))
+
+
+def test_fast_attention_probe_refuses_other_rotary_embeddings(tmp_path, monkeypatch):
+    """A class put on the list whose forward differs from the steps (GLM-4's rotary embeddings
+    turn half of each head, pairs interleaved) fails its probe and keeps its forward."""
+    monkeypatch.setattr(cpu_decode, "FAST_ATTENTION_CLASSES", cpu_decode.FAST_ATTENTION_CLASSES + ("Glm4Attention",))
+    model = qlora_rs.from_pretrained(make_tiny_family(tmp_path, "Glm4"))
+    assert model.qlora_rs_cpu_decode.attentions == 0
+    assert not any(isinstance(m.__dict__.get("forward"), cpu_decode._FastAttention) for m in model.modules())
 
 
 def test_fast_attention_steps_aside(tiny_dir, monkeypatch):

@@ -21,11 +21,12 @@ or checked:
 - attention runs ``"qlora_rs_cpu"``, registered with transformers' attention interface: one
   query token per sequence on the CPU with no autograd is a Rust kernel (float32 softmax, as SDPA),
   everything else transformers' SDPA function itself (:func:`attention`);
-- Llama's, Mistral's and Qwen2's attention modules whose forward gives, on a probe, exactly what the same steps in fewer
-  calls give take those steps for one token a step with a dynamic cache: the rotary embeddings
-  of query and key in one Rust call (ten torch ops before), the attention kernel without the
-  interface's lookup, the projections without their module calls, LoRA layers included
-  (:func:`fast_attentions`).
+- the attention modules of Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma3 and Granite
+  (:data:`FAST_ATTENTION_CLASSES`) whose forward gives, on a probe, exactly what the same steps in
+  fewer calls give take those steps for one token a step with a dynamic cache: the rotary
+  embeddings of query and key in one Rust call (ten torch ops before), the attention kernel
+  without the interface's lookup, the projections without their module calls, LoRA layers
+  included (:func:`fast_attentions`).
 
 Each falls back to the module's own code for anything else: training (autograd), other devices,
 tracing, other dtypes. :func:`restore` undoes all five. Measured with ``benches/generate_bench.py``
@@ -393,11 +394,16 @@ def attention(model: nn.Module) -> Optional[str]:
 # to cache); whatever else a caller passes goes on to the attention function, as there.
 _ATTENTION_NAMED = ("hidden_states", "position_embeddings", "attention_mask", "cache", "past_key_values")
 
-#: Attention classes whose forward :class:`_FastAttention` restates (checked on a probe besides).
-#: Mistral's and Qwen2's differ from Llama's in a bias on q, k and v (Qwen2) and in handing a
+#: Attention classes whose forward :class:`_FastAttention` restates (checked on a probe besides,
+#: once per class and dtype: a class whose layers differ in kind, as SmolLM3's and Exaone4's
+#: layers without rotary embeddings, must not be here). Gemma's and Granite's forward is Llama's
+#: (their scaling is the module's ``scaling``); Mistral's, Qwen2's, Qwen3's and Gemma3's hand a
 #: ``sliding_window`` to the attention function, which the registered function does not need: the
-#: window is in the mask it gets (and layers of a sliding-window cache keep their own forward).
-FAST_ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
+#: window is in the mask it gets (and layers of a sliding-window cache keep their own forward);
+#: Qwen2's q, k and v may have a bias; Qwen3's and Gemma3's norm each head of the query and key
+#: (``q_norm``, ``k_norm``) before the rotary embeddings.
+FAST_ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention", "GemmaAttention",
+                          "Gemma3Attention", "GraniteAttention")
 
 
 class _FastAttention:
@@ -441,8 +447,13 @@ class _FastAttention:
             cos, sin = cos.expand(batch, 1, dim), sin.expand(batch, 1, dim)
         projections = module._modules
         q, k, v = _products((projections["q_proj"], projections["k_proj"], projections["v_proj"]), hidden)
-        if not (q.dtype == k.dtype == v.dtype == hidden.dtype) or q.shape[-1] % dim or k.shape[-1] % dim:
+        if q.shape[-1] % dim or k.shape[-1] % dim:
             return None  # the forward then starts over
+        q_norm = projections.get("q_norm")
+        if q_norm is not None:  # Qwen3's and Gemma3's norms over each head, before the rotary embeddings
+            q, k = q_norm(q.view(batch, 1, -1, dim)), projections["k_norm"](k.view(batch, 1, -1, dim))
+        if not (q.dtype == k.dtype == v.dtype == hidden.dtype):
+            return None
         q, k = q.contiguous(), k.contiguous()
         q_rot, k_rot = torch.empty_like(q), torch.empty_like(k)
         _lib.cpu_rotary(_capsule(q), _capsule(k), _capsule(cos.contiguous()), _capsule(sin.contiguous()), batch, dim,
@@ -499,9 +510,11 @@ _ATTEND: Any = None
 
 
 def _attention_candidate(module: nn.Module) -> bool:
+    modules = module._modules
     return (type(module).__name__ in FAST_ATTENTION_CLASSES and isinstance(getattr(module, "layer_idx", None), int)
-            and isinstance(getattr(module, "head_dim", None), int) and all(
-                isinstance(module._modules.get(n), nn.Module) for n in ("q_proj", "k_proj", "v_proj", "o_proj")))
+            and isinstance(getattr(module, "head_dim", None), int)
+            and all(isinstance(modules.get(n), nn.Module) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+            and isinstance(modules.get("q_norm"), nn.Module) == isinstance(modules.get("k_norm"), nn.Module))
 
 
 def _layer_dtype(layer: nn.Module) -> torch.dtype:
