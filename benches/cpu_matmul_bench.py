@@ -1,5 +1,5 @@
 """4-bit inference kernels on the CPU, every figure measured in this run with the repeats
-interleaved (each repeat gives every contender a turn: a call that settles it in, then timed
+interleaved (each repeat gives every contender a turn: calls that settle it in, then timed
 calls), so that a machine whose speed drifts affects all of them alike. Prints medians and ratios:
 
 - matmul ``y = x @ W^T`` for M = 1, 4, 16 rows and W [out x in] = 4096x4096, 4096x14336,
@@ -41,12 +41,13 @@ SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # W [out, in]
 ROWS = [1, 4, 16]
 
 
-def interleaved(contenders: dict, repeat: int, run: int = 1) -> dict:
+def interleaved(contenders: dict, repeat: int, run: int = 1, settle: int = 1) -> dict:
     """Median seconds per call of each contender. Each repeat gives every contender a turn (each
-    repeat starting one contender later): one untimed call, then ``run`` timed ones. The untimed call
-    is the one that follows another contender and finds the caches as that one left them (the
-    first 4-bit product after bf16 ``F.linear`` read 32 MiB took ~0.12 ms more than the next at
-    M = 1 on 4096x4096); the timed ones follow calls of their own kind, as a model's layers follow
+    repeat starting one contender later): ``settle`` untimed calls, then ``run`` timed ones. The
+    untimed calls are those that follow another contender and find the caches as that one left
+    them (the first 4-bit product after bf16 ``F.linear`` read 32 MiB took ~0.12 ms more than the
+    next at M = 1 on 4096x4096, and the next seven of a cycle of eight copies still 20-40 us more
+    than after a pause); the timed ones follow calls of their own kind, as a model's layers follow
     each other."""
     for fn in contenders.values():
         fn()
@@ -54,7 +55,8 @@ def interleaved(contenders: dict, repeat: int, run: int = 1) -> dict:
     items = list(contenders.items())
     for r in range(repeat):
         for name, fn in items[r % len(items):] + items[:r % len(items)]:
-            fn()
+            for _ in range(settle):
+                fn()
             for _ in range(run):
                 t0 = time.perf_counter()
                 fn()
@@ -147,7 +149,9 @@ def matmul_table(repeat: int, warm: bool) -> None:
             if bnbs[0] is not None:
                 contenders["bnb"] = quiet(cycling(lambda i: lambda: bnbs[i](x), copies))
             with torch.no_grad():
-                t = interleaved(contenders, repeat, run=max(copies, copies4))
+                # A whole cycle of copies settles (what the contender before left in the caches
+                # and TLBs weighs on more than one call), then a whole cycle is timed.
+                t = interleaved(contenders, repeat, run=max(copies, copies4), settle=max(copies, copies4))
             tb = t.get("bnb", float("nan"))
             print(f"{f'{n_out}x{k}':<14}{m:>3}{t['bf16'] * 1e3:>15.3f}{tb * 1e3:>9.3f}{t['op'] * 1e3:>10.3f}"
                   f"{t['module'] * 1e3:>12.3f}{t['bf16'] / t['op']:>8.2f}x{tb / t['op']:>7.2f}x"
