@@ -148,6 +148,21 @@ def test_missing_unexpected_and_mismatched_tensors_are_named(float_dir, tmp_path
     assert from_pretrained(extra, strict=False, **F32) is not None
 
 
+def test_checkpoints_that_transformers_converts_are_named_as_such(float_dir, tmp_path):
+    """transformers 5 saves a MoE model's fused experts as one tensor per expert and joins them on
+    load; this loader does not, and its error says so (and only for such models)."""
+    from _loading_helpers import make_tiny_family
+
+    moe = make_tiny_family(tmp_path / "moe", "Qwen3Moe", num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32)
+    with pytest.raises(FormatError, match=r"does not have: model\.layers\.0\.mlp\.experts\.0\..*transformers "
+                                          r"converts Qwen3MoeForCausalLM checkpoints as it loads them"):
+        from_pretrained(moe)
+    extra = _edit_checkpoint(float_dir, tmp_path / "extra", lambda t: t.update({"model.extra.weight": torch.zeros(2)}))
+    with pytest.raises(FormatError) as error:
+        from_pretrained(extra)
+    assert "converts" not in str(error.value)
+
+
 def test_quantized_checkpoint_keeps_its_format(float_dir, tmp_path):
     from qlora_rs.io.convert import convert_checkpoint
 

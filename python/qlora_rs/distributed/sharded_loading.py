@@ -20,7 +20,7 @@ from ..nn.lora import _LoraLayer
 from ..core.quant_state import QuantState, dtype_name, parse_dtype
 from ..io.checkpoint import _IGNORED_EXTRA, _QUANT_SUFFIX, CONFIG_FILE, Checkpoint
 from ..io.loading import _checkpoint_options, parse_quant_options
-from ..io.skeleton import _key_resolver, _list, _set_tensor, _tied_keys, auto_class, build_skeleton, linear_targets
+from ..io.skeleton import _conversion_note, _key_resolver, _list, _set_tensor, _tied_keys, auto_class, build_skeleton, linear_targets
 from .adapters import _lora_layers
 from .env import default_mesh, _require_process_group
 from .fsdp import _local, _local_range, shard_model
@@ -118,7 +118,7 @@ def load_sharded(
                       and not _IGNORED_EXTRA.search(k)]
         if unexpected and strict:
             raise FormatError(f"{ckpt.directory}: the checkpoint has tensors that {type(model).__name__} does not have: "
-                              f"{_list(unexpected)} (pass strict=False to ignore them)")
+                              f"{_list(unexpected)} (pass strict=False to ignore them){_conversion_note(model)}")
         if quantized:
             targets = [k.rsplit(".", 1)[0] for k in quant_source]
         else:

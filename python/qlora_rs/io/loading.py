@@ -37,7 +37,7 @@ from ..errors import FormatError, InvalidArgumentError
 from ..nn.linear4bit import Linear4bit
 from .checkpoint import _IGNORED_EXTRA, _ST_DTYPES, CONFIG_FILE, SINGLE_FILE, Checkpoint
 from .skeleton import (
-    QuantOptions, _key_resolver, _list, _move_module, _replace_with_linear4bit, _set_tensor, _tied_keys,
+    QuantOptions, _conversion_note, _key_resolver, _list, _move_module, _replace_with_linear4bit, _set_tensor, _tied_keys,
     auto_class, build_skeleton, linear_targets,
 )
 
@@ -205,7 +205,7 @@ def _load(ckpt, config, quantization, compute_dtype, device, dtype, model_class,
     if unexpected and strict:
         raise FormatError(
             f"{ckpt.directory}: the checkpoint has tensors that {type(model).__name__} does not have: {_list(unexpected)} "
-            f"(pass model_class= to build another class, or strict=False to ignore them)"
+            f"(pass model_class= to build another class, or strict=False to ignore them){_conversion_note(model)}"
         )
 
     for _, key, target in units:
@@ -241,9 +241,11 @@ def _load(ckpt, config, quantization, compute_dtype, device, dtype, model_class,
             raise FormatError(
                 f"{ckpt.directory}: the checkpoint lacks tensors of {type(model).__name__}: {_list(missing)} "
                 f"(pass model_class= for the class the checkpoint was saved from, or strict=False to initialize them)"
+                f"{_conversion_note(model)}"
             )
         _initialize_missing(model, missing, device)
-        _log.warning("from_pretrained: initialized %d tensors missing from %s: %s", len(missing), ckpt.directory, _list(missing))
+        _log.warning("from_pretrained: initialized %d tensors missing from %s: %s%s", len(missing), ckpt.directory,
+                     _list(missing), _conversion_note(model))
     if unexpected:
         _log.warning("from_pretrained: ignored %d checkpoint tensors unknown to %s: %s",
                      len(unexpected), type(model).__name__, _list(unexpected))

@@ -188,3 +188,21 @@ def _list(names: Sequence[str], limit: int = 10) -> str:
     names = sorted(names)
     more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
+
+
+def _conversion_note(model: nn.Module) -> str:
+    """A sentence for a missing- or unexpected-keys error: whether transformers converts this
+    model's checkpoints as it loads them (transformers 5 stores, among others, MoE experts as one
+    fused tensor per projection and splits or joins them on load and save), which this loader does
+    not; else ``""``."""
+    try:
+        from transformers.conversion_mapping import extract_weight_conversions_for_model
+
+        conversions = extract_weight_conversions_for_model(model)
+    except Exception:  # an older transformers, or a model it cannot look up
+        return ""
+    if not conversions:
+        return ""
+    return (f"; transformers converts {type(model).__name__} checkpoints as it loads them ({len(conversions)} "
+            f"rule(s) of its conversion_mapping: fused MoE experts and renamed tensors are such cases), which "
+            f"qlora-rs's loader does not do, so strict=False would leave the converted tensors uninitialized")
