@@ -16,12 +16,21 @@ use crate::reduce::{torch_mean_f32, SumOrder};
 /// Multiply-adds below which attention runs on the calling thread alone (as in `matmul4`).
 pub(crate) const PARALLEL_MIN_WORK: usize = 1 << 17;
 
-/// Llama's RMS normalization of `rows` rows of `cols`: in float32, `h = x / sqrt(mean(x^2) + eps)`
-/// rounded to the dtype, then `weight * h` rounded again (transformers' `LlamaRMSNorm` and the
-/// many that copy it). The mean sums in PyTorch's order (`crate::reduce`, one thread a row, as
-/// torch reduces the last dimension of a small tensor), so the result is torch's bit for bit.
-/// `x`, `weight` and `out` share one dtype.
-pub fn rms_norm(x: FloatSlice<'_>, weight: FloatSlice<'_>, eps: f32, out: FloatSliceMut<'_>) -> Result<()> {
+/// Where an RMS norm applies its weight (both normalize in float32 first: `h = x * (1 / sqrt(mean(x^2) + eps))`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormStyle {
+    /// `weight * h` with `h` rounded to the dtype first, the product rounded again (transformers'
+    /// `LlamaRMSNorm` and the many that copy it).
+    Llama,
+    /// `h * (1 + weight)` in float32, rounded once (`GemmaRMSNorm`, `Gemma3RMSNorm`: the weight is
+    /// an offset from 1).
+    Gemma,
+}
+
+/// RMS normalization of rows of `weight.len()` values in the given [`NormStyle`]. The mean sums
+/// in PyTorch's order (`crate::reduce`, one thread a row, as torch reduces the last dimension of a
+/// small tensor), so the result is torch's bit for bit. `x`, `weight` and `out` share one dtype.
+pub fn rms_norm(x: FloatSlice<'_>, weight: FloatSlice<'_>, eps: f32, style: NormStyle, out: FloatSliceMut<'_>) -> Result<()> {
     let cols = weight.len();
     if x.dtype() != weight.dtype() || x.dtype() != out.dtype() {
         return Err(Error::shape(format!(
@@ -39,15 +48,15 @@ pub fn rms_norm(x: FloatSlice<'_>, weight: FloatSlice<'_>, eps: f32, out: FloatS
         )));
     }
     match (x, weight, out) {
-        (FloatSlice::F32(x), FloatSlice::F32(w), FloatSliceMut::F32(o)) => rms_rows(x, w, eps, o),
-        (FloatSlice::F16(x), FloatSlice::F16(w), FloatSliceMut::F16(o)) => rms_rows(x, w, eps, o),
-        (FloatSlice::BF16(x), FloatSlice::BF16(w), FloatSliceMut::BF16(o)) => rms_rows(x, w, eps, o),
+        (FloatSlice::F32(x), FloatSlice::F32(w), FloatSliceMut::F32(o)) => rms_rows(x, w, eps, style, o),
+        (FloatSlice::F16(x), FloatSlice::F16(w), FloatSliceMut::F16(o)) => rms_rows(x, w, eps, style, o),
+        (FloatSlice::BF16(x), FloatSlice::BF16(w), FloatSliceMut::BF16(o)) => rms_rows(x, w, eps, style, o),
         _ => unreachable!("dtypes checked above"),
     }
     Ok(())
 }
 
-fn rms_rows<T: Element>(x: &[T], weight: &[T], eps: f32, out: &mut [T]) {
+fn rms_rows<T: Element>(x: &[T], weight: &[T], eps: f32, style: NormStyle, out: &mut [T]) {
     let cols = weight.len();
     let order = SumOrder::new(crate::reduce::TORCH_SUM_WIDTH, 1);
     let mut h = vec![0f32; cols];
@@ -59,9 +68,19 @@ fn rms_rows<T: Element>(x: &[T], weight: &[T], eps: f32, out: &mut [T]) {
         }
         // torch.rsqrt(v) on the CPU: 1 / sqrt(v), each rounded.
         let inv = 1.0 / (torch_mean_f32(&sq, order) + eps).sqrt();
-        // The two roundings of `LlamaRMSNorm`: `weight * T(h * inv)`.
-        for ((o, &h), w) in or.iter_mut().zip(&h).zip(weight) {
-            *o = T::from_f32(w.to_f32() * T::from_f32(h * inv).to_f32());
+        match style {
+            // The two roundings of `LlamaRMSNorm`: `weight * T(h * inv)`.
+            NormStyle::Llama => {
+                for ((o, &h), w) in or.iter_mut().zip(&h).zip(weight) {
+                    *o = T::from_f32(w.to_f32() * T::from_f32(h * inv).to_f32());
+                }
+            }
+            // Gemma's one: `T((h * inv) * (1 + weight))`, each step a float32 rounding.
+            NormStyle::Gemma => {
+                for ((o, &h), w) in or.iter_mut().zip(&h).zip(weight) {
+                    *o = T::from_f32((h * inv) * (1.0 + w.to_f32()));
+                }
+            }
         }
     }
 }
@@ -506,7 +525,7 @@ mod tests {
         let x: Vec<bf16> = (0..3 * cols).map(|_| bf16::from_f32(lcg(&mut seed) * 4.0)).collect();
         let w: Vec<bf16> = (0..cols).map(|_| bf16::from_f32(1.0 + lcg(&mut seed) * 0.5)).collect();
         let mut out = vec![bf16::ZERO; x.len()];
-        rms_norm(FloatSlice::BF16(&x), FloatSlice::BF16(&w), 1e-5, FloatSliceMut::BF16(&mut out)).unwrap();
+        rms_norm(FloatSlice::BF16(&x), FloatSlice::BF16(&w), 1e-5, NormStyle::Llama, FloatSliceMut::BF16(&mut out)).unwrap();
         {
             for r in 0..3 {
                 let row: Vec<f64> = x[r * cols..(r + 1) * cols].iter().map(|v| v.to_f32() as f64).collect();
@@ -520,10 +539,44 @@ mod tests {
                 }
             }
         }
-        let err = rms_norm(FloatSlice::BF16(&x[..100]), FloatSlice::BF16(&w), 1e-5, FloatSliceMut::BF16(&mut out[..100]))
+        let err = rms_norm(FloatSlice::BF16(&x[..100]), FloatSlice::BF16(&w), 1e-5, NormStyle::Llama, FloatSliceMut::BF16(&mut out[..100]))
             .unwrap_err()
             .to_string();
         assert!(err.contains("x has 100 elements"), "{err}");
+    }
+
+    /// Gemma's style: `(h * inv) * (1 + w)` in float32 (each step rounded to float32, as torch's
+    /// ops round), rounded once to the dtype; for float32 and bf16 tensors.
+    #[test]
+    fn rms_norm_gemma_style_rounds_once_with_the_weight_plus_one() {
+        let mut seed = 5u64;
+        let cols = 64;
+        let x: Vec<f32> = (0..2 * cols).map(|_| lcg(&mut seed) * 4.0).collect();
+        let w: Vec<f32> = (0..cols).map(|_| (lcg(&mut seed) * 64.0).round() / 128.0).collect(); // 1 + w exact
+        let mut out = vec![0f32; x.len()];
+        rms_norm(FloatSlice::F32(&x), FloatSlice::F32(&w), 1e-6, NormStyle::Gemma, FloatSliceMut::F32(&mut out)).unwrap();
+        let order = SumOrder::new(crate::reduce::TORCH_SUM_WIDTH, 1);
+        for r in 0..2 {
+            let row = &x[r * cols..(r + 1) * cols];
+            let sq: Vec<f32> = row.iter().map(|v| v * v).collect();
+            let inv = 1.0 / (torch_mean_f32(&sq, order) + 1e-6).sqrt();
+            for c in 0..cols {
+                assert_eq!(out[r * cols + c].to_bits(), ((row[c] * inv) * (1.0 + w[c])).to_bits(), "r{r} c{c}");
+            }
+        }
+        let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+        let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        let mut gemma = vec![bf16::ZERO; x.len()];
+        rms_norm(FloatSlice::BF16(&xb), FloatSlice::BF16(&wb), 1e-6, NormStyle::Gemma, FloatSliceMut::BF16(&mut gemma)).unwrap();
+        for r in 0..2 {
+            let row: Vec<f32> = xb[r * cols..(r + 1) * cols].iter().map(|v| v.to_f32()).collect();
+            let sq: Vec<f32> = row.iter().map(|v| v * v).collect();
+            let inv = 1.0 / (torch_mean_f32(&sq, order) + 1e-6).sqrt();
+            for c in 0..cols {
+                let want = bf16::from_f32((row[c] * inv) * (1.0 + wb[c].to_f32()));
+                assert_eq!(gemma[r * cols + c], want, "r{r} c{c}");
+            }
+        }
     }
 
     /// cos = 1, sin = 0 keeps a head; cos = 0, sin = 1 turns it half over (`rotate_half`); each

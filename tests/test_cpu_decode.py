@@ -127,13 +127,34 @@ def test_fused_mlp_equals_the_modules_own_forward(tiny_dir, rows, monkeypatch):
     model = qlora_rs.from_pretrained(tiny_dir)
     mlp = model.model.layers[1].mlp
     calls = []
-    real = _lib.cpu_silu_mlp_4bit
-    monkeypatch.setattr(_lib, "cpu_silu_mlp_4bit", lambda *a: calls.append(1) or real(*a))
+    real = _lib.cpu_gated_mlp_4bit
+    monkeypatch.setattr(_lib, "cpu_gated_mlp_4bit", lambda *a: calls.append(1) or real(*a))
     x = (torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)) * 3).to(torch.bfloat16)
     with torch.inference_mode():
         got = mlp(x)
         want = type(mlp).forward(mlp, x)  # gate, up and down layers, SiLU and the product in torch
     assert calls == [1] and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_gelu_mlp_equals_gemmas_own_forward(rows, dtype):
+    """Gemma's MLP (GELU with the tanh approximation) runs the fused call with that activation,
+    the module's own bits in bf16 and fp16 (float32 MLPs keep their forward: see
+    cpu_decode._mlp_probe_agrees)."""
+    from transformers import GemmaConfig
+    from transformers.models.gemma.modeling_gemma import GemmaMLP
+
+    torch.manual_seed(0)
+    mlp = GemmaMLP(GemmaConfig(hidden_size=128, intermediate_size=320)).to(dtype)
+    qlora_rs.quantize_model(mlp, skip=(), compute_dtype=dtype)
+    assert cpu_decode.fused_mlps(mlp) == 1 and mlp.forward.activation == "gelu_tanh"
+    x = (torch.randn(rows, 128, generator=torch.Generator().manual_seed(rows)) * 3).to(dtype)
+    with torch.inference_mode():
+        assert torch.equal(mlp(x), GemmaMLP.forward(mlp, x))
+    mlp32 = GemmaMLP(GemmaConfig(hidden_size=128, intermediate_size=320))
+    qlora_rs.quantize_model(mlp32, skip=(), compute_dtype=torch.float32)
+    assert cpu_decode.fused_mlps(mlp32) == 0
 
 
 def test_fused_mlp_of_large_layers_reads_what_the_layers_read():
@@ -169,8 +190,8 @@ def test_fused_mlp_with_lora_adapters_equals_the_modules_own_forward(tiny_dir, t
             p.data = torch.randn(p.shape, generator=g) * 0.05
     mlp = model.model.layers[1].mlp
     calls = []
-    real = _lib.cpu_silu_mlp_4bit
-    monkeypatch.setattr(_lib, "cpu_silu_mlp_4bit", lambda *a: calls.append(a[-1] is not None) or real(*a))
+    real = _lib.cpu_gated_mlp_4bit
+    monkeypatch.setattr(_lib, "cpu_gated_mlp_4bit", lambda *a: calls.append(a[6] is not None) or real(*a))
     for rows in (1, 5, LORA_KERNEL_MAX_ROWS, LORA_KERNEL_MAX_ROWS + 1):
         x = (torch.randn(rows, 64, generator=g) * 3).to(torch.bfloat16)
         with torch.inference_mode():
@@ -187,8 +208,8 @@ def test_fused_mlp_with_lora_adapters_equals_the_modules_own_forward(tiny_dir, t
 def test_fused_mlp_steps_aside_for_adapters_autograd_and_other_mlps(tiny_dir, monkeypatch):
     model = qlora_rs.from_pretrained(tiny_dir)
     calls = []
-    real = _lib.cpu_silu_mlp_4bit
-    monkeypatch.setattr(_lib, "cpu_silu_mlp_4bit", lambda *a: calls.append(1) or real(*a))
+    real = _lib.cpu_gated_mlp_4bit
+    monkeypatch.setattr(_lib, "cpu_gated_mlp_4bit", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(2, 64).to(torch.bfloat16)
     mlp = model.model.layers[0].mlp
     with torch.enable_grad():
@@ -242,19 +263,46 @@ def test_rms_norm_equals_llamas_bit_for_bit(dtype):
         assert torch.equal(norm(x.transpose(0, 1)), LlamaRMSNorm.forward(norm, x.transpose(0, 1)))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("family", ["gemma", "gemma3"])
+def test_rms_norm_equals_gemmas_bit_for_bit(family, dtype):
+    """Gemma's norms (``x_hat * (1 + weight)`` in float32, rounded once) take the kernel's Gemma
+    style, found by the probe; fresh (a zero weight) or trained, the module's own bits."""
+    import importlib
+
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    cls = getattr(module, f"{family.capitalize()}RMSNorm")
+    for trained in (False, True):
+        norm = cls(576, eps=1e-6).to(dtype)
+        if trained:
+            with torch.no_grad():
+                norm.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+        assert cpu_decode.fast_rms_norms(norm) == 1 and norm.forward.unit_offset
+        g = torch.Generator().manual_seed(2)
+        x = (torch.randn(7, 3, 576, generator=g) * torch.logspace(-3, 3, 7)[:, None, None]).to(dtype)
+        with torch.inference_mode():
+            assert torch.equal(norm(x), cls.forward(norm, x))
+
+
 def test_rms_norm_leaves_other_norms_and_training_alone():
-    class OnePlusNorm(nn.Module):  # Gemma's form: weight + 1
+    class CenteredNorm(nn.Module):  # a norm of another formula (the mean taken out first)
         def __init__(self):
             super().__init__()
-            self.weight = nn.Parameter(torch.zeros(64))
+            self.weight = nn.Parameter(torch.ones(64))
             self.variance_epsilon = 1e-6
 
         def forward(self, x):
-            h = x.float()
+            h = x.float() - x.float().mean(-1, keepdim=True)
             h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-            return (h * (1.0 + self.weight.float())).to(x.dtype)
+            return (self.weight * h).to(x.dtype)
 
-    assert cpu_decode.fast_rms_norms(OnePlusNorm()) == 0
+    class WeightlessNorm(CenteredNorm):  # agrees with Llama's style at the weight of one, not at others
+        def forward(self, x):
+            h = x.float()
+            return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)).to(x.dtype)
+
+    assert cpu_decode.fast_rms_norms(CenteredNorm()) == 0
+    assert cpu_decode.fast_rms_norms(WeightlessNorm()) == 0
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     norm = LlamaRMSNorm(64)
@@ -409,6 +457,18 @@ def _without_fast_attention(model):
     return plain
 
 
+# A batch of two four-token prompts, then five single tokens for each (teacher-forced).
+IDS = torch.tensor([[5, 9, 11, 4], [7, 3, 2, 8]])
+STEPS = torch.tensor([[12, 30, 6, 18, 40], [1, 2, 3, 4, 5]]).T
+
+
+def _assert_same_caches(a, b):
+    """The same kinds of layer holding the same keys and values, bit for bit."""
+    assert len(a.layers) == len(b.layers)
+    for x, y in zip(a.layers, b.layers):
+        assert type(x) is type(y) and torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values)
+
+
 def _decode(model, ids, steps, cache):
     """Logits of a prefill of ``ids`` and of ``steps`` single tokens after it, teacher-forced."""
     arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -430,15 +490,13 @@ def test_fast_attention_decodes_as_the_modules_own_forward(tiny_dir, dtype, monk
     calls = []
     real = _lib.cpu_rotary
     monkeypatch.setattr(_lib, "cpu_rotary", lambda *a: calls.append(a[4]) or real(*a))
-    ids = torch.tensor([[5, 9, 11, 4], [7, 3, 2, 8]])
-    steps = torch.tensor([[12, 30, 6, 18, 40], [1, 2, 3, 4, 5]]).T
+    ids, steps = IDS, STEPS
     caches = [transformers.DynamicCache(), transformers.DynamicCache()]
     got = _decode(fast, ids, steps, caches[0])
     assert calls == [2] * 10
     want = _decode(plain, ids, steps, caches[1])
     assert len(calls) == 10 and torch.equal(got, want)
-    for a, b in zip(caches[0].layers, caches[1].layers):
-        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    _assert_same_caches(*caches)
 
 
 def test_fast_attention_with_lora_adapters_decodes_as_the_modules_own_forward(tiny_dir, monkeypatch):
@@ -457,15 +515,13 @@ def test_fast_attention_with_lora_adapters_decodes_as_the_modules_own_forward(ti
     forwards = []
     real = LoraLinear4bit.forward
     monkeypatch.setattr(LoraLinear4bit, "forward", lambda self, x: forwards.append(1) or real(self, x))
-    ids = torch.tensor([[5, 9, 11, 4], [7, 3, 2, 8]])
-    steps = torch.tensor([[12, 30, 6, 18, 40], [1, 2, 3, 4, 5]]).T
+    ids, steps = IDS, STEPS
     caches = [transformers.DynamicCache(), transformers.DynamicCache()]
     got = _decode(model, ids, steps, caches[0])
     assert len(forwards) == 2 * 4  # the prefill's layer calls only
     want = _decode(plain, ids, steps, caches[1])
     assert len(forwards) == 2 * 4 + 2 * 4 * 6 and torch.equal(got, want)  # then every call of the plain model
-    for a, b in zip(caches[0].layers, caches[1].layers):
-        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    _assert_same_caches(*caches)
 
 
 # Mistral without a window; Qwen2 (a bias on q, k and v); Qwen2 with a window of 3 positions on
@@ -493,8 +549,8 @@ def family_dir(request, tmp_path_factory):
 def test_fast_attention_of_other_families_decodes_as_their_own_forward(family_dir, monkeypatch):
     """The attention modules of the other families take the one-token steps (Qwen2's biased q, k
     and v in one kernel call; a sliding window comes in the mask; Qwen3's and Gemma3's head norms
-    by their modules) and give the logits and cache of their own forward bit for bit; with the
-    model's own cache, sliding-window layers keep their forward."""
+    by their modules) and give the logits and cache of their own forward bit for bit, with a cache
+    of full layers and with the model's own, whose sliding-window layers crop what they keep."""
     fast = qlora_rs.from_pretrained(family_dir)
     assert fast.qlora_rs_cpu_decode.attentions == 2
     plain = _without_fast_attention(fast)
@@ -502,17 +558,45 @@ def test_fast_attention_of_other_families_decodes_as_their_own_forward(family_di
     real_rotary, real_group = _lib.cpu_rotary, cpu_decode.cpu_matmul_group
     monkeypatch.setattr(_lib, "cpu_rotary", lambda *a: rotary.append(1) or real_rotary(*a))
     monkeypatch.setattr(cpu_decode, "cpu_matmul_group", lambda w, x: groups.append(len(w)) or real_group(w, x))
-    ids = torch.tensor([[5, 9, 11, 4], [7, 3, 2, 8]])
-    steps = torch.tensor([[12, 30, 6, 18, 40], [1, 2, 3, 4, 5]]).T
+    ids, steps = IDS, STEPS
     caches = [transformers.DynamicCache(), transformers.DynamicCache()]
     got = _decode(fast, ids, steps, caches[0])
     assert len(rotary) == 10 and groups.count(3) == 10  # each step of both layers; q, k and v in one call
     want = _decode(plain, ids, steps, caches[1])
     assert torch.equal(got, want)
-    for a, b in zip(caches[0].layers, caches[1].layers):
-        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    _assert_same_caches(*caches)
     own = [transformers.DynamicCache(config=m.config) for m in (fast, plain)]
+    rotary.clear()
     assert torch.equal(_decode(fast, ids, steps, own[0]), _decode(plain, ids, steps, own[1]))
+    assert len(rotary) == 10  # sliding-window layers too
+    _assert_same_caches(*own)
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma3"])
+def test_gemma_models_decode_as_without_the_path(family, tmp_path_factory, monkeypatch):
+    """Gemma's and Gemma3's norms (``1 + weight``; Gemma3's four a layer and its query and key
+    head norms) and GELU MLPs take the kernels, and give the logits and cache of the same model
+    whose norms and MLPs run their own forward, bit for bit."""
+    name, overrides = FAMILIES[family]
+    path = make_tiny_family(tmp_path_factory.mktemp(family), name, **overrides)
+    fast = qlora_rs.from_pretrained(path)
+    plain = copy.deepcopy(fast)
+    for module in plain.modules():
+        if isinstance(module.__dict__.get("forward"), (cpu_decode._FastRMSNorm, cpu_decode._FastMLP)):
+            del module.forward
+    done = fast.qlora_rs_cpu_decode
+    assert (done.norms, done.mlps, done.attentions) == ((13 if family == "gemma3" else 5), 2, 2)
+    activations = [m.forward.activation for m in fast.modules() if isinstance(m.__dict__.get("forward"), cpu_decode._FastMLP)]
+    assert activations == ["gelu_tanh", "gelu_tanh"]
+    calls = []
+    real = _lib.cpu_gated_mlp_4bit
+    monkeypatch.setattr(_lib, "cpu_gated_mlp_4bit", lambda *a: calls.append(a[7]) or real(*a))
+    ids, steps = IDS, STEPS
+    caches = [transformers.DynamicCache(), transformers.DynamicCache()]
+    got = _decode(fast, ids, steps, caches[0])
+    assert len(calls) == 2 * 6  # the prefill's and each step's, both layers
+    assert torch.equal(got, _decode(plain, ids, steps, caches[1]))
+    _assert_same_caches(*caches)
 
 
 def test_fast_attention_probe_refuses_other_rotary_embeddings(tmp_path, monkeypatch):

@@ -272,6 +272,6 @@ def test_fused_mlp_call_names_an_adapter_that_does_not_fit():
     x, out = torch.randn(1, 64, dtype=torch.bfloat16), torch.empty(1, 64, dtype=torch.bfloat16)
     wrong = _lib.LoraAdapter(torch.randn(4, 64), torch.randn(64, 4), 64, 1.0)  # [64, 64]: not up's [96, 64]
     with pytest.raises(InvalidArgumentError, match=r"up's adapter is for \[64, 64\] \(out x in\); the projection is \[96, 64\]"):
-        _lib.cpu_silu_mlp_4bit(*packed, x, out, None, [None, wrong, None])
+        _lib.cpu_gated_mlp_4bit(*packed, x, out, None, [None, wrong, None])
     with pytest.raises(InvalidArgumentError, match="2 adapters; expected one entry"):
-        _lib.cpu_silu_mlp_4bit(*packed, x, out, None, [None, None])
+        _lib.cpu_gated_mlp_4bit(*packed, x, out, None, [None, None])

@@ -103,16 +103,17 @@ def cpu_gemm_4bit_group(weights: list[PackedWeight4], x: _Tensor, outs: list[_Te
     outs[i] = x @ dequant(weights[i])^T, each what cpu_gemm_4bit gives, with x converted once and
     the rows of all the weights shared among the threads."""
 
-def cpu_silu_mlp_4bit(gate: PackedWeight4, up: PackedWeight4, down: PackedWeight4, x: _Tensor, out: _Tensor,
-                      isa: str | None = None,
-                      adapters: list[LoraAdapter | None] | None = None) -> None:
-    """out = down(silu(gate(x)) * up(x)) in one call, rounded as PyTorch computes transformers'
-    LlamaMLP in x's dtype. adapters: None, or per projection (gate, up, down) None or a
-    LoraAdapter whose share is added as cpu_lora_add adds it."""
+def cpu_gated_mlp_4bit(gate: PackedWeight4, up: PackedWeight4, down: PackedWeight4, x: _Tensor, out: _Tensor,
+                       isa: str | None = None, adapters: list[LoraAdapter | None] | None = None,
+                       activation: str = "silu") -> None:
+    """out = down(act(gate(x)) * up(x)) in one call, rounded as PyTorch computes transformers'
+    LlamaMLP (activation "silu") or GemmaMLP ("gelu_tanh") in x's dtype. adapters: None, or per
+    projection (gate, up, down) None or a LoraAdapter whose share is added as cpu_lora_add adds it."""
 
-def cpu_rms_norm(x: _Tensor, weight: _Tensor, eps: float, out: _Tensor) -> None:
+def cpu_rms_norm(x: _Tensor, weight: _Tensor, eps: float, out: _Tensor, unit_offset: bool = False) -> None:
     """out = weight * (x / sqrt(mean(x^2, -1) + eps)) as transformers' LlamaRMSNorm computes it,
-    bit for bit; x, weight and out of one float dtype."""
+    bit for bit; with unit_offset, (x / sqrt(...)) * (1 + weight) as GemmaRMSNorm computes it
+    (float32, rounded once). x, weight and out of one float dtype."""
 
 def cpu_rotary(q: _Tensor, k: _Tensor, cos: _Tensor, sin: _Tensor, batch: int, dim: int, q_out: _Tensor,
                k_out: _Tensor) -> None:

@@ -217,7 +217,7 @@ pub fn gemm_4bit_group_on(
     gemm_4bit_group_with(x, m, ws, outs, isa, host, bf16)
 }
 
-/// A LoRA adapter on one of [`silu_mlp_4bit_on`]'s projections: `a` `[rank, in]`, `b`
+/// A LoRA adapter on one of [`gated_mlp_4bit_on`]'s projections: `a` `[rank, in]`, `b`
 /// `[out, rank]`, of one float dtype (see [`crate::lora::lora_add`]).
 #[derive(Clone, Copy, Debug)]
 pub struct Adapter<'a> {
@@ -227,20 +227,59 @@ pub struct Adapter<'a> {
     pub scaling: f32,
 }
 
-/// A gated MLP with SiLU at one call: `out = down(silu(gate(x)) * up(x))` with 4-bit weights,
-/// rounded as PyTorch computes transformers' `LlamaMLP` in `x`'s dtype: each product rounded to
-/// it ([`gemm_4bit_group_on`]), `silu(g)` computed in float32 and rounded, the elementwise product
-/// of the two rounded once more, then the down product of that. `gate` and `up` are
-/// `[inter, cols]`, `down` `[rows, inter]`; `x` `[m, cols]`, `out` `[m, rows]`, one dtype.
-/// `adapters` (gate, up, down): a LoRA adapter's share added to that projection's rounded
-/// product, as `qlora_rs.nn.LoraLinear4bit` adds it ([`crate::lora::lora_add`]).
+/// The activation of a gated MLP's gate, each in float32 as PyTorch's CPU kernel computes it
+/// (its vectorized `exp` and `tanh` may differ from these in the last bit of a float32; a bf16 or
+/// fp16 result almost never shows it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GateActivation {
+    /// `x / (1 + exp(-x))` (`F.silu`: Llama, Mistral, Qwen).
+    Silu,
+    /// `0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))` (`F.gelu(approximate="tanh")`: Gemma).
+    GeluTanh,
+}
+
+impl GateActivation {
+    /// The activation by its name in the Python API (`"silu"`, `"gelu_tanh"`).
+    pub fn from_name(name: &str) -> Result<GateActivation> {
+        match name {
+            "silu" => Ok(GateActivation::Silu),
+            "gelu_tanh" => Ok(GateActivation::GeluTanh),
+            _ => Err(Error::shape(format!("gated MLP: activation {name:?}; expected \"silu\" or \"gelu_tanh\""))),
+        }
+    }
+
+    /// The activation of `v`, with PyTorch's operations in its order (no fused multiply-adds).
+    #[inline]
+    pub fn apply(self, v: f32) -> f32 {
+        match self {
+            GateActivation::Silu => v / (1.0 + (-v).exp()),
+            GateActivation::GeluTanh => {
+                // torch's constants, rounded from double: sqrt(2) * (2 / sqrt(pi)) * 0.5 and 0.044715.
+                const BETA: f32 = (std::f64::consts::SQRT_2 * std::f64::consts::FRAC_2_SQRT_PI * 0.5) as f32;
+                const KAPPA: f32 = 0.044715f64 as f32;
+                let cube = v * v * v;
+                let inner = BETA * (v + KAPPA * cube);
+                0.5 * v * (1.0 + inner.tanh())
+            }
+        }
+    }
+}
+
+/// A gated MLP at one call: `out = down(act(gate(x)) * up(x))` with 4-bit weights, rounded as
+/// PyTorch computes transformers' `LlamaMLP` (SiLU) or `GemmaMLP` (GELU, tanh approximation) in
+/// `x`'s dtype: each product rounded to it ([`gemm_4bit_group_on`]), `act(g)` computed in float32
+/// and rounded, the elementwise product of the two rounded once more, then the down product of
+/// that. `gate` and `up` are `[inter, cols]`, `down` `[rows, inter]`; `x` `[m, cols]`, `out`
+/// `[m, rows]`, one dtype. `adapters` (gate, up, down): a LoRA adapter's share added to that
+/// projection's rounded product, as `qlora_rs.nn.LoraLinear4bit` adds it ([`crate::lora::lora_add`]).
 #[allow(clippy::too_many_arguments)]
-pub fn silu_mlp_4bit_on(
+pub fn gated_mlp_4bit_on(
     x: FloatSlice<'_>,
     m: usize,
     gate: &Weight4<'_>,
     up: &Weight4<'_>,
     down: &Weight4<'_>,
+    act: GateActivation,
     adapters: [Option<Adapter<'_>>; 3],
     out: FloatSliceMut<'_>,
     isa: Isa,
@@ -279,6 +318,7 @@ pub fn silu_mlp_4bit_on(
         x: &[T],
         m: usize,
         ws: [&Weight4<'_>; 3],
+        act: GateActivation,
         adapters: [Option<Adapter<'_>>; 3],
         out: &mut [T],
         isa: Isa,
@@ -298,8 +338,7 @@ pub fn silu_mlp_4bit_on(
         share(adapters[0], x, gate, &mut g)?;
         share(adapters[1], x, up, &mut u)?;
         for (g, u) in g.iter_mut().zip(&u) {
-            let v = g.to_f32();
-            let a = T::from_f32(v / (1.0 + (-v).exp()));
+            let a = T::from_f32(act.apply(g.to_f32()));
             *g = T::from_f32(a.to_f32() * u.to_f32());
         }
         gemm_4bit_on(T::slice(&g), m, down, T::slice_mut(out), isa, host)?;
@@ -307,9 +346,9 @@ pub fn silu_mlp_4bit_on(
     }
     let ws = [gate, up, down];
     match (x, out) {
-        (FloatSlice::F32(x), FloatSliceMut::F32(o)) => run::<f32>(x, m, ws, adapters, o, isa, host),
-        (FloatSlice::F16(x), FloatSliceMut::F16(o)) => run::<f16>(x, m, ws, adapters, o, isa, host),
-        (FloatSlice::BF16(x), FloatSliceMut::BF16(o)) => run::<bf16>(x, m, ws, adapters, o, isa, host),
+        (FloatSlice::F32(x), FloatSliceMut::F32(o)) => run::<f32>(x, m, ws, act, adapters, o, isa, host),
+        (FloatSlice::F16(x), FloatSliceMut::F16(o)) => run::<f16>(x, m, ws, act, adapters, o, isa, host),
+        (FloatSlice::BF16(x), FloatSliceMut::BF16(o)) => run::<bf16>(x, m, ws, act, adapters, o, isa, host),
         _ => unreachable!("dtypes checked above"),
     }
 }

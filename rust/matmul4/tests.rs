@@ -447,3 +447,24 @@ fn a_group_gives_each_weight_its_own_product_bit_for_bit() {
         .unwrap_err();
     assert!(err.to_string().contains("2 weights but 1 outputs"), "{err}");
 }
+
+/// Each gate activation against its formula in float64, within a few float32 units of `|x|`
+/// (`exp` and `tanh` are the library's, and GELU's `1 + tanh` cancels for large negative `x` in
+/// float32 as in PyTorch), and the names the Python API passes.
+#[test]
+fn gate_activations_follow_their_formulas() {
+    for i in -400..=400 {
+        let v = i as f32 / 40.0; // -10..10
+        let x = v as f64;
+        let silu = x / (1.0 + (-x).exp());
+        let gelu = 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh());
+        for (act, want) in [(GateActivation::Silu, silu), (GateActivation::GeluTanh, gelu)] {
+            let got = act.apply(v) as f64;
+            assert!((got - want).abs() <= 4.0 * f32::EPSILON as f64 * (want.abs() + x.abs()), "{act:?}({v}) = {got}, want {want}");
+        }
+    }
+    assert_eq!(GateActivation::GeluTanh.apply(0.0), 0.0);
+    assert_eq!(GateActivation::from_name("gelu_tanh").unwrap(), GateActivation::GeluTanh);
+    let err = GateActivation::from_name("relu").unwrap_err().to_string();
+    assert!(err.contains("\"relu\"") && err.contains("\"silu\" or \"gelu_tanh\""), "{err}");
+}

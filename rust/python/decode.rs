@@ -11,10 +11,19 @@ use crate::dtype::FloatSlice;
 use crate::lora::{self, LoraShape};
 
 /// `out = weight * (x / sqrt(mean(x^2, -1) + eps))` as transformers' `LlamaRMSNorm` computes it
-/// (float32, rounded to the dtype before the weight and after), bit for bit. `x` and `out`: rows
-/// of `weight`'s length; all three of one float dtype.
+/// (float32, rounded to the dtype before the weight and after), bit for bit; with `unit_offset`,
+/// `(x / sqrt(...)) * (1 + weight)` as `GemmaRMSNorm` computes it (float32, rounded once). `x` and
+/// `out`: rows of `weight`'s length; all three of one float dtype.
 #[pyfunction]
-fn cpu_rms_norm(py: Python<'_>, x: &Bound<'_, PyAny>, weight: &Bound<'_, PyAny>, eps: f32, out: &Bound<'_, PyAny>) -> PyResult<()> {
+#[pyo3(signature = (x, weight, eps, out, unit_offset=false))]
+fn cpu_rms_norm(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    weight: &Bound<'_, PyAny>,
+    eps: f32,
+    out: &Bound<'_, PyAny>,
+    unit_offset: bool,
+) -> PyResult<()> {
     let x = TensorArg::new(x, "cpu_rms_norm: x")?;
     let weight = TensorArg::new(weight, "cpu_rms_norm: weight")?;
     let out = TensorArg::new(out, "cpu_rms_norm: out")?;
@@ -22,7 +31,8 @@ fn cpu_rms_norm(py: Python<'_>, x: &Bound<'_, PyAny>, weight: &Bound<'_, PyAny>,
     let (xs, ws) = (x.float_slice()?, weight.float_slice()?);
     // SAFETY: out overlaps neither input (checked above).
     let os = unsafe { out.float_slice_mut()? };
-    py.detach(|| decode::rms_norm(xs, ws, eps, os)).map_err(to_pyerr)
+    let style = if unit_offset { decode::NormStyle::Gemma } else { decode::NormStyle::Llama };
+    py.detach(|| decode::rms_norm(xs, ws, eps, style, os)).map_err(to_pyerr)
 }
 
 /// Rotary position embeddings of one token a sequence, as transformers' `apply_rotary_pos_emb`

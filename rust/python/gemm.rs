@@ -227,14 +227,15 @@ fn products(py: Python<'_>, name: &str, ws: &[&PackedWeight4], x: TensorArg, out
     run_kernel(py, isa, |host| matmul4::gemm_4bit_group_on(xs, m, &weights, os, isa, host))
 }
 
-/// `out = down(silu(gate(x)) * up(x))` in one call (transformers' `LlamaMLP` with 4-bit
-/// projections, rounded as PyTorch computes it in x's dtype): `x` `[m, in]`, `out` `[m, out]`.
-/// `adapters`: None, or one entry per projection (gate, up, down), None or a `LoraAdapter` whose
-/// share is added to that projection's product as `cpu_lora_add` adds it.
+/// `out = down(act(gate(x)) * up(x))` in one call (transformers' `LlamaMLP` with `activation`
+/// `"silu"`, `GemmaMLP` with `"gelu_tanh"`, 4-bit projections, rounded as PyTorch computes it in
+/// x's dtype): `x` `[m, in]`, `out` `[m, out]`. `adapters`: None, or one entry per projection
+/// (gate, up, down), None or a `LoraAdapter` whose share is added to that projection's product as
+/// `cpu_lora_add` adds it.
 #[pyfunction]
-#[pyo3(signature = (gate, up, down, x, out, isa=None, adapters=None))]
+#[pyo3(signature = (gate, up, down, x, out, isa=None, adapters=None, activation="silu"))]
 #[allow(clippy::too_many_arguments)]
-fn cpu_silu_mlp_4bit(
+fn cpu_gated_mlp_4bit(
     py: Python<'_>,
     gate: &Bound<'_, PackedWeight4>,
     up: &Bound<'_, PackedWeight4>,
@@ -243,19 +244,21 @@ fn cpu_silu_mlp_4bit(
     out: &Bound<'_, PyAny>,
     isa: Option<&str>,
     adapters: Option<Vec<Option<Bound<'_, LoraAdapter>>>>,
+    activation: &str,
 ) -> PyResult<()> {
     let isa = isa_or_current(isa)?;
+    let act = matmul4::GateActivation::from_name(activation).map_err(to_pyerr)?;
     let (g, u, d) = (gate.get(), up.get(), down.get());
-    let x = TensorArg::new(x, "cpu_silu_mlp_4bit: x")?;
-    let out = TensorArg::new(out, "cpu_silu_mlp_4bit: out")?;
+    let x = TensorArg::new(x, "cpu_gated_mlp_4bit: x")?;
+    let out = TensorArg::new(out, "cpu_gated_mlp_4bit: out")?;
     let k = g.cols;
     if k == 0 || x.len % k != 0 {
-        return Err(shape_err(format!("cpu_silu_mlp_4bit: x has {} elements, not rows of in_features {k}", x.len)));
+        return Err(shape_err(format!("cpu_gated_mlp_4bit: x has {} elements, not rows of in_features {k}", x.len)));
     }
     let m = x.len / k;
     if out.len != m * d.rows || out.elem != x.elem {
         return Err(shape_err(format!(
-            "cpu_silu_mlp_4bit: out is {} of {} elements, expected x's dtype {} and {m} x {} = {}",
+            "cpu_gated_mlp_4bit: out is {} of {} elements, expected x's dtype {} and {m} x {} = {}",
             out.elem.name(),
             out.len,
             x.elem.name(),
@@ -265,7 +268,7 @@ fn cpu_silu_mlp_4bit(
     }
     let adapters = adapters.unwrap_or_else(|| vec![None, None, None]);
     if adapters.len() != 3 {
-        return Err(shape_err(format!("cpu_silu_mlp_4bit: {} adapters; expected one entry (or None) for each of gate, up, down", adapters.len())));
+        return Err(shape_err(format!("cpu_gated_mlp_4bit: {} adapters; expected one entry (or None) for each of gate, up, down", adapters.len())));
     }
     for w in [g, u, d] {
         w.check_out(&out, &[&x])?;
@@ -279,7 +282,7 @@ fn cpu_silu_mlp_4bit(
             let (a, b, shape, scaling) = adapter.parts()?;
             if (shape.in_features, shape.out_features) != (w.cols, w.rows) {
                 return Err(shape_err(format!(
-                    "cpu_silu_mlp_4bit: {name}'s adapter is for [{}, {}] (out x in); the projection is [{}, {}]",
+                    "cpu_gated_mlp_4bit: {name}'s adapter is for [{}, {}] (out x in); the projection is [{}, {}]",
                     shape.out_features, shape.in_features, w.rows, w.cols
                 )));
             }
@@ -289,7 +292,7 @@ fn cpu_silu_mlp_4bit(
     let xs = x.float_slice()?;
     // SAFETY: out overlaps neither x, the weights' tensors nor the adapters (checked above).
     let os = unsafe { out.float_slice_mut()? };
-    run_kernel(py, isa, |host| matmul4::silu_mlp_4bit_on(xs, m, &gw, &uw, &dw, lora, os, isa, host))
+    run_kernel(py, isa, |host| matmul4::gated_mlp_4bit_on(xs, m, &gw, &uw, &dw, act, lora, os, isa, host))
 }
 
 /// Decodes the weight into `out` (float32, float16 or bfloat16, rows * cols elements) on the CPU,
@@ -407,7 +410,7 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cpu_bf16_products, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_gemm_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_gemm_4bit_group, m)?)?;
-    m.add_function(wrap_pyfunction!(cpu_silu_mlp_4bit, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_gated_mlp_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_dequantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_isa, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_isas, m)?)?;

@@ -12,12 +12,12 @@ or checked:
 - sibling projections that read the same input (q/k/v, gate/up) become a
   :class:`~qlora_rs.nn.linear4bit.ProjectionGroup`: one kernel call computes them all, each
   product the same bits as alone (:func:`group_projections`);
-- RMS norms whose forward gives, on a probe, exactly what the Rust kernel gives (transformers'
-  ``LlamaRMSNorm`` and its copies in Mistral, Qwen2/3 and others; not Gemma's ``1 + weight``) run
-  that kernel on CPU inference (:func:`fast_rms_norms`);
-- gated SiLU MLPs of 4-bit layers whose forward gives the fused call's bits on a probe run as one
-  call (:func:`fused_mlps`), LoRA layers on the projections included (their shares added in the
-  call as the layers add them);
+- RMS norms whose forward gives, on a probe, exactly what the Rust kernel gives in one of its two
+  styles (transformers' ``LlamaRMSNorm`` and its copies in Mistral, Qwen2/3 and others; Gemma's
+  ``1 + weight``) run that kernel on CPU inference (:func:`fast_rms_norms`);
+- gated MLPs of 4-bit layers (SiLU, or Gemma's GELU with the tanh approximation) whose forward
+  gives the fused call's bits on a probe run as one call (:func:`fused_mlps`), LoRA layers on the
+  projections included (their shares added in the call as the layers add them);
 - attention runs ``"qlora_rs_cpu"``, registered with transformers' attention interface: one
   query token per sequence on the CPU with no autograd is a Rust kernel (float32 softmax, as SDPA),
   everything else transformers' SDPA function itself (:func:`attention`);
@@ -36,6 +36,7 @@ before the attention modules' steps, in a slower hour).
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ from .linear4bit import Linear4bit, ProjectionGroup, _untraced
 from .lora import LORA_KERNEL_MAX_ROWS, LoraLinear4bit
 
 __all__ = ["prepare", "restore", "group_projections", "fast_rms_norms", "fused_mlps", "attention", "fast_attentions",
-           "ATTENTION", "CpuDecode"]
+           "ATTENTION", "GATE_ACTIVATIONS", "CpuDecode"]
 
 #: Names of sibling layers that models call in this order on one input.
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"), ("w1", "w3"))
@@ -122,13 +123,15 @@ def group_projections(model: nn.Module) -> list:
 
 
 class _FastRMSNorm:
-    """The forward of an RMS norm module on CPU inference: the Rust kernel; anything else: the
-    module's own forward."""
+    """The forward of an RMS norm module on CPU inference: the Rust kernel, in Llama's style or,
+    with ``unit_offset``, Gemma's (``x_hat * (1 + weight)``); anything else: the module's own
+    forward."""
 
-    __slots__ = ("module",)
+    __slots__ = ("module", "unit_offset")
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, unit_offset: bool = False) -> None:
         self.module = module
+        self.unit_offset = unit_offset
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         module = self.module
@@ -137,22 +140,30 @@ class _FastRMSNorm:
                 and x.shape[-1] == weight.shape[0] and _untraced(x, weight)):
             x = x.contiguous()
             out = torch.empty_like(x)
-            _lib.cpu_rms_norm(_capsule(x), _capsule(weight.detach()), module.variance_epsilon, _capsule(out))
+            _lib.cpu_rms_norm(_capsule(x), _capsule(weight.detach()), _norm_eps(module), _capsule(out), self.unit_offset)
             return out
         return type(module).forward(module, x)
 
 
+def _norm_eps(module: nn.Module) -> Optional[float]:
+    """An RMS norm's epsilon: ``variance_epsilon`` (Llama and its copies) or ``eps`` (Gemma's)."""
+    eps = module.__dict__.get("variance_epsilon", module.__dict__.get("eps"))
+    return eps if isinstance(eps, float) else None
+
+
 class _FastMLP:
-    """The forward of a gated SiLU MLP with 4-bit projections on CPU inference: one Rust call
-    (:func:`qlora_rs._lib.cpu_silu_mlp_4bit`) instead of three layer calls and two ops, also with
-    LoRA adapters on the projections (whose shares the call adds as the layers add them, up to
-    :data:`~qlora_rs.nn.lora.LORA_KERNEL_MAX_ROWS` rows); anything else (hooks, other adapters,
-    more rows than the kernels take, autograd): its own forward."""
+    """The forward of a gated MLP (SiLU, or GELU with the tanh approximation: ``activation``) with
+    4-bit projections on CPU inference: one Rust call (:func:`qlora_rs._lib.cpu_gated_mlp_4bit`)
+    instead of three layer calls and two ops, also with LoRA adapters on the projections (whose
+    shares the call adds as the layers add them, up to :data:`~qlora_rs.nn.lora.LORA_KERNEL_MAX_ROWS`
+    rows); anything else (hooks, other adapters, more rows than the kernels take, autograd): its
+    own forward."""
 
-    __slots__ = ("module",)
+    __slots__ = ("module", "activation")
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, activation: str = "silu") -> None:
         self.module = module
+        self.activation = activation
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         module = self.module
@@ -168,8 +179,8 @@ class _FastMLP:
                     x = x.contiguous()
                     out = x.new_empty((*x.shape[:-1], bases[2].out_features))
                     m = x.numel() // gate.in_features
-                    _lib.cpu_silu_mlp_4bit(*(w._packed_for(m, x.dtype) for w in weights), _capsule(x), _capsule(out),
-                                           None, adapters)
+                    _lib.cpu_gated_mlp_4bit(*(w._packed_for(m, x.dtype) for w in weights), _capsule(x), _capsule(out),
+                                            None, adapters, self.activation)
                     return out
         return type(module).forward(module, x)
 
@@ -196,37 +207,50 @@ def _adapted(layers, x) -> tuple:
     return bases, adapters
 
 
-def _is_silu(act: Any) -> bool:
-    """Whether ``act`` is SiLU (``nn.SiLU``, transformers' ``SiLUActivation``...): same values as
-    ``F.silu`` on a probe."""
+#: The gate activations the fused call computes, each as the function whose values on a probe an
+#: MLP's ``act_fn`` must give (``nn.SiLU``, transformers' ``SiLUActivation``; ``GELUTanh``,
+#: ``nn.GELU(approximate="tanh")``).
+GATE_ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def _activation_name(act: Any) -> Optional[str]:
+    """The name in :data:`GATE_ACTIVATIONS` of the function ``act`` computes (the same values on a
+    probe), or None."""
     if not callable(act):
-        return False
+        return None
     probe = torch.linspace(-8, 8, 33)
-    try:
-        with torch.no_grad():
-            return bool(torch.equal(act(probe), F.silu(probe)))
-    except Exception:
-        return False
+    for name, function in GATE_ACTIVATIONS.items():
+        try:
+            with torch.no_grad():
+                if torch.equal(act(probe), function(probe)):
+                    return name
+        except Exception:
+            return None
+    return None
 
 
-def _mlp_candidate(module: nn.Module) -> bool:
+def _mlp_activation(module: nn.Module) -> Optional[str]:
+    """The gate activation of a gated MLP of 4-bit projections without bias (plain or in qlora-rs
+    LoRA layers) that the fused call can take, or None."""
     wrapped = [module._modules.get(n) for n in ("gate_proj", "up_proj", "down_proj")]
     if not all(type(layer) in (Linear4bit, LoraLinear4bit) for layer in wrapped):
-        return False
+        return None
     layers = [_base(layer) for layer in wrapped]
     if not all(type(layer) is Linear4bit for layer in layers) or any(layer.bias is not None for layer in layers):
-        return False
+        return None
     gate, up, down = layers
-    return (_is_silu(getattr(module, "act_fn", None)) and up.in_features == gate.in_features
-            and up.out_features == gate.out_features == down.in_features
-            and gate.compute_dtype == up.compute_dtype == down.compute_dtype)
+    if not (up.in_features == gate.in_features and up.out_features == gate.out_features == down.in_features
+            and gate.compute_dtype == up.compute_dtype == down.compute_dtype):
+        return None
+    return _activation_name(getattr(module, "act_fn", None))
 
 
-def _mlp_probe_agrees(module: nn.Module) -> bool:
-    """Whether ``module``'s own forward gives exactly what the fused call gives on a probe. SiLU's
-    ``exp`` is the one step computed differently (torch's vectorized one and the kernel's may
-    differ in the last bit of a float32): in bf16 and fp16 that almost never survives the rounding
-    that follows, in float32 it shows, so float32 MLPs keep their own forward."""
+def _mlp_probe_agrees(module: nn.Module, activation: str) -> bool:
+    """Whether ``module``'s own forward gives exactly what the fused call gives on a probe. The
+    activation's ``exp`` or ``tanh`` is the one step computed differently (torch's vectorized one
+    and the kernel's may differ in the last bit of a float32): in bf16 and fp16 that almost never
+    survives the rounding that follows, in float32 it shows, so float32 MLPs keep their own
+    forward."""
     gate = _base(module.gate_proj)
     x = (torch.randn((4, gate.in_features), generator=torch.Generator().manual_seed(0)) * 2).to(gate.compute_dtype)
     with torch.inference_mode():
@@ -234,59 +258,75 @@ def _mlp_probe_agrees(module: nn.Module) -> bool:
             want = type(module).forward(module, x)
         except Exception:
             return False
-        got = _FastMLP(module)(x)
+        got = _FastMLP(module, activation)(x)
     return isinstance(want, torch.Tensor) and want.dtype == got.dtype and torch.equal(want, got)
 
 
 def fused_mlps(model: nn.Module) -> int:
-    """Gives every gated SiLU MLP of ``model`` (``gate_proj``, ``up_proj``, ``down_proj`` 4-bit
-    without bias, ``act_fn`` SiLU) whose forward agrees with the fused call on a probe the fused
-    forward (bf16 and fp16 ones: see :func:`_mlp_probe_agrees`); returns how many. Its layers keep
-    their own forward (and are still what adapters wrap)."""
+    """Gives every gated MLP of ``model`` (``gate_proj``, ``up_proj``, ``down_proj`` 4-bit without
+    bias, ``act_fn`` one of :data:`GATE_ACTIVATIONS`) whose forward agrees with the fused call on a
+    probe the fused forward (bf16 and fp16 ones: see :func:`_mlp_probe_agrees`); returns how many.
+    Its layers keep their own forward (and are still what adapters wrap)."""
     count = 0
     for module in model.modules():
-        if isinstance(module.__dict__.get("forward"), _FastMLP) or not _mlp_candidate(module):
+        if isinstance(module.__dict__.get("forward"), _FastMLP):
             continue
-        if _mlp_probe_agrees(module):
-            module.forward = _FastMLP(module)
+        activation = _mlp_activation(module)
+        if activation is not None and _mlp_probe_agrees(module, activation):
+            module.forward = _FastMLP(module, activation)
             count += 1
     return count
 
 
-def _probe_agrees(module: nn.Module) -> bool:
-    """Whether ``module``'s own forward gives exactly the kernel's result on a probe of three rows
-    (values over several orders of magnitude) in its weight's dtype."""
-    weight = module.weight
+def _norm_style(module: nn.Module) -> Optional[tuple]:
+    """``(unit_offset,)``: the style in which the kernel gives exactly what ``module``'s own
+    forward gives on a probe of three rows (values over several orders of magnitude, the weight's
+    own and, since Gemma's starts at zero, a random one) in its weight's dtype; None for neither.
+    The probe decides: a module names no style."""
+    weight = module.weight.detach()
     generator = torch.Generator().manual_seed(0)
     shape = (3, weight.shape[0])
     x = (torch.randn(shape, generator=generator) * torch.logspace(-2, 2, 3)[:, None]).to(weight.dtype)
-    with torch.no_grad():
-        try:
-            want = type(module).forward(module, x)
-        except Exception:
-            return False
-        got = torch.empty_like(x)
-        _lib.cpu_rms_norm(_capsule(x), _capsule(weight.detach()), float(module.variance_epsilon), _capsule(got))
-    return isinstance(want, torch.Tensor) and want.dtype == got.dtype and torch.equal(want, got)
+    probe_weight = (torch.randn(weight.shape, generator=generator) * 0.5).to(weight.dtype)
+    eps = _norm_eps(module)
+    try:
+        with torch.no_grad():
+            want = [type(module).forward(module, x)]
+            other = copy.deepcopy(module)  # the module's own weight stays untouched
+            other.weight.copy_(probe_weight)
+            want.append(type(other).forward(other, x))
+    except Exception:
+        return None
+    for unit_offset in (False, True):
+        got = []
+        for w in (weight, probe_weight):
+            out = torch.empty_like(x)
+            _lib.cpu_rms_norm(_capsule(x), _capsule(w), eps, _capsule(out), unit_offset)
+            got.append(out)
+        if all(isinstance(a, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(want, got)):
+            return (unit_offset,)
+    return None
 
 
 def fast_rms_norms(model: nn.Module) -> int:
-    """Gives every RMS norm of ``model`` whose forward agrees with the kernel (:func:`_probe_agrees`)
-    the kernel's forward; returns how many. Candidates: a 1-D floating ``weight`` on the CPU and
-    a float ``variance_epsilon``, the names transformers' Llama-style norms use."""
+    """Gives every RMS norm of ``model`` whose forward agrees with the kernel in one of its styles
+    (:func:`_norm_style`: Llama's, or Gemma's ``1 + weight``) the kernel's forward; returns how
+    many. Candidates: a 1-D floating ``weight`` on the CPU and a float ``variance_epsilon`` or
+    ``eps``, the names transformers' RMS norms use."""
     def candidate(module: nn.Module) -> bool:
         weight = module._parameters.get("weight")
         return (weight is not None and weight.dim() == 1 and weight.is_floating_point() and weight.is_cpu
-                and isinstance(getattr(module, "variance_epsilon", None), float))
+                and _norm_eps(module) is not None)
 
     # Each module's own weight and epsilon would agree alike.
-    return _install(model, _FastRMSNorm, candidate, lambda module: module.weight.dtype, _probe_agrees)
+    return _install(model, _FastRMSNorm, candidate, lambda module: module.weight.dtype, _norm_style)
 
 
 def _install(model: nn.Module, forward: type, candidate, dtype, agrees) -> int:
     """Gives each module of ``model`` that is a ``candidate`` (and has no such forward yet) the
-    ``forward(module)``, where ``agrees(module)`` holds for the first module of its class and
-    ``dtype(module)`` (one probe for all of them); returns how many."""
+    ``forward(module, *options)``, where ``agrees(module)`` gives those options (a tuple; None:
+    it does not agree) for the first module of its class and ``dtype(module)`` (one probe for all
+    of them); returns how many."""
     count = 0
     probed: dict = {}
     for module in model.modules():
@@ -295,8 +335,8 @@ def _install(model: nn.Module, forward: type, candidate, dtype, agrees) -> int:
         key = (type(module), dtype(module))
         if key not in probed:
             probed[key] = agrees(module)
-        if probed[key]:
-            module.forward = forward(module)
+        if probed[key] is not None:
+            module.forward = forward(module, *probed[key])
             count += 1
     return count
 
@@ -399,7 +439,8 @@ _ATTENTION_NAMED = ("hidden_states", "position_embeddings", "attention_mask", "c
 #: layers without rotary embeddings, must not be here). Gemma's and Granite's forward is Llama's
 #: (their scaling is the module's ``scaling``); Mistral's, Qwen2's, Qwen3's and Gemma3's hand a
 #: ``sliding_window`` to the attention function, which the registered function does not need: the
-#: window is in the mask it gets (and layers of a sliding-window cache keep their own forward);
+#: window is in the mask it gets, and a sliding-window layer of the cache (``DynamicSlidingWindowLayer``)
+#: returns from its ``update`` the keys and values that mask covers, as it does for their forward;
 #: Qwen2's q, k and v may have a bias; Qwen3's and Gemma3's norm each head of the query and key
 #: (``q_norm``, ``k_norm``) before the rotary embeddings.
 FAST_ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention", "GemmaAttention",
@@ -438,7 +479,7 @@ class _FastAttention:
         cached, index = getattr(cache, "layers", None), module.layer_idx
         cos, sin = embeddings
         batch, dim = hidden.shape[0], module.head_dim
-        if (not isinstance(cached, list) or index >= len(cached) or type(cached[index]) is not _DYNAMIC_LAYER
+        if (not isinstance(cached, list) or index >= len(cached) or type(cached[index]) not in _DYNAMIC_LAYERS
                 or type(cos) is not torch.Tensor or type(sin) is not torch.Tensor or cos.dtype != hidden.dtype
                 or sin.dtype != hidden.dtype or cos.shape not in ((batch, 1, dim), (1, 1, dim))
                 or sin.shape != cos.shape):
@@ -502,10 +543,10 @@ def _products(layers, x: torch.Tensor) -> list:
     return [layer(x) for layer in layers]
 
 
-# transformers' DynamicCache and DynamicLayer, and the function registered as ATTENTION: looked up
+# transformers' DynamicCache and its two kinds of layer, and the function registered as ATTENTION: looked up
 # once, when fast_attentions installs the first forward.
 _DYNAMIC_CACHE: Any = None
-_DYNAMIC_LAYER: Any = None
+_DYNAMIC_LAYERS: tuple = ()
 _ATTEND: Any = None
 
 
@@ -523,9 +564,10 @@ def _layer_dtype(layer: nn.Module) -> torch.dtype:
     return base.compute_dtype if isinstance(base, Linear4bit) else base.weight.dtype
 
 
-def _attention_probe_agrees(module: nn.Module) -> bool:
-    """Whether ``module``'s own forward and :class:`_FastAttention` give the same output and cache,
-    bit for bit, on a probe: three tokens' prefill, then one token, in the dtype of its layers."""
+def _attention_probe_agrees(module: nn.Module) -> Optional[tuple]:
+    """``()`` where ``module``'s own forward and :class:`_FastAttention` give the same output and
+    cache, bit for bit, on a probe (three tokens' prefill, then one token, in the dtype of its
+    layers); else None."""
     q, dtype = _base(module.q_proj), _layer_dtype(module.q_proj)
     generator = torch.Generator().manual_seed(0)
 
@@ -547,13 +589,13 @@ def _attention_probe_agrees(module: nn.Module) -> bool:
             want, _ = type(module).forward(module, **token, **{name: caches[0]})
             got = _FastAttention(module).step((), {**token, name: caches[1]})
     except Exception:
-        return False
+        return None
     finally:
         module.train(training)
     if got is None or not isinstance(want, torch.Tensor) or want.dtype != got[0].dtype or not torch.equal(want, got[0]):
-        return False
+        return None
     a, b = caches[0].layers[module.layer_idx], caches[1].layers[module.layer_idx]
-    return torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    return () if torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values) else None
 
 
 def fast_attentions(model: nn.Module) -> int:
@@ -561,18 +603,18 @@ def fast_attentions(model: nn.Module) -> int:
     forward agrees with :class:`_FastAttention` on a probe (one probe per class and dtype) that
     forward; returns how many. Only for a model that attends by :data:`ATTENTION` (see
     :func:`attention`)."""
-    global _DYNAMIC_CACHE, _DYNAMIC_LAYER, _ATTEND
+    global _DYNAMIC_CACHE, _DYNAMIC_LAYERS, _ATTEND
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != ATTENTION:
         return 0
     try:
         from transformers import AttentionInterface
-        from transformers.cache_utils import DynamicCache, DynamicLayer
+        from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
     except ImportError:
         return 0
     attend = AttentionInterface._global_mapping.get(ATTENTION)
     if attend is None:
         return 0
-    _DYNAMIC_CACHE, _DYNAMIC_LAYER, _ATTEND = DynamicCache, DynamicLayer, attend
+    _DYNAMIC_CACHE, _DYNAMIC_LAYERS, _ATTEND = DynamicCache, (DynamicLayer, DynamicSlidingWindowLayer), attend
     return _install(model, _FastAttention, _attention_candidate, lambda module: _layer_dtype(module.q_proj),
                     _attention_probe_agrees)
