@@ -262,7 +262,7 @@ def _quantized(out_f: int, in_f: int):
     return qlora_rs.quantize(torch.randn(out_f, in_f, dtype=torch.bfloat16), "nf4", 64, double_quant=True)
 
 
-def test_fused_mlp_call_names_an_adapter_that_does_not_fit():
+def test_fused_mlp_call_names_an_adapter_that_does_not_fit_and_an_unknown_activation():
     from qlora_rs import _lib
     from qlora_rs.core import ops
 
@@ -275,3 +275,5 @@ def test_fused_mlp_call_names_an_adapter_that_does_not_fit():
         _lib.cpu_gated_mlp_4bit(*packed, x, out, None, [None, wrong, None])
     with pytest.raises(InvalidArgumentError, match="2 adapters; expected one entry"):
         _lib.cpu_gated_mlp_4bit(*packed, x, out, None, [None, None])
+    with pytest.raises(InvalidArgumentError, match=r'activation "relu"; expected "silu" or "gelu_tanh"'):
+        _lib.cpu_gated_mlp_4bit(*packed, x, out, None, None, "relu")
