@@ -528,7 +528,8 @@ def test_fast_attention_with_lora_adapters_decodes_as_the_modules_own_forward(ti
 # its second layer (the layers from max_window_layers on), which the decoding below outgrows;
 # Qwen3 (norms of each query and key head); Gemma (Llama's forward, another scaling; head_dim
 # apart from hidden_size / heads); Gemma3 (head norms of its own kind after the transpose, a
-# window of 3 on its first layer); Granite (Llama's forward, its own multipliers).
+# window of 3 on its first layer); Granite (Llama's forward, its own multipliers); SmolLM3 (its
+# second layer without rotary embeddings).
 FAMILIES = {
     "mistral": ("Mistral", {"sliding_window": None}),
     "qwen2": ("Qwen2", {}),
@@ -537,6 +538,7 @@ FAMILIES = {
     "gemma": ("Gemma", {"head_dim": 8}),
     "gemma3": ("Gemma3", {"head_dim": 8, "sliding_window": 3, "layer_types": ["sliding_attention", "full_attention"]}),
     "granite": ("Granite", {"attention_multiplier": 0.2, "residual_multiplier": 0.5}),
+    "smollm3": ("SmolLM3", {"no_rope_layers": [1, 0]}),
 }
 
 
@@ -549,10 +551,12 @@ def family_dir(request, tmp_path_factory):
 def test_fast_attention_of_other_families_decodes_as_their_own_forward(family_dir, monkeypatch):
     """The attention modules of the other families take the one-token steps (Qwen2's biased q, k
     and v in one kernel call; a sliding window comes in the mask; Qwen3's and Gemma3's head norms
-    by their modules) and give the logits and cache of their own forward bit for bit, with a cache
-    of full layers and with the model's own, whose sliding-window layers crop what they keep."""
+    by their modules; SmolLM3's layer without rotary embeddings skips them, probed apart) and give
+    the logits and cache of their own forward bit for bit, with a cache of full layers and with the
+    model's own, whose sliding-window layers crop what they keep."""
     fast = qlora_rs.from_pretrained(family_dir)
     assert fast.qlora_rs_cpu_decode.attentions == 2
+    rope = sum(bool(layer.self_attn.__dict__.get("use_rope", True)) for layer in fast.model.layers)
     plain = _without_fast_attention(fast)
     rotary, groups = [], []
     real_rotary, real_group = _lib.cpu_rotary, cpu_decode.cpu_matmul_group
@@ -561,14 +565,14 @@ def test_fast_attention_of_other_families_decodes_as_their_own_forward(family_di
     ids, steps = IDS, STEPS
     caches = [transformers.DynamicCache(), transformers.DynamicCache()]
     got = _decode(fast, ids, steps, caches[0])
-    assert len(rotary) == 10 and groups.count(3) == 10  # each step of both layers; q, k and v in one call
+    assert len(rotary) == 5 * rope and groups.count(3) == 10  # each step of both layers; q, k and v in one call
     want = _decode(plain, ids, steps, caches[1])
     assert torch.equal(got, want)
     _assert_same_caches(*caches)
     own = [transformers.DynamicCache(config=m.config) for m in (fast, plain)]
     rotary.clear()
     assert torch.equal(_decode(fast, ids, steps, own[0]), _decode(plain, ids, steps, own[1]))
-    assert len(rotary) == 10  # sliding-window layers too
+    assert len(rotary) == 5 * rope  # sliding-window layers too
     _assert_same_caches(*own)
 
 

@@ -21,7 +21,7 @@ or checked:
 - attention runs ``"qlora_rs_cpu"``, registered with transformers' attention interface: one
   query token per sequence on the CPU with no autograd is a Rust kernel (float32 softmax, as SDPA),
   everything else transformers' SDPA function itself (:func:`attention`);
-- the attention modules of Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma3 and Granite
+- the attention modules of Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma3, Granite and SmolLM3
   (:data:`FAST_ATTENTION_CLASSES`) whose forward gives, on a probe, exactly what the same steps in
   fewer calls give take those steps for one token a step with a dynamic cache: the rotary
   embeddings of query and key in one Rust call (ten torch ops before), the attention kernel
@@ -435,8 +435,9 @@ def attention(model: nn.Module) -> Optional[str]:
 _ATTENTION_NAMED = ("hidden_states", "position_embeddings", "attention_mask", "cache", "past_key_values")
 
 #: Attention classes whose forward :class:`_FastAttention` restates (checked on a probe besides,
-#: once per class and dtype: a class whose layers differ in kind, as SmolLM3's and Exaone4's
-#: layers without rotary embeddings, must not be here). Gemma's and Granite's forward is Llama's
+#: once per class, dtype and ``use_rope``: a class whose layers differ in another way, as
+#: Exaone4's global layers without rotary embeddings, must not be here). SmolLM3's layers skip
+#: the rotary embeddings where ``use_rope`` is 0, as the steps do. Gemma's and Granite's forward is Llama's
 #: (their scaling is the module's ``scaling``); Mistral's, Qwen2's, Qwen3's and Gemma3's hand a
 #: ``sliding_window`` to the attention function, which the registered function does not need: the
 #: window is in the mask it gets, and a sliding-window layer of the cache (``DynamicSlidingWindowLayer``)
@@ -444,7 +445,7 @@ _ATTENTION_NAMED = ("hidden_states", "position_embeddings", "attention_mask", "c
 #: Qwen2's q, k and v may have a bias; Qwen3's and Gemma3's norm each head of the query and key
 #: (``q_norm``, ``k_norm``) before the rotary embeddings.
 FAST_ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention", "GemmaAttention",
-                          "Gemma3Attention", "GraniteAttention")
+                          "Gemma3Attention", "GraniteAttention", "SmolLM3Attention")
 
 
 class _FastAttention:
@@ -496,9 +497,12 @@ class _FastAttention:
         if not (q.dtype == k.dtype == v.dtype == hidden.dtype):
             return None
         q, k = q.contiguous(), k.contiguous()
-        q_rot, k_rot = torch.empty_like(q), torch.empty_like(k)
-        _lib.cpu_rotary(_capsule(q), _capsule(k), _capsule(cos.contiguous()), _capsule(sin.contiguous()), batch, dim,
-                        _capsule(q_rot), _capsule(k_rot))
+        if module.__dict__.get("use_rope", True):  # SmolLM3's layers without rotary embeddings: False
+            q_rot, k_rot = torch.empty_like(q), torch.empty_like(k)
+            _lib.cpu_rotary(_capsule(q), _capsule(k), _capsule(cos.contiguous()), _capsule(sin.contiguous()), batch,
+                            dim, _capsule(q_rot), _capsule(k_rot))
+        else:
+            q_rot, k_rot = q, k
         query = q_rot.view(batch, 1, -1, dim).transpose(1, 2)
         key, value = cache.update(k_rot.view(batch, 1, -1, dim).transpose(1, 2),
                                   v.view(batch, 1, -1, dim).transpose(1, 2), index)
@@ -616,5 +620,7 @@ def fast_attentions(model: nn.Module) -> int:
     if attend is None:
         return 0
     _DYNAMIC_CACHE, _DYNAMIC_LAYERS, _ATTEND = DynamicCache, (DynamicLayer, DynamicSlidingWindowLayer), attend
-    return _install(model, _FastAttention, _attention_candidate, lambda module: _layer_dtype(module.q_proj),
+    # One probe per class, dtype and kind of layer (SmolLM3's with and without rotary embeddings).
+    return _install(model, _FastAttention, _attention_candidate,
+                    lambda module: (_layer_dtype(module.q_proj), bool(module.__dict__.get("use_rope", True))),
                     _attention_probe_agrees)
