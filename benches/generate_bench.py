@@ -9,7 +9,8 @@ it undone runs the 4-bit products alone).
 
 ``--adapter`` adds chatting with a LoRA adapter (r=16 on every linear layer, as ``qlora-rs chat
 --adapter`` runs one): transformers + bitsandbytes + PEFT against qlora-rs, both 4-bit models with
-the same adapter weights.
+the same adapter weights. ``--prefill 32,128,512`` adds the time to the first token: one forward
+over a prompt of each length (Python's documentation as text), the same contenders.
 
 OpenMP keeps its default wait policy, as for users: qlora-rs's per-layer kernels run on PyTorch's
 OpenMP team, so no second pool competes with its spinning threads. It also prints tokens per CPU
@@ -148,6 +149,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (qlora-rs: QLORA_RS_NUM_THREADS)")
     ap.add_argument("--adapter", action="store_true", help="also generate with a LoRA adapter (PEFT vs qlora-rs)")
+    ap.add_argument("--prefill", default="", help="also time one forward over prompts of these lengths (e.g. 32,128,512)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("QLORA_RS_NUM_THREADS", str(args.threads))
@@ -213,6 +215,33 @@ def main() -> None:
     prompt_len = ids.shape[1]
     for name, out in outputs.items():
         print(f"  [{name}] {tok.decode(out[0, prompt_len:], skip_special_tokens=True)!r}")
+    if args.prefill:
+        prefill_table(models, tok, [int(n) for n in args.prefill.split(",")], args.repeat)
+
+
+def prefill_table(models: dict, tok, lengths: list, repeat: int) -> None:
+    """Milliseconds to the first token: one forward with a new cache over a prompt of each length
+    (the start of Python's documentation), median of ``repeat`` interleaved runs of 3 calls."""
+    from pydoc_data.topics import topics
+
+    text_ids = tok(" ".join(topics.values()), return_tensors="pt").input_ids
+    print(f"time to the first token (one forward over the prompt), median ms of {repeat} interleaved repeats")
+    for n in lengths:
+        ids = text_ids[:, :n]
+        times: dict = {name: [] for name in models}
+        with torch.inference_mode():
+            for model in models.values():
+                model(ids, use_cache=True)  # warm-up
+            for _ in range(repeat):
+                for name, model in models.items():
+                    for _ in range(3):
+                        t0 = time.perf_counter()
+                        model(ids, use_cache=True)
+                        times[name].append(time.perf_counter() - t0)
+        ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+        ours = ms["qlora_rs.from_pretrained nf4"]
+        ratios = ", ".join(f"{ms[name] / ours:.2f}x {name}" for name in models if not name.startswith("qlora_rs"))
+        print(f"  {n:5d} tokens: " + "  ".join(f"{name} {v:.1f}" for name, v in ms.items()) + f"  (qlora-rs: {ratios})")
 
 
 if __name__ == "__main__":
