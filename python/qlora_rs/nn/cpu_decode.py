@@ -310,7 +310,7 @@ def _norm_style(module: nn.Module) -> Optional[tuple]:
         with torch.no_grad():
             want = [type(module).forward(module, x)]
             other = copy.deepcopy(module)  # the module's own weight stays untouched
-            other.weight.copy_(probe_weight)
+            other.weight = nn.Parameter(probe_weight, requires_grad=False)
             want.append(type(other).forward(other, x))
     except Exception:
         return None
@@ -621,8 +621,8 @@ def _attention_probe_agrees(module: nn.Module) -> Optional[tuple]:
 
 def fast_attentions(model: nn.Module) -> int:
     """Gives every attention module of ``model`` of a class in :data:`FAST_ATTENTION_CLASSES` whose
-    forward agrees with :class:`_FastAttention` on a probe (one probe per class and dtype) that
-    forward; returns how many. Only for a model that attends by :data:`ATTENTION` (see
+    forward agrees with :class:`_FastAttention` on a probe (one probe per class, dtype and
+    ``use_rope``) that forward; returns how many. Only for a model that attends by :data:`ATTENTION` (see
     :func:`attention`)."""
     global _DYNAMIC_CACHE, _DYNAMIC_LAYERS, _ATTEND
     config = getattr(model, "config", None)
