@@ -19,9 +19,10 @@ import os
 import statistics
 import tempfile
 import time
-import warnings
 
 import torch
+
+from generate_bench import OURS, load_models
 
 SIZES = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
              num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=2048,
@@ -32,7 +33,6 @@ FAMILIES = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"sliding_window": 4096}),
 }
-PRODUCTS_ONLY = "qlora-rs, 4-bit products only"
 
 
 def save_random_model(family: str, directory: str) -> None:
@@ -47,33 +47,6 @@ def save_random_model(family: str, directory: str) -> None:
             if p.dim() == 1:
                 p.normal_(0.0 if "gemma" in family else 1.0, 0.1)
     model.save_pretrained(directory)
-
-
-def load_models(directory: str) -> dict:
-    from transformers import AutoModelForCausalLM
-
-    import qlora_rs
-    from qlora_rs.nn import cpu_decode
-
-    models = {"qlora-rs": qlora_rs.from_pretrained(directory)}
-    plain = qlora_rs.from_pretrained(directory)
-    cpu_decode.restore(plain)
-    models[PRODUCTS_ONLY] = plain
-    try:
-        from transformers import BitsAndBytesConfig
-
-        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                    bnb_4bit_compute_dtype=torch.bfloat16)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            models["transformers + bitsandbytes"] = AutoModelForCausalLM.from_pretrained(
-                directory, dtype=torch.bfloat16, quantization_config=config, device_map="cpu")
-    except ImportError as e:
-        print(f"bitsandbytes not usable ({e}): skipped")
-    models["bf16 transformers"] = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16)
-    for m in models.values():
-        m.eval()
-    return models
 
 
 def main() -> None:
@@ -106,7 +79,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as directory:
             save_random_model(family, directory)
             models = load_models(directory)
-        done = models["qlora-rs"].qlora_rs_cpu_decode
+        done = models[OURS].qlora_rs_cpu_decode
         for model in models.values():
             generate(model)  # warm-up
         times: dict = {name: [] for name in models}
@@ -118,9 +91,9 @@ def main() -> None:
         rate = {name: args.tokens / statistics.median(t) for name, t in times.items()}
         print(f"{family}: decode path {done}")
         for name in models:
-            print(f"  {name:<30} {rate[name]:7.1f} tokens/s")
-        ours = rate["qlora-rs"]
-        others = ", ".join(f"{ours / rate[name]:.2f}x {name}" for name in models if name != "qlora-rs")
+            print(f"  {name:<36} {rate[name]:7.1f} tokens/s")
+        ours = rate[OURS]
+        others = ", ".join(f"{ours / rate[name]:.2f}x {name}" for name in models if name != OURS)
         print(f"  qlora-rs: {others}")
 
 

@@ -41,6 +41,7 @@ def _cache() -> Path:
 
 
 PROMPT = "Explain in two sentences why the sky is blue."
+OURS = "qlora_rs.from_pretrained nf4"
 PRODUCTS_ONLY = "qlora_rs nf4, 4-bit products only"
 
 
@@ -88,7 +89,7 @@ def load_models(path: Path, adapter: bool = False) -> dict:
             )
     except ImportError as e:
         print(f"bitsandbytes not usable ({e}): skipped")
-    models["qlora_rs.from_pretrained nf4"] = qlora_rs.from_pretrained(path)
+    models[OURS] = qlora_rs.from_pretrained(path)
     # The same model without the CPU decode path (grouped products, Rust norms, MLP and attention):
     # what the 4-bit products alone give.
     plain = qlora_rs.from_pretrained(path)
@@ -201,7 +202,7 @@ def main() -> None:
     for name in models:
         print(f"  {name:<44} {rate[name]:7.1f} tokens/s  (best {args.tokens / min(times[name]):.1f}; "
               f"per CPU second {cpu_rate[name]:.1f})")
-    ours, ours_cpu = rate["qlora_rs.from_pretrained nf4"], cpu_rate["qlora_rs.from_pretrained nf4"]
+    ours, ours_cpu = rate[OURS], cpu_rate[OURS]
     for name in models:
         if not name.startswith("qlora_rs") and not name.endswith("LoRA"):
             print(f"qlora-rs vs {name}: {ours / rate[name]:.2f}x (per CPU second {ours_cpu / cpu_rate[name]:.2f}x)")
@@ -239,7 +240,7 @@ def prefill_table(models: dict, tok, lengths: list, repeat: int) -> None:
                         model(ids, use_cache=True)
                         times[name].append(time.perf_counter() - t0)
         ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
-        ours = ms["qlora_rs.from_pretrained nf4"]
+        ours = ms[OURS]
         ratios = ", ".join(f"{ms[name] / ours:.2f}x {name}" for name in models if not name.startswith("qlora_rs"))
         print(f"  {n:5d} tokens: " + "  ".join(f"{name} {v:.1f}" for name, v in ms.items()) + f"  (qlora-rs: {ratios})")
 
