@@ -3,7 +3,7 @@ own product bit for bit and dissolve when a model does not call them as expected
 norm equals transformers' LlamaRMSNorm bit for bit and replaces nothing else; the one-token
 attention agrees with SDPA (grouped heads, padding masks) and hands everything else to it; the
 rotary embeddings equal transformers' and Llama's attention modules decode as their own forward
-does, bit for bit; and on the real SmolLM2-135M-Instruct the prepared model generates as the
+does, bit for bit, as do the decoder layers that call the parts' steps themselves; and on the real SmolLM2-135M-Instruct the prepared model generates as the
 unprepared one does."""
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def test_from_pretrained_prepares_cpu_models(tiny_dir):
     model = qlora_rs.from_pretrained(tiny_dir)
     done = model.qlora_rs_cpu_decode
     # 2 layers: q/k/v and gate/up each, one MLP each; 2 norms a layer and the final one.
-    assert (done.groups, done.norms, done.mlps, done.attention, done.attentions) == (4, 5, 2, "sdpa", 2)
+    assert (done.groups, done.norms, done.mlps, done.attention, done.attentions, done.layers) == (4, 5, 2, "sdpa", 2, 2)
     assert model.config._attn_implementation == cpu_decode.ATTENTION
     attn = model.model.layers[0].self_attn
     assert attn.q_proj._cpu_group is attn.k_proj._cpu_group is attn.v_proj._cpu_group is not None
@@ -58,6 +58,7 @@ def test_from_pretrained_prepares_cpu_models(tiny_dir):
     assert model.config._attn_implementation == "sdpa"
     assert attn.q_proj._cpu_group is None and "forward" not in model.model.norm.__dict__
     assert "forward" not in model.model.layers[0].mlp.__dict__ and "forward" not in attn.__dict__
+    assert "forward" not in model.model.layers[0].__dict__
 
 
 @pytest.mark.parametrize("rows", [1, 3, 40])
@@ -379,7 +380,7 @@ def test_smollm2_generates_as_without_the_decode_path(smollm2_dir):
     model without the path. The products and norms are exact; attention differs from SDPA's
     bf16 flash kernel only in rounding, so the logits stay close and the greedy choices agree."""
     fast = qlora_rs.from_pretrained(smollm2_dir)
-    assert fast.qlora_rs_cpu_decode == cpu_decode.CpuDecode(60, 61, 30, "sdpa", 30)
+    assert fast.qlora_rs_cpu_decode == cpu_decode.CpuDecode(60, 61, 30, "sdpa", 30, 30)
     plain = _unprepared(smollm2_dir)
     tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
     ids = tok("The Python tutorial explains how lists, tuples and dictionaries differ:", return_tensors="pt").input_ids
@@ -658,3 +659,160 @@ def test_fast_attention_steps_aside(tiny_dir, monkeypatch):
 
     cpu_decode.restore(model)
     assert "forward" not in attn.__dict__
+
+
+# ------------------------------------------------------------------ decoder layers
+
+
+def _without_layer_steps(model):
+    plain = copy.deepcopy(model)
+    for module in plain.modules():
+        if isinstance(module.__dict__.get("forward"), cpu_decode._FastDecoderLayer):
+            del module.forward
+    return plain
+
+
+@pytest.fixture
+def plan_norms(monkeypatch):
+    """Counts the decoder layers' one-token steps (each runs its plan's two norms)."""
+    calls = []
+    real = cpu_decode._LayerPlan.norm
+    monkeypatch.setattr(cpu_decode._LayerPlan, "norm", lambda self, i, x: calls.append(i) or real(self, i, x))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decoder_layers_decode_as_their_own_forward(tiny_dir, dtype, plan_norms):
+    """Prefill then five tokens, of one sequence and of two: the layers' steps give the logits and
+    cache of their own forward bit for bit (whose parts take their steps too), in every decoding
+    step of both layers and in no prefill (two sequences: the MLP by its module's forward)."""
+    fast = qlora_rs.from_pretrained(tiny_dir, compute_dtype=dtype, dtype=dtype)
+    assert fast.qlora_rs_cpu_decode.layers == 2
+    plain = _without_layer_steps(fast)
+    for ids, steps in ((IDS[:1], STEPS[:, :1]), (IDS, STEPS)):
+        caches = [transformers.DynamicCache(), transformers.DynamicCache()]
+        plan_norms.clear()  # the probe's, the last round's
+        got = _decode(fast, ids, steps, caches[0])
+        assert plan_norms == [0, 2] * 2 * 5
+        assert torch.equal(got, _decode(plain, ids, steps, caches[1]))
+        _assert_same_caches(*caches)
+
+
+def test_float32_layers_keep_their_forward(tiny_dir):
+    """float32 MLPs keep their own forward (see _mlp_probe_agrees): so do their layers."""
+    model = qlora_rs.from_pretrained(tiny_dir, compute_dtype=torch.float32, dtype=torch.float32)
+    assert model.qlora_rs_cpu_decode.layers == 0
+
+
+def test_decoder_layers_with_lora_adapters_decode_as_their_own_forward(tiny_dir, plan_norms):
+    """LoRA layers on every projection, added after the first generation (the plans are gathered
+    again): the same logits and cache as the layers' own forward, bit for bit; then writes into
+    the adapters (as an optimizer's step) and into 4-bit weights' block scales, seen at the next
+    token."""
+    model = qlora_rs.from_pretrained(tiny_dir)
+    ids, steps = IDS[:1], STEPS[:, :1]
+    _decode(model, ids, steps, transformers.DynamicCache())
+    plans = [layer.forward._plan for layer in model.model.layers]
+    qlora_rs.add_lora(model, r=4, alpha=8, target_modules="all-linear")
+    g = torch.Generator().manual_seed(3)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.05
+    plain = _without_layer_steps(model)
+    caches = [transformers.DynamicCache(), transformers.DynamicCache()]
+    plan_norms.clear()
+    got = _decode(model, ids, steps, caches[0])
+    assert len(plan_norms) == 2 * 2 * 5
+    assert all(layer.forward._plan is not plan and layer.forward._plan.adapted
+               for layer, plan in zip(model.model.layers, plans))
+    assert torch.equal(got, _decode(plain, ids, steps, caches[1]))
+    _assert_same_caches(*caches)
+
+    # Writes between tokens, to both models alike.
+    for m in (model, plain):
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if "lora_A" in name:
+                    p.mul_(1.5)
+            down, q = m.model.layers[1].mlp.down_proj.base_layer, m.model.layers[0].self_attn.q_proj.base_layer
+            down.weight_nested_absmax.mul_(0.5)
+            q.weight_absmax.copy_(q.weight_absmax.flip(0))  # the double-quantized scales' codes
+    kept = [layer.forward._plan.weights for layer in model.model.layers]
+    got, want = _decode(model, ids, steps, caches[0]), _decode(plain, ids, steps, caches[1])
+    assert torch.equal(got, want)  # the plain model's layers check their weights as they are called
+    _assert_same_caches(*caches)
+    now = [layer.forward._plan.weights for layer in model.model.layers]
+    assert now[0][0] is not kept[0][0] and now[1][6] is not kept[1][6] and now[0][1:] == kept[0][1:]
+
+
+def test_decoder_layers_step_aside(tiny_dir, plan_norms):
+    """A hook on any part (a projection deep in the attention) runs, and the layer takes its own
+    forward while it is there; autograd and training take it too; copies and pickles drop the
+    plan; restore removes the step."""
+    model = qlora_rs.from_pretrained(tiny_dir)
+    plain = _without_layer_steps(model)
+    ids, steps = IDS[:1], STEPS[:, :1]
+    plan_norms.clear()  # the probe's
+    seen = []
+    handle = model.model.layers[1].self_attn.v_proj.register_forward_hook(lambda *a: seen.append(1))
+    caches = [transformers.DynamicCache(), transformers.DynamicCache()]
+    got = _decode(model, ids, steps, caches[0])
+    assert len(seen) == 1 + 5 and plan_norms == [0, 2] * 5  # the first layer's steps only
+    assert torch.equal(got, _decode(plain, ids, steps, caches[1]))
+    handle.remove()
+    plan_norms.clear()
+    _decode(model, ids, steps, transformers.DynamicCache())
+    assert len(plan_norms) == 2 * 2 * 5
+
+    plan_norms.clear()
+    model.train()
+    _decode(model, ids, steps, transformers.DynamicCache())
+    model.eval()
+    assert plan_norms == []
+    layer = model.model.layers[0]
+    x = model.model.embed_tokens(torch.tensor([[3]])).detach().requires_grad_()
+    cos, sin = model.model.rotary_emb(x, torch.tensor([[4]]))
+    cache = transformers.DynamicCache()
+    _decode(model, ids, [], cache)
+    plan_norms.clear()
+    arg = "cache" if "cache" in inspect.signature(type(layer).forward).parameters else "past_key_values"
+    out = layer(x, position_embeddings=(cos, sin), attention_mask=None, **{arg: cache})
+    assert out.requires_grad and plan_norms == []
+
+    assert layer.forward._plan is not None
+    copied = copy.deepcopy(layer)
+    assert copied.forward._plan is None and copied.forward.module is copied
+    assert pickle.loads(pickle.dumps(layer.forward)).module is not None
+    cpu_decode.restore(model)
+    assert "forward" not in layer.__dict__
+
+
+def test_decoder_layers_of_other_families(family_dir, plan_norms):
+    """Every family whose layers are Llama's form takes the steps and decodes as its own forward,
+    bit for bit (one sequence; a sliding window outgrown, SmolLM3's layer without rotary
+    embeddings); Gemma3's layers (four norms) and Granite's (scaled residual sums) keep their
+    forward, their probe or their class refusing them."""
+    fast = qlora_rs.from_pretrained(family_dir)
+    family = type(fast.model.layers[0]).__name__
+    expected = 0 if family in ("Gemma3DecoderLayer", "GraniteDecoderLayer") else 2
+    assert fast.qlora_rs_cpu_decode.layers == expected
+    plain = _without_layer_steps(fast)
+    ids, steps = IDS[:1], STEPS[:, :1]
+    own = [transformers.DynamicCache(config=m.config) for m in (fast, plain)]
+    plan_norms.clear()  # the probe's
+    got = _decode(fast, ids, steps, own[0])
+    assert len(plan_norms) == 2 * expected * 5
+    assert torch.equal(got, _decode(plain, ids, steps, own[1]))
+    _assert_same_caches(*own)
+
+
+def test_decoder_probe_refuses_scaled_residuals(tmp_path, monkeypatch):
+    """Granite's layers put on the list: their forward scales the residual sums, the probe finds
+    it and they keep their forward."""
+    monkeypatch.setattr(cpu_decode, "FAST_DECODER_CLASSES", cpu_decode.FAST_DECODER_CLASSES + ("GraniteDecoderLayer",))
+    name, overrides = FAMILIES["granite"]
+    model = qlora_rs.from_pretrained(make_tiny_family(tmp_path, name, **overrides))
+    assert model.qlora_rs_cpu_decode.attentions == 2 and model.qlora_rs_cpu_decode.layers == 0
+    monkeypatch.setattr(cpu_decode, "_decoder_probe_agrees", lambda layer: ())
+    cpu_decode.restore(model)
+    assert cpu_decode.prepare(model).layers == 2  # the probe decides

@@ -6,7 +6,7 @@ At one token a step a small model's layer is mostly overhead. Measured on SmolLM
 back to back on weights from memory; each RMS norm ran as eight torch ops (~18 us), each attention as SDPA's flash kernel built
 for long sequences (~50 us for one query over ~60 cached positions), and each of the 210 products
 paid a module call, a kernel call and a thread-team wake-up. :func:`prepare` (run by
-:func:`qlora_rs.from_pretrained` for CPU models) changes five things, each only where it is exact
+:func:`qlora_rs.from_pretrained` for CPU models) changes six things, each only where it is exact
 or checked:
 
 - sibling projections that read the same input (q/k/v, gate/up) become a
@@ -26,12 +26,17 @@ or checked:
   fewer calls give take those steps for one token a step with a dynamic cache: the rotary
   embeddings of query and key in one Rust call (ten torch ops before), the attention kernel
   without the interface's lookup, the projections without their module calls, LoRA layers
-  included (:func:`fast_attentions`).
+  included (:func:`fast_attentions`);
+- decoder layers of Llama's form (:data:`FAST_DECODER_CLASSES`) whose parts all take those steps
+  and whose forward gives, on a probe, what the steps give call the parts' steps themselves for
+  one token a sequence, without the four module calls, on what a plan gathered once holds
+  and checks at every token (:func:`fast_decoder_layers`).
 
 Each falls back to the module's own code for anything else: training (autograd), other devices,
-tracing, other dtypes. :func:`restore` undoes all five. Measured with ``benches/generate_bench.py``
+tracing, other dtypes. :func:`restore` undoes all six. Measured with ``benches/generate_bench.py``
 (same machine, one run): 102.3 tokens/s against 78.6 with the products alone (77.9 against 65.4
-before the attention modules' steps, in a slower hour).
+before the attention modules' steps, in a slower hour); the decoder layers' steps then gave
+1.08-1.09x (SmolLM2, two interleaved runs of 7 and 9 repeats: 139.2 against 128.3 tokens/s).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import copy
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,12 +53,13 @@ from torch import nn
 from torch.nn.modules import module as _torch_module
 
 from .. import _lib
-from ..core.ops import _capsule, _needs_graph, cpu_matmul_group
+from ..core.ops import CpuPackedWeight, _capsule, _needs_graph, _no_modes, cpu_matmul_group
 from .linear4bit import Linear4bit, ProjectionGroup, _untraced
 from .lora import LORA_KERNEL_MAX_ROWS, LoraLinear4bit
 
 __all__ = ["prepare", "restore", "group_projections", "fast_rms_norms", "fused_mlps", "attention", "fast_attentions",
-           "ATTENTION", "GATE_ACTIVATIONS", "RMS_NORM_KERNEL_MAX_ROWS", "FUSED_MLP_MAX_ROWS", "CpuDecode"]
+           "fast_decoder_layers", "ATTENTION", "GATE_ACTIVATIONS", "RMS_NORM_KERNEL_MAX_ROWS", "FUSED_MLP_MAX_ROWS",
+           "FAST_DECODER_CLASSES", "CpuDecode"]
 
 #: Names of sibling layers that models call in this order on one input.
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"), ("w1", "w3"))
@@ -65,14 +71,15 @@ ATTENTION = "qlora_rs_cpu"
 @dataclass
 class CpuDecode:
     """What :func:`prepare` changed: projection groups, RMS norms, MLPs, the attention
-    implementation it replaced (None: left as it was), and attention modules that take the
-    one-token steps."""
+    implementation it replaced (None: left as it was), attention modules that take the one-token
+    steps, and decoder layers that call those steps themselves."""
 
     groups: int = 0
     norms: int = 0
     mlps: int = 0
     attention: Optional[str] = None
     attentions: int = 0
+    layers: int = 0
 
 
 def prepare(model: nn.Module) -> CpuDecode:
@@ -81,6 +88,7 @@ def prepare(model: nn.Module) -> CpuDecode:
     done = CpuDecode(groups=len(group_projections(model)), norms=fast_rms_norms(model), mlps=fused_mlps(model))
     done.attention = attention(model)
     done.attentions = fast_attentions(model)
+    done.layers = fast_decoder_layers(model)
     return done
 
 
@@ -91,7 +99,7 @@ def restore(model: nn.Module) -> None:
         group = module.__dict__.get("_cpu_group") if isinstance(module, Linear4bit) else None
         if group is not None:
             group.dissolve()
-        if isinstance(module.__dict__.get("forward"), (_FastRMSNorm, _FastMLP, _FastAttention)):
+        if isinstance(module.__dict__.get("forward"), (_FastRMSNorm, _FastMLP, _FastAttention, _FastDecoderLayer)):
             del module.forward
     config = getattr(model, "config", None)
     previous = getattr(model, "_qlora_rs_attention", None)
@@ -189,13 +197,21 @@ class _FastMLP:
                     and _untraced(x, None) and not _hooked(layers.values())):
                 weights = tuple(layer._cpu_kernel_weight() for layer in bases)
                 if None not in weights:
-                    x = x.contiguous()
-                    out = x.new_empty((*x.shape[:-1], bases[2].out_features))
-                    m = x.numel() // gate.in_features
-                    _lib.cpu_gated_mlp_4bit(*(w._packed_for(m, x.dtype) for w in weights), _capsule(x), _capsule(out),
-                                            None, adapters, self.activation)
-                    return out
+                    return _fused_mlp(weights, adapters, self.activation, x)
         return type(module).forward(module, x)
+
+
+def _fused_mlp(weights: tuple, adapters: Optional[list], activation: str, x: torch.Tensor) -> torch.Tensor:
+    """The fused MLP call on checked ``x`` (a CPU tensor of the projections' compute dtype, up to
+    :data:`FUSED_MLP_MAX_ROWS` rows): ``weights`` the gate, up and down projections' kept weights,
+    ``adapters`` their LoRA shares (:func:`_adapted`)."""
+    x = x.contiguous()
+    n_in, n_out = weights[0].shape[1], weights[2].shape[0]
+    out = x.new_empty((*x.shape[:-1], n_out))
+    m = x.numel() // n_in
+    _lib.cpu_gated_mlp_4bit(*(w._packed_for(m, x.dtype) for w in weights), _capsule(x), _capsule(out), None, adapters,
+                            activation)
+    return out
 
 
 def _adapted(layers, x) -> tuple:
@@ -483,15 +499,17 @@ class _FastAttention:
         out = self.step(args, kwargs)
         return type(self.module).forward(self.module, *args, **kwargs) if out is None else out
 
-    def step(self, args: tuple, kwargs: dict):
-        """The forward's ``(output, weights)`` by the one-token steps, or None where they do not apply."""
+    def step(self, args: tuple, kwargs: dict, plan: Optional[_LayerPlan] = None):
+        """The forward's ``(output, weights)`` by the one-token steps, or None where they do not
+        apply (before anything is computed that changes the cache). With the ``plan`` of the
+        decoder layer calling it (:class:`_FastDecoderLayer`), the projections as that plan holds them."""
         module = self.module
         hidden = args[0] if len(args) == 1 else kwargs.get("hidden_states") if not args else None
         embeddings = kwargs.get("position_embeddings")
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if (type(hidden) is not torch.Tensor or hidden.dim() != 3 or hidden.shape[1] != 1 or not hidden.is_cpu
                 or embeddings is None or module.training or kwargs.get("output_attentions")
-                or type(cache) is not _DYNAMIC_CACHE or not _untraced(hidden, None)
+                or type(cache) is not _DYNAMIC_CACHE or (plan is None and not _untraced(hidden, None))
                 or module.config._attn_implementation != ATTENTION):
             return None
         cached, index = getattr(cache, "layers", None), module.layer_idx
@@ -505,7 +523,10 @@ class _FastAttention:
         if cos.shape[0] != batch:  # one position for the whole batch (no padding): broadcast, as the forward does
             cos, sin = cos.expand(batch, 1, dim), sin.expand(batch, 1, dim)
         projections = module._modules
-        q, k, v = _products((projections["q_proj"], projections["k_proj"], projections["v_proj"]), hidden)
+        if plan is None:
+            q, k, v = _products((projections["q_proj"], projections["k_proj"], projections["v_proj"]), hidden)
+        else:
+            q, k, v = plan.products(0, hidden)
         if q.shape[-1] % dim or k.shape[-1] % dim:
             return None  # the forward then starts over
         q_norm = projections.get("q_norm")
@@ -531,7 +552,8 @@ class _FastAttention:
             rest = {name: arg for name, arg in kwargs.items() if name not in _ATTENTION_NAMED}
             done = _ATTEND(module, query, key, value, mask, dropout=0.0, scaling=module.scaling, **rest)
         out, weights = done
-        return _products((projections["o_proj"],), out.reshape(batch, 1, -1).contiguous())[0], weights
+        out = out.reshape(batch, 1, -1).contiguous()
+        return (_products((projections["o_proj"],), out) if plan is None else plan.products(1, out))[0], weights
 
 
 def _hooked(layers) -> bool:
@@ -554,14 +576,21 @@ def _products(layers, x: torch.Tensor) -> list:
         weights = [base._cpu_kernel_weight() for base in bases]
         biases = [base._parameters["bias"] for base in bases]
         if None not in weights and not _needs_graph(*biases):
-            outs = [y if b is None else y + b.to(y.dtype) for y, b in zip(cpu_matmul_group(weights, x), biases)]
-            if shares is not None:
-                x = x.contiguous()
-                for y, share in zip(outs, shares):
-                    if share is not None:
-                        _lib.cpu_lora_add(share, _capsule(x), _capsule(y))
-            return outs
+            return _computed(weights, biases, shares, x)
     return [layer(x) for layer in layers]
+
+
+def _computed(weights: Sequence[CpuPackedWeight], biases: Sequence[Optional[torch.Tensor]], shares: Optional[list],
+              x: torch.Tensor) -> list:
+    """The products of :func:`_products` where the kernels take them: ``x @ W^T`` for each kept
+    weight in one call, its layer's bias and LoRA share (:func:`_adapted`) added as the layer adds them."""
+    outs = [y if b is None else y + b.to(y.dtype) for y, b in zip(cpu_matmul_group(weights, x), biases)]
+    if shares is not None:
+        x = x.contiguous()
+        for y, share in zip(outs, shares):
+            if share is not None:
+                _lib.cpu_lora_add(share, _capsule(x), _capsule(y))
+    return outs
 
 
 # transformers' DynamicCache and its two kinds of layer, and the function registered as ATTENTION: looked up
@@ -641,3 +670,206 @@ def fast_attentions(model: nn.Module) -> int:
     return _install(model, _FastAttention, _attention_candidate,
                     lambda module: (_layer_dtype(module.q_proj), bool(module.__dict__.get("use_rope", True))),
                     _attention_probe_agrees)
+
+
+# ------------------------------------------------------------------ decoder layers
+
+#: Decoder layer classes whose forward is Llama's: ``h = x + self_attn(input_layernorm(x))``, then
+#: ``h + mlp(post_attention_layernorm(h))``, its arguments handed on to the attention module
+#: (checked on a probe besides, once per class and dtype; Gemma3's layers, with four norms, and
+#: Granite's, which scale the residual sums, are not of this form).
+FAST_DECODER_CLASSES = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer",
+                        "GemmaDecoderLayer", "SmolLM3DecoderLayer")
+
+# A decoder layer's parts, in the order its forward calls them, and the forward each must have.
+_DECODER_PARTS = (("input_layernorm", _FastRMSNorm), ("self_attn", _FastAttention),
+                  ("post_attention_layernorm", _FastRMSNorm), ("mlp", _FastMLP))
+
+
+class _LayerPlan:
+    """What a decoder layer's one-token step reads, gathered once and checked at every token:
+    its parts and their parts (the same objects), their forwards (this module's), the weights the
+    4-bit layers keep for the kernels (:meth:`Linear4bit._cpu_kernel_weight`, which sees any write
+    or new tensor), and the forward hooks of every module below the layer, which must stay empty
+    (hooks are registered into those dicts). ``usable`` is False where the step cannot run (a
+    4-bit layer off the CPU, projections of different dtypes)."""
+
+    __slots__ = ("layer", "parts", "attention_parts", "mlp_parts", "forwards", "hooks", "bases", "weights", "groups",
+                 "group_bases", "group_weights", "adapted", "dtype", "width", "usable")
+
+    def __init__(self, layer: nn.Module) -> None:
+        modules = layer._modules
+        attention, mlp = modules["self_attn"], modules["mlp"]
+        self.layer = layer
+        self.parts = tuple(modules.values())
+        self.attention_parts = tuple(attention._modules.values())
+        self.mlp_parts = tuple(mlp._modules.values())
+        self.forwards = tuple((modules[name], modules[name].__dict__.get("forward")) for name, _ in _DECODER_PARTS)
+        self.hooks = tuple(hooks for part in self.parts for module in part.modules()
+                           for hooks in (module._forward_hooks, module._forward_pre_hooks))
+        projections = attention._modules
+        self.groups = ((projections["q_proj"], projections["k_proj"], projections["v_proj"]), (projections["o_proj"],),
+                       (mlp._modules["gate_proj"], mlp._modules["up_proj"], mlp._modules["down_proj"]))
+        self.bases = tuple(_base(layer) for group in self.groups for layer in group)
+        self.weights = self._kept()
+        self.adapted = any(type(layer) is not Linear4bit for group in self.groups for layer in group)
+        dtypes = {getattr(base, "compute_dtype", None) for base in self.bases}
+        self.dtype = dtypes.pop() if len(dtypes) == 1 else None
+        self.width = getattr(self.bases[0], "in_features", None)
+        self.usable = (all(type(f) is kind for (_, kind), (_, f) in zip(_DECODER_PARTS, self.forwards))
+                       and all(type(base) is Linear4bit for base in self.bases) and None not in self.weights
+                       and self.dtype is not None)
+        bounds = ((0, 3), (3, 4), (4, 7))
+        self.group_bases = tuple(self.bases[a:b] for a, b in bounds)
+        self.group_weights = tuple(self.weights[a:b] for a, b in bounds)
+
+    def _kept(self) -> tuple:
+        return tuple(base._cpu_kernel_weight() if type(base) is Linear4bit else None for base in self.bases)
+
+    def current(self) -> bool:
+        """Whether the layer still has the parts, forwards and kept weights of this plan."""
+        layer = self.layer
+        return (tuple(layer._modules.values()) == self.parts
+                and tuple(self.forwards[1][0]._modules.values()) == self.attention_parts
+                and tuple(self.forwards[3][0]._modules.values()) == self.mlp_parts
+                and all(module.__dict__.get("forward") is forward for module, forward in self.forwards)
+                and self._kept() == self.weights)
+
+    def hooked(self) -> bool:
+        """Whether a forward hook would run in the layer's parts (its own run as it is called)."""
+        return bool(_torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks
+                    or any(self.hooks))
+
+    def products(self, group: int, x: torch.Tensor) -> list:
+        """What :func:`_products` gives for the projections of ``group`` (0: q, k, v; 1: o)."""
+        layers = self.groups[group]
+        shares = None
+        if self.adapted:
+            bases, shares = _adapted(layers, x)
+            if bases is None:
+                return [layer(x) for layer in layers]
+        return _computed(self.group_weights[group], [base._parameters["bias"] for base in self.group_bases[group]],
+                         shares, x)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP's output for ``x`` (one token a sequence), as its forward gives it."""
+        forward = self.forwards[3][1]
+        if x.numel() > FUSED_MLP_MAX_ROWS * self.width:
+            return forward(x)
+        shares = None
+        if self.adapted:
+            bases, shares = _adapted(self.groups[2], x)
+            if bases is None:
+                return forward(x)
+        return _fused_mlp(self.group_weights[2], shares, forward.activation, x)
+
+    def norm(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """The RMS norm ``index`` (0: before the attention, 2: before the MLP) of ``x`` (one token
+        a sequence), as its forward gives it."""
+        module, forward = self.forwards[index]
+        weight = module._parameters["weight"]
+        if (weight.dtype != x.dtype or weight.shape[0] != x.shape[-1] or not weight.is_cpu
+                or x.numel() > RMS_NORM_KERNEL_MAX_ROWS * self.width):
+            return forward(x)
+        out = torch.empty_like(x)
+        _lib.cpu_rms_norm(_capsule(x), _capsule(weight), _norm_eps(module), _capsule(out), forward.unit_offset)
+        return out
+
+
+class _FastDecoderLayer:
+    """The forward of a decoder layer of :data:`FAST_DECODER_CLASSES` whose parts take this
+    module's steps, for one token a sequence on CPU inference with no autograd (generation):
+    the parts' steps called one after the other as the forward calls them, without their module
+    calls, on what its :class:`_LayerPlan` holds (checked at every token); the norms and the MLP
+    take their module's forward above their kernels' rows. Anything else (more tokens, autograd,
+    training, a hook on a part, other caches): the layer's own forward, whose parts take their
+    own steps where they apply."""
+
+    __slots__ = ("module", "_plan")
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self._plan: Optional[_LayerPlan] = None
+
+    def __call__(self, *args, **kwargs):
+        out = self.step(args, kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs) if out is None else out
+
+    # Pickled and copied with the model (torch.save, copy.deepcopy): the layer, not the plan.
+    def __getstate__(self):
+        return self.module
+
+    def __setstate__(self, module) -> None:
+        self.module, self._plan = module, None
+
+    def step(self, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+        """The forward's output by the parts' steps, or None where they do not apply (before
+        anything is computed that changes the cache)."""
+        if len(args) != 1 or torch.is_grad_enabled() or self.module.training:
+            return None
+        hidden = args[0]
+        if type(hidden) is not torch.Tensor or hidden.dim() != 3 or hidden.shape[1] != 1:
+            return None
+        plan = self._plan
+        if plan is None or not plan.current():
+            plan = self._plan = _LayerPlan(self.module)
+        if (not plan.usable or hidden.dtype != plan.dtype or hidden.shape[2] != plan.width or not hidden.is_cpu
+                or plan.hooked() or torch.compiler.is_compiling() or not _no_modes()):
+            return None
+        done = plan.forwards[1][1].step((plan.norm(0, hidden),), kwargs, plan)
+        if done is None:
+            return None
+        hidden = hidden + done[0]
+        return hidden + plan.mlp(plan.norm(2, hidden))
+
+
+def _decoder_candidate(module: nn.Module) -> bool:
+    modules = module._modules
+    return type(module).__name__ in FAST_DECODER_CLASSES and all(
+        isinstance(modules.get(name), nn.Module) and type(modules[name].__dict__.get("forward")) is kind
+        for name, kind in _DECODER_PARTS)
+
+
+def _decoder_probe_agrees(layer: nn.Module) -> Optional[tuple]:
+    """``()`` where ``layer``'s own forward and :class:`_FastDecoderLayer` give the same output and
+    cache, bit for bit, on a probe (three tokens' prefill, then one token, in the dtype of its
+    projections); else None."""
+    attention = layer.self_attn
+    dtype, width = _layer_dtype(attention.q_proj), _base(attention.q_proj).in_features
+    generator = torch.Generator().manual_seed(0)
+
+    def inputs(n):
+        angles = torch.randn((1, n, attention.head_dim), generator=generator)
+        return (torch.randn((1, n, width), generator=generator).to(dtype),), dict(
+            position_embeddings=(angles.cos().to(dtype), angles.sin().to(dtype)), attention_mask=None)
+
+    name = "cache" if "cache" in inspect.signature(type(attention).forward).parameters else "past_key_values"
+    (prefill, prefill_kw), (token, token_kw) = inputs(3), inputs(1)
+    caches = (_DYNAMIC_CACHE(), _DYNAMIC_CACHE())
+    training = layer.training
+    layer.eval()
+    try:
+        with torch.no_grad():
+            for cache in caches:
+                type(layer).forward(layer, *prefill, **prefill_kw, **{name: cache})
+            want = type(layer).forward(layer, *token, **token_kw, **{name: caches[0]})
+            got = _FastDecoderLayer(layer).step(token, {**token_kw, name: caches[1]})
+    except Exception:
+        return None
+    finally:
+        layer.train(training)
+    if got is None or not isinstance(want, torch.Tensor) or want.dtype != got.dtype or not torch.equal(want, got):
+        return None
+    a, b = caches[0].layers[attention.layer_idx], caches[1].layers[attention.layer_idx]
+    return () if torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values) else None
+
+
+def fast_decoder_layers(model: nn.Module) -> int:
+    """Gives every decoder layer of ``model`` of a class in :data:`FAST_DECODER_CLASSES` whose parts
+    all take this module's steps (run after :func:`fast_rms_norms`, :func:`fused_mlps` and
+    :func:`fast_attentions`) and whose forward agrees with :class:`_FastDecoderLayer` on a probe
+    (one per class and dtype) that forward; returns how many."""
+    if _DYNAMIC_CACHE is None:
+        return 0
+    return _install(model, _FastDecoderLayer, _decoder_candidate, lambda layer: _layer_dtype(layer.self_attn.q_proj),
+                    _decoder_probe_agrees)

@@ -414,25 +414,31 @@ class Linear4bit(nn.Linear):
         """The weight checked once for the CPU kernels (:func:`qlora_rs.core.ops.cpu_weight`: kept
         until one of its tensors is replaced or written to, or the state changes); None unless it
         is a plain CPU tensor (not meta, another device or a sharded DTensor)."""
-        weight = self._parameters["weight"]
+        # This layer's own memo first (called once per layer and token in generation): the same
+        # tensors, at the same address and version, as when cpu_weight last answered (the weight
+        # then a CPU parameter of quant_storage: a tensor of another device or dtype has another
+        # address). The state's other fields change only through this module, which drops the
+        # memo (_forget_cpu_weight).
+        memo = self.__dict__.get("_cpu_memo")
+        weight, buffers = self._parameters["weight"], self._buffers
+        absmax, nested = buffers["weight_absmax"], buffers["weight_nested_absmax"]
+        if memo is not None and memo[0] is weight and memo[1] is absmax and memo[2] is nested:
+            try:
+                if memo[3] == (weight.data_ptr(), weight._version, absmax._version,
+                               None if nested is None else nested._version):
+                    return memo[4]
+            except RuntimeError:  # inference tensors keep no version (they are not memoized)
+                pass
         if type(weight) is not nn.Parameter or not weight.is_cpu or weight.dtype != self.quant_storage:
             return None
-        # This layer's own memo first (called once per layer and token in generation): the same
-        # tensors, at the same address and version, as when cpu_weight last answered. The state's
-        # other fields change only through this module, which drops the memo (_forget_cpu_weight).
-        absmax = self._buffers["weight_absmax"]
-        memo = self.__dict__.get("_cpu_memo")
-        nested = self._buffers["weight_nested_absmax"]
         try:
             key = (weight.data_ptr(), weight._version, absmax._version, None if nested is None else nested._version)
         except RuntimeError:  # inference tensors keep no version
             key = None
-        if memo is not None and key is not None and memo[0] is weight and memo[1] is absmax and memo[2] == key:
-            return memo[3]
         # unversioned: inference tensors are cached too; this module's own writes (_put) forget them.
         packed = cpu_weight(*self._op_args(weight), self._describe, unversioned=True)
         if key is not None:
-            self.__dict__["_cpu_memo"] = (weight, absmax, key, packed)
+            self.__dict__["_cpu_memo"] = (weight, absmax, nested, key, packed)
         return packed
 
     def __getstate__(self):
