@@ -604,8 +604,9 @@ def test_gemma_models_decode_as_without_the_path(family, tmp_path_factory, monke
     activations = [m.forward.activation for m in fast.modules() if isinstance(m.__dict__.get("forward"), cpu_decode._FastMLP)]
     assert activations == ["gelu_tanh", "gelu_tanh"]
     calls = []
-    real = _lib.cpu_gated_mlp_4bit
+    real, tail = _lib.cpu_gated_mlp_4bit, _lib.cpu_decoder_tail
     monkeypatch.setattr(_lib, "cpu_gated_mlp_4bit", lambda *a: calls.append(a[7]) or real(*a))
+    monkeypatch.setattr(_lib, "cpu_decoder_tail", lambda *a: calls.append(a[12]) or tail(*a))  # Gemma's layers: in there
     ids, steps = IDS[:1], STEPS[:, :1]  # one sequence: a row a step
     caches = [transformers.DynamicCache(), transformers.DynamicCache()]
     got = _decode(fast, ids, steps, caches[0])
@@ -673,16 +674,29 @@ def _without_layer_steps(model):
 
 
 @pytest.fixture
-def plan_norms(monkeypatch):
-    """Counts the decoder layers' one-token steps (each runs its plan's two norms)."""
+def layer_steps(monkeypatch):
+    """The decoder layers' one-token steps taken (one entry each: how their tail ran, "call" for
+    the one Rust call, "steps" for the parts' steps), their probe's included."""
     calls = []
-    real = cpu_decode._LayerPlan.norm
-    monkeypatch.setattr(cpu_decode._LayerPlan, "norm", lambda self, i, x: calls.append(i) or real(self, i, x))
+    real_tail, real_steps = cpu_decode._LayerPlan.tail, cpu_decode._LayerPlan._tail_steps
+    rust = cpu_decode._lib.cpu_decoder_tail
+
+    def tail(self, attended, hidden):
+        calls.append("call")
+        return real_tail(self, attended, hidden)
+
+    def steps(self, attended, hidden):
+        calls[-1] = "steps"
+        return real_steps(self, attended, hidden)
+
+    monkeypatch.setattr(cpu_decode._LayerPlan, "tail", tail)
+    monkeypatch.setattr(cpu_decode._LayerPlan, "_tail_steps", steps)
+    monkeypatch.setattr(cpu_decode._lib, "cpu_decoder_tail", rust)
     return calls
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_decoder_layers_decode_as_their_own_forward(tiny_dir, dtype, plan_norms):
+def test_decoder_layers_decode_as_their_own_forward(tiny_dir, dtype, layer_steps):
     """Prefill then five tokens, of one sequence and of two: the layers' steps give the logits and
     cache of their own forward bit for bit (whose parts take their steps too), in every decoding
     step of both layers and in no prefill (two sequences: the MLP by its module's forward)."""
@@ -691,9 +705,9 @@ def test_decoder_layers_decode_as_their_own_forward(tiny_dir, dtype, plan_norms)
     plain = _without_layer_steps(fast)
     for ids, steps in ((IDS[:1], STEPS[:, :1]), (IDS, STEPS)):
         caches = [transformers.DynamicCache(), transformers.DynamicCache()]
-        plan_norms.clear()  # the probe's, the last round's
+        layer_steps.clear()  # the probe's, the last round's
         got = _decode(fast, ids, steps, caches[0])
-        assert plan_norms == [0, 2] * 2 * 5
+        assert layer_steps == ["call" if ids.shape[0] == 1 else "steps"] * 2 * 5
         assert torch.equal(got, _decode(plain, ids, steps, caches[1]))
         _assert_same_caches(*caches)
 
@@ -704,7 +718,7 @@ def test_float32_layers_keep_their_forward(tiny_dir):
     assert model.qlora_rs_cpu_decode.layers == 0
 
 
-def test_decoder_layers_with_lora_adapters_decode_as_their_own_forward(tiny_dir, plan_norms):
+def test_decoder_layers_with_lora_adapters_decode_as_their_own_forward(tiny_dir, layer_steps):
     """LoRA layers on every projection, added after the first generation (the plans are gathered
     again): the same logits and cache as the layers' own forward, bit for bit; then writes into
     the adapters (as an optimizer's step) and into 4-bit weights' block scales, seen at the next
@@ -720,9 +734,9 @@ def test_decoder_layers_with_lora_adapters_decode_as_their_own_forward(tiny_dir,
             p.data = torch.randn(p.shape, generator=g) * 0.05
     plain = _without_layer_steps(model)
     caches = [transformers.DynamicCache(), transformers.DynamicCache()]
-    plan_norms.clear()
+    layer_steps.clear()
     got = _decode(model, ids, steps, caches[0])
-    assert len(plan_norms) == 2 * 2 * 5
+    assert layer_steps == ["call"] * 2 * 5
     assert all(layer.forward._plan is not plan and layer.forward._plan.adapted
                for layer, plan in zip(model.model.layers, plans))
     assert torch.equal(got, _decode(plain, ids, steps, caches[1]))
@@ -745,39 +759,39 @@ def test_decoder_layers_with_lora_adapters_decode_as_their_own_forward(tiny_dir,
     assert now[0][0] is not kept[0][0] and now[1][6] is not kept[1][6] and now[0][1:] == kept[0][1:]
 
 
-def test_decoder_layers_step_aside(tiny_dir, plan_norms):
+def test_decoder_layers_step_aside(tiny_dir, layer_steps):
     """A hook on any part (a projection deep in the attention) runs, and the layer takes its own
     forward while it is there; autograd and training take it too; copies and pickles drop the
     plan; restore removes the step."""
     model = qlora_rs.from_pretrained(tiny_dir)
     plain = _without_layer_steps(model)
     ids, steps = IDS[:1], STEPS[:, :1]
-    plan_norms.clear()  # the probe's
+    layer_steps.clear()  # the probe's
     seen = []
     handle = model.model.layers[1].self_attn.v_proj.register_forward_hook(lambda *a: seen.append(1))
     caches = [transformers.DynamicCache(), transformers.DynamicCache()]
     got = _decode(model, ids, steps, caches[0])
-    assert len(seen) == 1 + 5 and plan_norms == [0, 2] * 5  # the first layer's steps only
+    assert len(seen) == 1 + 5 and layer_steps == ["call"] * 5  # the first layer's steps only
     assert torch.equal(got, _decode(plain, ids, steps, caches[1]))
     handle.remove()
-    plan_norms.clear()
+    layer_steps.clear()
     _decode(model, ids, steps, transformers.DynamicCache())
-    assert len(plan_norms) == 2 * 2 * 5
+    assert layer_steps == ["call"] * 2 * 5
 
-    plan_norms.clear()
+    layer_steps.clear()
     model.train()
     _decode(model, ids, steps, transformers.DynamicCache())
     model.eval()
-    assert plan_norms == []
+    assert layer_steps == []
     layer = model.model.layers[0]
     x = model.model.embed_tokens(torch.tensor([[3]])).detach().requires_grad_()
     cos, sin = model.model.rotary_emb(x, torch.tensor([[4]]))
     cache = transformers.DynamicCache()
     _decode(model, ids, [], cache)
-    plan_norms.clear()
+    layer_steps.clear()
     arg = "cache" if "cache" in inspect.signature(type(layer).forward).parameters else "past_key_values"
     out = layer(x, position_embeddings=(cos, sin), attention_mask=None, **{arg: cache})
-    assert out.requires_grad and plan_norms == []
+    assert out.requires_grad and layer_steps == []
 
     assert layer.forward._plan is not None
     copied = copy.deepcopy(layer)
@@ -787,7 +801,7 @@ def test_decoder_layers_step_aside(tiny_dir, plan_norms):
     assert "forward" not in layer.__dict__
 
 
-def test_decoder_layers_of_other_families(family_dir, plan_norms):
+def test_decoder_layers_of_other_families(family_dir, layer_steps):
     """Every family whose layers are Llama's form takes the steps and decodes as its own forward,
     bit for bit (one sequence; a sliding window outgrown, SmolLM3's layer without rotary
     embeddings); Gemma3's layers (four norms) and Granite's (scaled residual sums) keep their
@@ -799,9 +813,9 @@ def test_decoder_layers_of_other_families(family_dir, plan_norms):
     plain = _without_layer_steps(fast)
     ids, steps = IDS[:1], STEPS[:, :1]
     own = [transformers.DynamicCache(config=m.config) for m in (fast, plain)]
-    plan_norms.clear()  # the probe's
+    layer_steps.clear()  # the probe's
     got = _decode(fast, ids, steps, own[0])
-    assert len(plan_norms) == 2 * expected * 5
+    assert layer_steps == ["call"] * expected * 5
     assert torch.equal(got, _decode(plain, ids, steps, own[1]))
     _assert_same_caches(*own)
 
@@ -816,3 +830,45 @@ def test_decoder_probe_refuses_scaled_residuals(tmp_path, monkeypatch):
     monkeypatch.setattr(cpu_decode, "_decoder_probe_agrees", lambda layer: ())
     cpu_decode.restore(model)
     assert cpu_decode.prepare(model).layers == 2  # the probe decides
+
+
+def test_decoder_tail_adds_the_output_projections_bias(tmp_path, layer_steps):
+    """Llama with ``attention_bias``: the one Rust call adds o_proj's bias (float32 here, rounded
+    to bf16 first, as the layer adds it) and gives the layers' own bits."""
+    model = qlora_rs.from_pretrained(make_tiny_family(tmp_path, "Llama", attention_bias=True))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            o = layer.self_attn.o_proj
+            o.bias = nn.Parameter(torch.randn(o.out_features, generator=g), requires_grad=False)
+    plain = _without_layer_steps(model)
+    caches = [transformers.DynamicCache(), transformers.DynamicCache()]
+    layer_steps.clear()
+    got = _decode(model, IDS[:1], STEPS[:, :1], caches[0])
+    assert layer_steps == ["call"] * 2 * 5
+    assert torch.equal(got, _decode(plain, IDS[:1], STEPS[:, :1], caches[1]))
+    _assert_same_caches(*caches)
+
+
+def test_decoder_tail_names_bad_arguments(tiny_dir):
+    """The Rust call checks what it is given and says what it expected."""
+    model = qlora_rs.from_pretrained(tiny_dir)
+    layer = model.model.layers[0]
+    o = layer.self_attn.o_proj._cpu_kernel_weight()._weight
+    gate, up, down = (p._cpu_kernel_weight()._weight for p in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj))
+    width = layer.self_attn.o_proj.out_features
+    norm = layer.post_attention_layernorm.weight.detach()
+    x = torch.randn(1, width, dtype=torch.bfloat16)
+    args = dict(o_bias=None, o_adapter=None, norm_weight=norm, eps=1e-6, unit_offset=False, gate=gate, up=up, down=down,
+                mlp_adapters=None, activation="silu")
+    out = torch.empty(1, width, dtype=torch.bfloat16)
+    _lib.cpu_decoder_tail(x, o, residual=x, out=out, **args)
+    assert torch.isfinite(out.float()).all()
+    with pytest.raises(Exception, match="residual has 63 elements, expected 64"):
+        _lib.cpu_decoder_tail(x, o, residual=x[:, :-1], out=out, **args)
+    with pytest.raises(Exception, match="expected one dtype"):
+        _lib.cpu_decoder_tail(x, o, residual=x.float(), out=out, **args)
+    with pytest.raises(Exception, match="the MLP takes"):
+        _lib.cpu_decoder_tail(x, o, residual=x, out=out, **{**args, "gate": down, "up": down})
+    with pytest.raises(Exception, match="out shares memory with cpu_decoder_tail: attended"):
+        _lib.cpu_decoder_tail(x, o, residual=x, out=x, **args)

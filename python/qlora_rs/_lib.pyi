@@ -110,6 +110,16 @@ def cpu_gated_mlp_4bit(gate: PackedWeight4, up: PackedWeight4, down: PackedWeigh
     LlamaMLP (activation "silu") or GemmaMLP ("gelu_tanh") in x's dtype. adapters: None, or per
     projection (gate, up, down) None or a LoraAdapter whose share is added as cpu_lora_add adds it."""
 
+def cpu_decoder_tail(attended: _Tensor, o: PackedWeight4, o_bias: _Tensor | None, o_adapter: LoraAdapter | None,
+                     residual: _Tensor, norm_weight: _Tensor, eps: float, unit_offset: bool, gate: PackedWeight4,
+                     up: PackedWeight4, down: PackedWeight4, mlp_adapters: list[LoraAdapter | None] | None,
+                     activation: str, out: _Tensor, isa: str | None = None) -> None:
+    """What follows the attention in a decoder layer of Llama's form, in one call: out = h +
+    mlp(norm(h)) with h = residual + o_proj(attended), each step rounded as PyTorch rounds the
+    layer's forward. attended [m, o.cols], residual and out [m, o.rows], norm_weight [o.rows], one
+    float dtype; o_bias (any float dtype) and o_adapter added to the output projection's product;
+    the norm in Gemma's style with unit_offset; the MLP as cpu_gated_mlp_4bit takes it."""
+
 def cpu_rms_norm(x: _Tensor, weight: _Tensor, eps: float, out: _Tensor, unit_offset: bool = False) -> None:
     """out = weight * (x / sqrt(mean(x^2, -1) + eps)) as transformers' LlamaRMSNorm computes it,
     bit for bit; with unit_offset, (x / sqrt(...)) * (1 + weight) as GemmaRMSNorm computes it

@@ -265,6 +265,29 @@ impl GateActivation {
     }
 }
 
+/// An element type whose slices wrap as [`FloatSlice`] and [`FloatSliceMut`] (for the
+/// intermediate buffers of the calls that chain several kernels).
+trait Wrap: Element {
+    fn slice(s: &[Self]) -> FloatSlice<'_>;
+    fn slice_mut(s: &mut [Self]) -> FloatSliceMut<'_>;
+}
+
+macro_rules! wrap {
+    ($t:ty, $v:ident) => {
+        impl Wrap for $t {
+            fn slice(s: &[Self]) -> FloatSlice<'_> {
+                FloatSlice::$v(s)
+            }
+            fn slice_mut(s: &mut [Self]) -> FloatSliceMut<'_> {
+                FloatSliceMut::$v(s)
+            }
+        }
+    };
+}
+wrap!(f32, F32);
+wrap!(f16, F16);
+wrap!(bf16, BF16);
+
 /// A gated MLP at one call: `out = down(act(gate(x)) * up(x))` with 4-bit weights, rounded as
 /// PyTorch computes transformers' `LlamaMLP` (SiLU) or `GemmaMLP` (GELU, tanh approximation) in
 /// `x`'s dtype: each product rounded to it ([`gemm_4bit_group_on`]), `act(g)` computed in float32
@@ -294,25 +317,6 @@ pub fn gated_mlp_4bit_on(
     if x.dtype() != out.dtype() {
         return Err(Error::shape(format!("gated MLP: x is {}, out {}; expected one dtype", x.dtype().name(), out.dtype().name())));
     }
-    trait Wrap: Element {
-        fn slice(s: &[Self]) -> FloatSlice<'_>;
-        fn slice_mut(s: &mut [Self]) -> FloatSliceMut<'_>;
-    }
-    macro_rules! wrap {
-        ($t:ty, $v:ident) => {
-            impl Wrap for $t {
-                fn slice(s: &[Self]) -> FloatSlice<'_> {
-                    FloatSlice::$v(s)
-                }
-                fn slice_mut(s: &mut [Self]) -> FloatSliceMut<'_> {
-                    FloatSliceMut::$v(s)
-                }
-            }
-        };
-    }
-    wrap!(f32, F32);
-    wrap!(f16, F16);
-    wrap!(bf16, BF16);
     #[allow(clippy::too_many_arguments)]
     fn run<T: Wrap>(
         x: &[T],
@@ -349,6 +353,133 @@ pub fn gated_mlp_4bit_on(
         (FloatSlice::F32(x), FloatSliceMut::F32(o)) => run::<f32>(x, m, ws, act, adapters, o, isa, host),
         (FloatSlice::F16(x), FloatSliceMut::F16(o)) => run::<f16>(x, m, ws, act, adapters, o, isa, host),
         (FloatSlice::BF16(x), FloatSliceMut::BF16(o)) => run::<bf16>(x, m, ws, act, adapters, o, isa, host),
+        _ => unreachable!("dtypes checked above"),
+    }
+}
+
+/// A 4-bit projection with what its layer adds to the rounded product: a bias (any float dtype,
+/// rounded to the product's first, as `Linear4bit` adds it) and a LoRA adapter's share (after
+/// the bias, as `qlora_rs.nn.LoraLinear4bit` adds it).
+#[derive(Clone, Copy, Debug)]
+pub struct Projection<'a> {
+    pub weight: Weight4<'a>,
+    pub bias: Option<FloatSlice<'a>>,
+    pub adapter: Option<Adapter<'a>>,
+}
+
+/// What follows the attention in a decoder layer of Llama's form, for `m` rows in one call:
+/// `h = residual + o_proj(attended)`, then `out = h + mlp(norm(h))`, each step rounded as
+/// PyTorch rounds transformers' forward in the rows' dtype: the output projection as
+/// [`gemm_4bit_on`] and the projection's additions, each residual sum computed in float32 and
+/// rounded once, the norm as [`crate::decode::rms_norm`] in `style`, the MLP as
+/// [`gated_mlp_4bit_on`]. `attended` `[m, o.cols]`; `residual` and `out` `[m, o.rows]`; one dtype
+/// with `norm_weight` `[o.rows]`.
+#[allow(clippy::too_many_arguments)]
+pub fn decoder_tail_on(
+    attended: FloatSlice<'_>,
+    m: usize,
+    o: &Projection<'_>,
+    residual: FloatSlice<'_>,
+    norm_weight: FloatSlice<'_>,
+    eps: f32,
+    style: crate::decode::NormStyle,
+    mlp: [&Weight4<'_>; 3],
+    act: GateActivation,
+    mlp_adapters: [Option<Adapter<'_>>; 3],
+    out: FloatSliceMut<'_>,
+    isa: Isa,
+    host: Host,
+) -> Result<()> {
+    let width = o.weight.rows;
+    let dtypes = [attended.dtype(), residual.dtype(), norm_weight.dtype(), out.dtype()];
+    if dtypes.iter().any(|&d| d != dtypes[0]) {
+        return Err(Error::shape(format!(
+            "decoder tail: attended is {}, residual {}, norm weight {}, out {}; expected one dtype",
+            dtypes[0].name(),
+            dtypes[1].name(),
+            dtypes[2].name(),
+            dtypes[3].name()
+        )));
+    }
+    let sizes = [
+        ("attended", attended.len(), m * o.weight.cols),
+        ("residual", residual.len(), m * width),
+        ("out", out.len(), m * width),
+        ("norm weight", norm_weight.len(), width),
+    ];
+    for (name, got, want) in sizes {
+        if got != want {
+            return Err(Error::shape(format!("decoder tail: {name} has {got} elements, expected {want}")));
+        }
+    }
+    if let Some(bias) = o.bias {
+        if bias.len() != width {
+            return Err(Error::shape(format!("decoder tail: the bias has {} elements, expected {width}", bias.len())));
+        }
+    }
+    if mlp[0].cols != width || mlp[2].rows != width {
+        return Err(Error::shape(format!(
+            "decoder tail: the MLP takes {} features and gives {}; the layer's width is {width}",
+            mlp[0].cols, mlp[2].rows
+        )));
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn run<T: Wrap>(
+        attended: &[T],
+        m: usize,
+        o: &Projection<'_>,
+        residual: &[T],
+        norm_weight: FloatSlice<'_>,
+        eps: f32,
+        style: crate::decode::NormStyle,
+        mlp: [&Weight4<'_>; 3],
+        act: GateActivation,
+        mlp_adapters: [Option<Adapter<'_>>; 3],
+        out: &mut [T],
+        isa: Isa,
+        host: Host,
+    ) -> Result<()> {
+        let width = o.weight.rows;
+        let zeros = || vec![T::from_f32(0.0); m * width];
+        let mut h = zeros();
+        gemm_4bit_on(T::slice(attended), m, &o.weight, T::slice_mut(&mut h), isa, host)?;
+        if let Some(bias) = o.bias {
+            let bias: Vec<T> = match bias {
+                FloatSlice::F32(b) => b.iter().map(|&v| T::from_f32(v)).collect(),
+                FloatSlice::F16(b) => b.iter().map(|&v| T::from_f32(v.to_f32())).collect(),
+                FloatSlice::BF16(b) => b.iter().map(|&v| T::from_f32(v.to_f32())).collect(),
+            };
+            for row in h.chunks_mut(width) {
+                for (y, b) in row.iter_mut().zip(&bias) {
+                    *y = T::from_f32(y.to_f32() + b.to_f32());
+                }
+            }
+        }
+        if let Some(Adapter { a, b, rank, scaling }) = o.adapter {
+            let shape = crate::lora::LoraShape { rows: m, in_features: o.weight.cols, rank, out_features: width };
+            crate::lora::lora_add(T::slice(attended), a, b, scaling, shape, T::slice_mut(&mut h), isa, host)?;
+        }
+        for (h, r) in h.iter_mut().zip(residual) {
+            *h = T::from_f32(r.to_f32() + h.to_f32());
+        }
+        let mut normed = zeros();
+        crate::decode::rms_norm(T::slice(&h), norm_weight, eps, style, T::slice_mut(&mut normed))?;
+        gated_mlp_4bit_on(T::slice(&normed), m, mlp[0], mlp[1], mlp[2], act, mlp_adapters, T::slice_mut(out), isa, host)?;
+        for (y, h) in out.iter_mut().zip(&h) {
+            *y = T::from_f32(h.to_f32() + y.to_f32());
+        }
+        Ok(())
+    }
+    match (attended, residual, out) {
+        (FloatSlice::F32(a), FloatSlice::F32(r), FloatSliceMut::F32(y)) => {
+            run::<f32>(a, m, o, r, norm_weight, eps, style, mlp, act, mlp_adapters, y, isa, host)
+        }
+        (FloatSlice::F16(a), FloatSlice::F16(r), FloatSliceMut::F16(y)) => {
+            run::<f16>(a, m, o, r, norm_weight, eps, style, mlp, act, mlp_adapters, y, isa, host)
+        }
+        (FloatSlice::BF16(a), FloatSlice::BF16(r), FloatSliceMut::BF16(y)) => {
+            run::<bf16>(a, m, o, r, norm_weight, eps, style, mlp, act, mlp_adapters, y, isa, host)
+        }
         _ => unreachable!("dtypes checked above"),
     }
 }

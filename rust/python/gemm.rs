@@ -295,6 +295,98 @@ fn cpu_gated_mlp_4bit(
     run_kernel(py, isa, |host| matmul4::gated_mlp_4bit_on(xs, m, &gw, &uw, &dw, act, lora, os, isa, host))
 }
 
+/// What follows the attention in a decoder layer of Llama's form, in one call:
+/// `out = h + mlp(norm(h))` with `h = residual + o_proj(attended)` (`matmul4::decoder_tail_on`:
+/// each step rounded as PyTorch rounds the layer's forward). `attended` `[m, o.cols]`, `residual`
+/// and `out` `[m, o.rows]`, `norm_weight` `[o.rows]`, one float dtype; `o_bias` (any float dtype)
+/// and `o_adapter` what the output projection adds to its product; the norm in Gemma's style with
+/// `unit_offset`; `gate`, `up`, `down`, `mlp_adapters` and `activation` as `cpu_gated_mlp_4bit`
+/// takes them.
+#[pyfunction]
+#[pyo3(signature = (attended, o, o_bias, o_adapter, residual, norm_weight, eps, unit_offset, gate, up, down, mlp_adapters,
+                    activation, out, isa=None))]
+#[allow(clippy::too_many_arguments)]
+fn cpu_decoder_tail(
+    py: Python<'_>,
+    attended: &Bound<'_, PyAny>,
+    o: &Bound<'_, PackedWeight4>,
+    o_bias: Option<&Bound<'_, PyAny>>,
+    o_adapter: Option<Bound<'_, LoraAdapter>>,
+    residual: &Bound<'_, PyAny>,
+    norm_weight: &Bound<'_, PyAny>,
+    eps: f32,
+    unit_offset: bool,
+    gate: &Bound<'_, PackedWeight4>,
+    up: &Bound<'_, PackedWeight4>,
+    down: &Bound<'_, PackedWeight4>,
+    mlp_adapters: Option<Vec<Option<Bound<'_, LoraAdapter>>>>,
+    activation: &str,
+    out: &Bound<'_, PyAny>,
+    isa: Option<&str>,
+) -> PyResult<()> {
+    let isa = isa_or_current(isa)?;
+    let act = matmul4::GateActivation::from_name(activation).map_err(to_pyerr)?;
+    let attended = TensorArg::new(attended, "cpu_decoder_tail: attended")?;
+    let o_bias = TensorArg::optional(o_bias, "cpu_decoder_tail: o_bias")?;
+    let residual = TensorArg::new(residual, "cpu_decoder_tail: residual")?;
+    let norm_weight = TensorArg::new(norm_weight, "cpu_decoder_tail: norm_weight")?;
+    let out = TensorArg::new(out, "cpu_decoder_tail: out")?;
+    let (o, g, u, d) = (o.get(), gate.get(), up.get(), down.get());
+    if o.cols == 0 || attended.len % o.cols != 0 {
+        return Err(shape_err(format!(
+            "cpu_decoder_tail: attended has {} elements, not rows of the output projection's in_features {}",
+            attended.len, o.cols
+        )));
+    }
+    let m = attended.len / o.cols;
+    let mlp_adapters = mlp_adapters.unwrap_or_else(|| vec![None, None, None]);
+    if mlp_adapters.len() != 3 {
+        return Err(shape_err(format!(
+            "cpu_decoder_tail: {} MLP adapters; expected one entry (or None) for each of gate, up, down",
+            mlp_adapters.len()
+        )));
+    }
+    let mut inputs = vec![&attended, &residual, &norm_weight];
+    inputs.extend(o_bias.as_ref());
+    for w in [o, g, u, d] {
+        w.check_out(&out, &inputs)?;
+    }
+    fn adapter<'a>(entry: Option<&'a Bound<'_, LoraAdapter>>, out: &TensorArg, name: &str, w: &Weight4<'_>) -> PyResult<Option<matmul4::Adapter<'a>>> {
+        let Some(adapter) = entry else { return Ok(None) };
+        let adapter = adapter.get();
+        no_overlap(&[out], &adapter.tensors())?;
+        let (a, b, shape, scaling) = adapter.parts()?;
+        if (shape.in_features, shape.out_features) != (w.cols, w.rows) {
+            return Err(shape_err(format!(
+                "cpu_decoder_tail: {name}'s adapter is for [{}, {}] (out x in); the projection is [{}, {}]",
+                shape.out_features, shape.in_features, w.rows, w.cols
+            )));
+        }
+        Ok(Some(matmul4::Adapter { a, b, rank: shape.rank, scaling }))
+    }
+    let (ow, gw, uw, dw) = (o.weight()?, g.weight()?, u.weight()?, d.weight()?);
+    let projection = matmul4::Projection {
+        weight: ow,
+        bias: match &o_bias {
+            Some(b) => Some(b.float_slice()?),
+            None => None,
+        },
+        adapter: adapter(o_adapter.as_ref(), &out, "o_proj", &ow)?,
+    };
+    let mlp_lora = [
+        adapter(mlp_adapters[0].as_ref(), &out, "gate", &gw)?,
+        adapter(mlp_adapters[1].as_ref(), &out, "up", &uw)?,
+        adapter(mlp_adapters[2].as_ref(), &out, "down", &dw)?,
+    ];
+    let style = if unit_offset { crate::decode::NormStyle::Gemma } else { crate::decode::NormStyle::Llama };
+    let (xs, rs, ns) = (attended.float_slice()?, residual.float_slice()?, norm_weight.float_slice()?);
+    // SAFETY: out overlaps no input, weight or adapter (checked above).
+    let os = unsafe { out.float_slice_mut()? };
+    run_kernel(py, isa, |host| {
+        matmul4::decoder_tail_on(xs, m, &projection, rs, ns, eps, style, [&gw, &uw, &dw], act, mlp_lora, os, isa, host)
+    })
+}
+
 /// Decodes the weight into `out` (float32, float16 or bfloat16, rows * cols elements) on the CPU,
 /// decoding double-quantized scales chunk by chunk (no float32 copy). `isa`: a level from
 /// `cpu_isas()` (default: `cpu_isa()`). `fresh`: `out` was just allocated for this call (its
@@ -411,6 +503,7 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cpu_gemm_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_gemm_4bit_group, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_gated_mlp_4bit, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_decoder_tail, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_dequantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_isa, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_isas, m)?)?;

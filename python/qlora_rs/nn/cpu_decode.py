@@ -499,10 +499,20 @@ class _FastAttention:
         out = self.step(args, kwargs)
         return type(self.module).forward(self.module, *args, **kwargs) if out is None else out
 
-    def step(self, args: tuple, kwargs: dict, plan: Optional[_LayerPlan] = None):
+    def step(self, args: tuple, kwargs: dict):
         """The forward's ``(output, weights)`` by the one-token steps, or None where they do not
-        apply (before anything is computed that changes the cache). With the ``plan`` of the
-        decoder layer calling it (:class:`_FastDecoderLayer`), the projections as that plan holds them."""
+        apply (before anything is computed that changes the cache)."""
+        attended = self.attend(args, kwargs)
+        if attended is None:
+            return None
+        out, weights = attended
+        return _products((self.module._modules["o_proj"],), out)[0], weights
+
+    def attend(self, args: tuple, kwargs: dict, plan: Optional[_LayerPlan] = None):
+        """The steps before the output projection: ``(attention output [batch, 1, heads * dim],
+        weights)``, or None where they do not apply (before anything is computed that changes the
+        cache). With the ``plan`` of the decoder layer calling it (:class:`_FastDecoderLayer`), the
+        projections as that plan holds them."""
         module = self.module
         hidden = args[0] if len(args) == 1 else kwargs.get("hidden_states") if not args else None
         embeddings = kwargs.get("position_embeddings")
@@ -552,8 +562,7 @@ class _FastAttention:
             rest = {name: arg for name, arg in kwargs.items() if name not in _ATTENTION_NAMED}
             done = _ATTEND(module, query, key, value, mask, dropout=0.0, scaling=module.scaling, **rest)
         out, weights = done
-        out = out.reshape(batch, 1, -1).contiguous()
-        return (_products((projections["o_proj"],), out) if plan is None else plan.products(1, out))[0], weights
+        return out.reshape(batch, 1, -1).contiguous(), weights
 
 
 def _hooked(layers) -> bool:
@@ -751,6 +760,39 @@ class _LayerPlan:
         return _computed(self.group_weights[group], [base._parameters["bias"] for base in self.group_bases[group]],
                          shares, x)
 
+    def tail(self, attended: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """The layer's output after its attention: ``h = hidden + o_proj(attended)``, then
+        ``h + mlp(norm(h))``. Up to :data:`FUSED_MLP_MAX_ROWS` rows one Rust call
+        (:func:`qlora_rs._lib.cpu_decoder_tail`: the same kernels and roundings as the parts'
+        steps, so their bits); else those steps."""
+        norm, forward = self.forwards[2]
+        weight = norm._parameters["weight"]
+        rows = hidden.numel() // self.width
+        if rows <= FUSED_MLP_MAX_ROWS and weight.dtype == hidden.dtype and weight.is_cpu and weight.shape[0] == self.width:
+            o_share = mlp_shares = None
+            if self.adapted:
+                bases, o_share = _adapted(self.groups[1], attended)
+                mlp_bases, mlp_shares = _adapted(self.groups[2], hidden)
+                if bases is None or mlp_bases is None:
+                    return self._tail_steps(attended, hidden)
+                o_share = o_share[0]
+            o, (gate, up, down) = self.group_weights[1][0], self.group_weights[2]
+            bias = self.group_bases[1][0]._parameters["bias"]
+            hidden = hidden.contiguous()
+            out = torch.empty_like(hidden)
+            dtype = hidden.dtype
+            _lib.cpu_decoder_tail(
+                _capsule(attended), o._packed_for(rows, dtype), None if bias is None else _capsule(bias), o_share,
+                _capsule(hidden), _capsule(weight), _norm_eps(norm), forward.unit_offset, gate._packed_for(rows, dtype),
+                up._packed_for(rows, dtype), down._packed_for(rows, dtype), mlp_shares, self.forwards[3][1].activation,
+                _capsule(out))
+            return out
+        return self._tail_steps(attended, hidden)
+
+    def _tail_steps(self, attended: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden + self.products(1, attended)[0]
+        return hidden + self.mlp(self.norm(2, hidden))
+
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         """The MLP's output for ``x`` (one token a sequence), as its forward gives it."""
         forward = self.forwards[3][1]
@@ -816,11 +858,8 @@ class _FastDecoderLayer:
         if (not plan.usable or hidden.dtype != plan.dtype or hidden.shape[2] != plan.width or not hidden.is_cpu
                 or plan.hooked() or torch.compiler.is_compiling() or not _no_modes()):
             return None
-        done = plan.forwards[1][1].step((plan.norm(0, hidden),), kwargs, plan)
-        if done is None:
-            return None
-        hidden = hidden + done[0]
-        return hidden + plan.mlp(plan.norm(2, hidden))
+        attended = plan.forwards[1][1].attend((plan.norm(0, hidden),), kwargs, plan)
+        return None if attended is None else plan.tail(attended[0], hidden)
 
 
 def _decoder_candidate(module: nn.Module) -> bool:
