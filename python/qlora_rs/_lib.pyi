@@ -113,12 +113,15 @@ def cpu_gated_mlp_4bit(gate: PackedWeight4, up: PackedWeight4, down: PackedWeigh
 def cpu_decoder_tail(attended: _Tensor, o: PackedWeight4, o_bias: _Tensor | None, o_adapter: LoraAdapter | None,
                      residual: _Tensor, norm_weight: _Tensor, eps: float, unit_offset: bool, gate: PackedWeight4,
                      up: PackedWeight4, down: PackedWeight4, mlp_adapters: list[LoraAdapter | None] | None,
-                     activation: str, out: _Tensor, isa: str | None = None) -> None:
+                     activation: str, out: _Tensor, isa: str | None = None,
+                     post_norms: tuple[_Tensor, _Tensor] | None = None) -> None:
     """What follows the attention in a decoder layer of Llama's form, in one call: out = h +
     mlp(norm(h)) with h = residual + o_proj(attended), each step rounded as PyTorch rounds the
     layer's forward. attended [m, o.cols], residual and out [m, o.rows], norm_weight [o.rows], one
     float dtype; o_bias (any float dtype) and o_adapter added to the output projection's product;
-    the norm in Gemma's style with unit_offset; the MLP as cpu_gated_mlp_4bit takes it."""
+    the norm in Gemma's style with unit_offset; the MLP as cpu_gated_mlp_4bit takes it.
+    post_norms: Gemma3's form, the weights of the norms of the attention's and of the MLP's
+    output (h = residual + norm(o_proj(attended)), out = h + norm(mlp(norm(h))))."""
 
 def cpu_rms_norm(x: _Tensor, weight: _Tensor, eps: float, out: _Tensor, unit_offset: bool = False) -> None:
     """out = weight * (x / sqrt(mean(x^2, -1) + eps)) as transformers' LlamaRMSNorm computes it,

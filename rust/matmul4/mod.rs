@@ -367,22 +367,33 @@ pub struct Projection<'a> {
     pub adapter: Option<Adapter<'a>>,
 }
 
+/// The RMS norms of a decoder layer's second half, of one epsilon and style ([`crate::decode::rms_norm`]):
+/// `mlp` before the MLP (Llama's `post_attention_layernorm`, Gemma3's `pre_feedforward_layernorm`)
+/// and, in Gemma3's form, `post`: the norms of the attention's and of the MLP's output, each before
+/// its residual sum (Gemma3's `post_attention_layernorm` and `post_feedforward_layernorm`).
+#[derive(Clone, Copy, Debug)]
+pub struct TailNorms<'a> {
+    pub mlp: FloatSlice<'a>,
+    pub post: Option<[FloatSlice<'a>; 2]>,
+    pub eps: f32,
+    pub style: crate::decode::NormStyle,
+}
+
 /// What follows the attention in a decoder layer of Llama's form, for `m` rows in one call:
-/// `h = residual + o_proj(attended)`, then `out = h + mlp(norm(h))`, each step rounded as
-/// PyTorch rounds transformers' forward in the rows' dtype: the output projection as
-/// [`gemm_4bit_on`] and the projection's additions, each residual sum computed in float32 and
-/// rounded once, the norm as [`crate::decode::rms_norm`] in `style`, the MLP as
-/// [`gated_mlp_4bit_on`]. `attended` `[m, o.cols]`; `residual` and `out` `[m, o.rows]`; one dtype
-/// with `norm_weight` `[o.rows]`.
+/// `h = residual + o_proj(attended)`, then `out = h + mlp(norm(h))` (in Gemma3's form, with
+/// `norms.post`: `h = residual + norm(o_proj(attended))`, `out = h + norm(mlp(norm(h)))`), each
+/// step rounded as PyTorch rounds transformers' forward in the rows' dtype: the output projection
+/// as [`gemm_4bit_on`] and the projection's additions, each residual sum computed in float32 and
+/// rounded once, the norms as [`crate::decode::rms_norm`], the MLP as [`gated_mlp_4bit_on`].
+/// `attended` `[m, o.cols]`; `residual` and `out` `[m, o.rows]`; one dtype with the norms'
+/// weights `[o.rows]`.
 #[allow(clippy::too_many_arguments)]
 pub fn decoder_tail_on(
     attended: FloatSlice<'_>,
     m: usize,
     o: &Projection<'_>,
     residual: FloatSlice<'_>,
-    norm_weight: FloatSlice<'_>,
-    eps: f32,
-    style: crate::decode::NormStyle,
+    norms: &TailNorms<'_>,
     mlp: [&Weight4<'_>; 3],
     act: GateActivation,
     mlp_adapters: [Option<Adapter<'_>>; 3],
@@ -391,22 +402,26 @@ pub fn decoder_tail_on(
     host: Host,
 ) -> Result<()> {
     let width = o.weight.rows;
-    let dtypes = [attended.dtype(), residual.dtype(), norm_weight.dtype(), out.dtype()];
-    if dtypes.iter().any(|&d| d != dtypes[0]) {
+    let mut weights = vec![("norm weight", norms.mlp)];
+    if let Some([after_attention, after_mlp]) = norms.post {
+        weights.extend([("post-attention norm weight", after_attention), ("post-MLP norm weight", after_mlp)]);
+    }
+    let dtype = attended.dtype();
+    if residual.dtype() != dtype || out.dtype() != dtype || weights.iter().any(|(_, w)| w.dtype() != dtype) {
         return Err(Error::shape(format!(
-            "decoder tail: attended is {}, residual {}, norm weight {}, out {}; expected one dtype",
-            dtypes[0].name(),
-            dtypes[1].name(),
-            dtypes[2].name(),
-            dtypes[3].name()
+            "decoder tail: attended is {}, residual {}, out {}, the norm weights {}; expected one dtype",
+            dtype.name(),
+            residual.dtype().name(),
+            out.dtype().name(),
+            weights.iter().map(|(_, w)| w.dtype().name()).collect::<Vec<_>>().join(", ")
         )));
     }
-    let sizes = [
+    let mut sizes = vec![
         ("attended", attended.len(), m * o.weight.cols),
         ("residual", residual.len(), m * width),
         ("out", out.len(), m * width),
-        ("norm weight", norm_weight.len(), width),
     ];
+    sizes.extend(weights.iter().map(|&(name, w)| (name, w.len(), width)));
     for (name, got, want) in sizes {
         if got != want {
             return Err(Error::shape(format!("decoder tail: {name} has {got} elements, expected {want}")));
@@ -429,9 +444,7 @@ pub fn decoder_tail_on(
         m: usize,
         o: &Projection<'_>,
         residual: &[T],
-        norm_weight: FloatSlice<'_>,
-        eps: f32,
-        style: crate::decode::NormStyle,
+        norms: &TailNorms<'_>,
         mlp: [&Weight4<'_>; 3],
         act: GateActivation,
         mlp_adapters: [Option<Adapter<'_>>; 3],
@@ -459,12 +472,21 @@ pub fn decoder_tail_on(
             let shape = crate::lora::LoraShape { rows: m, in_features: o.weight.cols, rank, out_features: width };
             crate::lora::lora_add(T::slice(attended), a, b, scaling, shape, T::slice_mut(&mut h), isa, host)?;
         }
+        let TailNorms { eps, style, .. } = *norms;
+        let mut normed = zeros();
+        if let Some([after_attention, _]) = norms.post {
+            crate::decode::rms_norm(T::slice(&h), after_attention, eps, style, T::slice_mut(&mut normed))?;
+            std::mem::swap(&mut h, &mut normed);
+        }
         for (h, r) in h.iter_mut().zip(residual) {
             *h = T::from_f32(r.to_f32() + h.to_f32());
         }
-        let mut normed = zeros();
-        crate::decode::rms_norm(T::slice(&h), norm_weight, eps, style, T::slice_mut(&mut normed))?;
+        crate::decode::rms_norm(T::slice(&h), norms.mlp, eps, style, T::slice_mut(&mut normed))?;
         gated_mlp_4bit_on(T::slice(&normed), m, mlp[0], mlp[1], mlp[2], act, mlp_adapters, T::slice_mut(out), isa, host)?;
+        if let Some([_, after_mlp]) = norms.post {
+            crate::decode::rms_norm(T::slice(out), after_mlp, eps, style, T::slice_mut(&mut normed))?;
+            out.copy_from_slice(&normed);
+        }
         for (y, h) in out.iter_mut().zip(&h) {
             *y = T::from_f32(h.to_f32() + y.to_f32());
         }
@@ -472,13 +494,13 @@ pub fn decoder_tail_on(
     }
     match (attended, residual, out) {
         (FloatSlice::F32(a), FloatSlice::F32(r), FloatSliceMut::F32(y)) => {
-            run::<f32>(a, m, o, r, norm_weight, eps, style, mlp, act, mlp_adapters, y, isa, host)
+            run::<f32>(a, m, o, r, norms, mlp, act, mlp_adapters, y, isa, host)
         }
         (FloatSlice::F16(a), FloatSlice::F16(r), FloatSliceMut::F16(y)) => {
-            run::<f16>(a, m, o, r, norm_weight, eps, style, mlp, act, mlp_adapters, y, isa, host)
+            run::<f16>(a, m, o, r, norms, mlp, act, mlp_adapters, y, isa, host)
         }
         (FloatSlice::BF16(a), FloatSlice::BF16(r), FloatSliceMut::BF16(y)) => {
-            run::<bf16>(a, m, o, r, norm_weight, eps, style, mlp, act, mlp_adapters, y, isa, host)
+            run::<bf16>(a, m, o, r, norms, mlp, act, mlp_adapters, y, isa, host)
         }
         _ => unreachable!("dtypes checked above"),
     }

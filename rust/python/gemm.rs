@@ -301,10 +301,12 @@ fn cpu_gated_mlp_4bit(
 /// and `out` `[m, o.rows]`, `norm_weight` `[o.rows]`, one float dtype; `o_bias` (any float dtype)
 /// and `o_adapter` what the output projection adds to its product; the norm in Gemma's style with
 /// `unit_offset`; `gate`, `up`, `down`, `mlp_adapters` and `activation` as `cpu_gated_mlp_4bit`
-/// takes them.
+/// takes them. `post_norms`: Gemma3's form, `(post-attention weight, post-MLP weight)` of the
+/// norms of the attention's and the MLP's outputs (the same epsilon and style), `norm_weight` then
+/// its pre-MLP norm's.
 #[pyfunction]
 #[pyo3(signature = (attended, o, o_bias, o_adapter, residual, norm_weight, eps, unit_offset, gate, up, down, mlp_adapters,
-                    activation, out, isa=None))]
+                    activation, out, isa=None, post_norms=None))]
 #[allow(clippy::too_many_arguments)]
 fn cpu_decoder_tail(
     py: Python<'_>,
@@ -323,10 +325,18 @@ fn cpu_decoder_tail(
     activation: &str,
     out: &Bound<'_, PyAny>,
     isa: Option<&str>,
+    post_norms: Option<(Bound<'_, PyAny>, Bound<'_, PyAny>)>,
 ) -> PyResult<()> {
     let isa = isa_or_current(isa)?;
     let act = matmul4::GateActivation::from_name(activation).map_err(to_pyerr)?;
     let attended = TensorArg::new(attended, "cpu_decoder_tail: attended")?;
+    let post = match &post_norms {
+        Some((a, m)) => Some([
+            TensorArg::new(a, "cpu_decoder_tail: post-attention norm weight")?,
+            TensorArg::new(m, "cpu_decoder_tail: post-MLP norm weight")?,
+        ]),
+        None => None,
+    };
     let o_bias = TensorArg::optional(o_bias, "cpu_decoder_tail: o_bias")?;
     let residual = TensorArg::new(residual, "cpu_decoder_tail: residual")?;
     let norm_weight = TensorArg::new(norm_weight, "cpu_decoder_tail: norm_weight")?;
@@ -348,6 +358,7 @@ fn cpu_decoder_tail(
     }
     let mut inputs = vec![&attended, &residual, &norm_weight];
     inputs.extend(o_bias.as_ref());
+    inputs.extend(post.iter().flatten());
     for w in [o, g, u, d] {
         w.check_out(&out, &inputs)?;
     }
@@ -379,12 +390,19 @@ fn cpu_decoder_tail(
         adapter(mlp_adapters[2].as_ref(), &out, "down", &dw)?,
     ];
     let style = if unit_offset { crate::decode::NormStyle::Gemma } else { crate::decode::NormStyle::Llama };
-    let (xs, rs, ns) = (attended.float_slice()?, residual.float_slice()?, norm_weight.float_slice()?);
+    let norms = matmul4::TailNorms {
+        mlp: norm_weight.float_slice()?,
+        post: match &post {
+            Some([a, m]) => Some([a.float_slice()?, m.float_slice()?]),
+            None => None,
+        },
+        eps,
+        style,
+    };
+    let (xs, rs) = (attended.float_slice()?, residual.float_slice()?);
     // SAFETY: out overlaps no input, weight or adapter (checked above).
     let os = unsafe { out.float_slice_mut()? };
-    run_kernel(py, isa, |host| {
-        matmul4::decoder_tail_on(xs, m, &projection, rs, ns, eps, style, [&gw, &uw, &dw], act, mlp_lora, os, isa, host)
-    })
+    run_kernel(py, isa, |host| matmul4::decoder_tail_on(xs, m, &projection, rs, &norms, [&gw, &uw, &dw], act, mlp_lora, os, isa, host))
 }
 
 /// Decodes the weight into `out` (float32, float16 or bfloat16, rows * cols elements) on the CPU,
