@@ -761,8 +761,8 @@ def test_decoder_layers_with_lora_adapters_decode_as_their_own_forward(tiny_dir,
 
 def test_decoder_layers_step_aside(tiny_dir, layer_steps):
     """A hook on any part (a projection deep in the attention) runs, and the layer takes its own
-    forward while it is there; autograd and training take it too; copies and pickles drop the
-    plan; restore removes the step."""
+    forward while it is there; autograd and training take it too, and so does a layer without one
+    of its parts; copies and pickles drop the plan; restore removes the step."""
     model = qlora_rs.from_pretrained(tiny_dir)
     plain = _without_layer_steps(model)
     ids, steps = IDS[:1], STEPS[:, :1]
@@ -794,6 +794,11 @@ def test_decoder_layers_step_aside(tiny_dir, layer_steps):
     assert out.requires_grad and layer_steps == []
 
     assert layer.forward._plan is not None
+    mlp = layer.mlp
+    del layer.mlp  # a part gone: the layer's own forward (here: its error), not one of the step's
+    with pytest.raises(AttributeError, match="mlp"):
+        _decode(model, ids, steps, transformers.DynamicCache())
+    layer.mlp = mlp
     copied = copy.deepcopy(layer)
     assert copied.forward._plan is None and copied.forward.module is copied
     assert pickle.loads(pickle.dumps(layer.forward)).module is not None

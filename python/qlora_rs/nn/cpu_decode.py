@@ -708,6 +708,16 @@ def _decoder_parts(layer: nn.Module) -> tuple:
     return _GEMMA3_PARTS if "pre_feedforward_layernorm" in layer._modules else _LLAMA_PARTS
 
 
+def _has_parts(layer: nn.Module) -> bool:
+    """Whether ``layer`` has the parts of its form, and its attention and MLP their projections."""
+    modules = layer._modules
+    if not all(isinstance(modules.get(name), nn.Module) for name, _ in _decoder_parts(layer)):
+        return False
+    attention, mlp = modules["self_attn"]._modules, modules["mlp"]._modules
+    return (all(isinstance(attention.get(n), nn.Module) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+            and all(isinstance(mlp.get(n), nn.Module) for n in ("gate_proj", "up_proj", "down_proj")))
+
+
 class _LayerPlan:
     """What a decoder layer's one-token step reads, gathered once and checked at every token:
     its parts and their parts (the same objects), their forwards (this module's), the weights the
@@ -883,8 +893,8 @@ class _FastDecoderLayer:
             return None
         plan = self._plan
         if plan is None or not plan.current():
-            plan = self._plan = _LayerPlan(self.module)
-        if (not plan.usable or hidden.dtype != plan.dtype or hidden.shape[2] != plan.width or not hidden.is_cpu
+            plan = self._plan = _LayerPlan(self.module) if _has_parts(self.module) else None
+        if (plan is None or not plan.usable or hidden.dtype != plan.dtype or hidden.shape[2] != plan.width or not hidden.is_cpu
                 or plan.hooked() or torch.compiler.is_compiling() or not _no_modes()):
             return None
         attended = plan.forwards["self_attn"][1].attend((plan.norm("input_layernorm", hidden),), kwargs, plan)
@@ -893,9 +903,8 @@ class _FastDecoderLayer:
 
 def _decoder_candidate(module: nn.Module) -> bool:
     modules = module._modules
-    return type(module).__name__ in FAST_DECODER_CLASSES and all(
-        isinstance(modules.get(name), nn.Module) and type(modules[name].__dict__.get("forward")) is kind
-        for name, kind in _decoder_parts(module))
+    return type(module).__name__ in FAST_DECODER_CLASSES and _has_parts(module) and all(
+        type(modules[name].__dict__.get("forward")) is kind for name, kind in _decoder_parts(module))
 
 
 def _decoder_probe_agrees(layer: nn.Module) -> Optional[tuple]:
