@@ -227,6 +227,28 @@ fn products(py: Python<'_>, name: &str, ws: &[&PackedWeight4], x: TensorArg, out
     run_kernel(py, isa, |host| matmul4::gemm_4bit_group_on(xs, m, &weights, os, isa, host))
 }
 
+/// A held LoRA adapter (or none) of projection `name` of weight `w`, for a call that writes `out`:
+/// checked not to overlap `out` and to fit the projection (`caller` prefixes the error).
+fn adapter_for<'a>(
+    caller: &str,
+    entry: Option<&'a Bound<'_, LoraAdapter>>,
+    out: &TensorArg,
+    name: &str,
+    w: &Weight4<'_>,
+) -> PyResult<Option<matmul4::Adapter<'a>>> {
+    let Some(adapter) = entry else { return Ok(None) };
+    let adapter = adapter.get();
+    no_overlap(&[out], &adapter.tensors())?;
+    let (a, b, shape, scaling) = adapter.parts()?;
+    if (shape.in_features, shape.out_features) != (w.cols, w.rows) {
+        return Err(shape_err(format!(
+            "{caller}: {name}'s adapter is for [{}, {}] (out x in); the projection is [{}, {}]",
+            shape.out_features, shape.in_features, w.rows, w.cols
+        )));
+    }
+    Ok(Some(matmul4::Adapter { a, b, rank: shape.rank, scaling }))
+}
+
 /// `out = down(act(gate(x)) * up(x))` in one call (transformers' `LlamaMLP` with `activation`
 /// `"silu"`, `GemmaMLP` with `"gelu_tanh"`, 4-bit projections, rounded as PyTorch computes it in
 /// x's dtype): `x` `[m, in]`, `out` `[m, out]`. `adapters`: None, or one entry per projection
@@ -274,21 +296,11 @@ fn cpu_gated_mlp_4bit(
         w.check_out(&out, &[&x])?;
     }
     let (gw, uw, dw) = (g.weight()?, u.weight()?, d.weight()?);
-    let mut lora = [None, None, None];
-    for ((slot, entry), (name, w)) in lora.iter_mut().zip(&adapters).zip([("gate", &gw), ("up", &uw), ("down", &dw)]) {
-        if let Some(adapter) = entry {
-            let adapter = adapter.get();
-            no_overlap(&[&out], &adapter.tensors())?;
-            let (a, b, shape, scaling) = adapter.parts()?;
-            if (shape.in_features, shape.out_features) != (w.cols, w.rows) {
-                return Err(shape_err(format!(
-                    "cpu_gated_mlp_4bit: {name}'s adapter is for [{}, {}] (out x in); the projection is [{}, {}]",
-                    shape.out_features, shape.in_features, w.rows, w.cols
-                )));
-            }
-            *slot = Some(matmul4::Adapter { a, b, rank: shape.rank, scaling });
-        }
-    }
+    let lora = [
+        adapter_for("cpu_gated_mlp_4bit", adapters[0].as_ref(), &out, "gate", &gw)?,
+        adapter_for("cpu_gated_mlp_4bit", adapters[1].as_ref(), &out, "up", &uw)?,
+        adapter_for("cpu_gated_mlp_4bit", adapters[2].as_ref(), &out, "down", &dw)?,
+    ];
     let xs = x.float_slice()?;
     // SAFETY: out overlaps neither x, the weights' tensors nor the adapters (checked above).
     let os = unsafe { out.float_slice_mut()? };
@@ -362,19 +374,6 @@ fn cpu_decoder_tail(
     for w in [o, g, u, d] {
         w.check_out(&out, &inputs)?;
     }
-    fn adapter<'a>(entry: Option<&'a Bound<'_, LoraAdapter>>, out: &TensorArg, name: &str, w: &Weight4<'_>) -> PyResult<Option<matmul4::Adapter<'a>>> {
-        let Some(adapter) = entry else { return Ok(None) };
-        let adapter = adapter.get();
-        no_overlap(&[out], &adapter.tensors())?;
-        let (a, b, shape, scaling) = adapter.parts()?;
-        if (shape.in_features, shape.out_features) != (w.cols, w.rows) {
-            return Err(shape_err(format!(
-                "cpu_decoder_tail: {name}'s adapter is for [{}, {}] (out x in); the projection is [{}, {}]",
-                shape.out_features, shape.in_features, w.rows, w.cols
-            )));
-        }
-        Ok(Some(matmul4::Adapter { a, b, rank: shape.rank, scaling }))
-    }
     let (ow, gw, uw, dw) = (o.weight()?, g.weight()?, u.weight()?, d.weight()?);
     let projection = matmul4::Projection {
         weight: ow,
@@ -382,12 +381,12 @@ fn cpu_decoder_tail(
             Some(b) => Some(b.float_slice()?),
             None => None,
         },
-        adapter: adapter(o_adapter.as_ref(), &out, "o_proj", &ow)?,
+        adapter: adapter_for("cpu_decoder_tail", o_adapter.as_ref(), &out, "o_proj", &ow)?,
     };
     let mlp_lora = [
-        adapter(mlp_adapters[0].as_ref(), &out, "gate", &gw)?,
-        adapter(mlp_adapters[1].as_ref(), &out, "up", &uw)?,
-        adapter(mlp_adapters[2].as_ref(), &out, "down", &dw)?,
+        adapter_for("cpu_decoder_tail", mlp_adapters[0].as_ref(), &out, "gate", &gw)?,
+        adapter_for("cpu_decoder_tail", mlp_adapters[1].as_ref(), &out, "up", &uw)?,
+        adapter_for("cpu_decoder_tail", mlp_adapters[2].as_ref(), &out, "down", &dw)?,
     ];
     let style = if unit_offset { crate::decode::NormStyle::Gemma } else { crate::decode::NormStyle::Llama };
     let norms = matmul4::TailNorms {

@@ -264,7 +264,7 @@ impl TensorArg {
         let data = (t.data as usize).wrapping_add(t.byte_offset as usize);
         let bytes = len * elem.size();
         let range = (data, data.wrapping_add(bytes));
-        let copy = (len > 0 && data % elem.size() != 0).then(|| {
+        let copy = (len > 0 && !data.is_multiple_of(elem.size())).then(|| {
             let mut v = vec![0u64; bytes.div_ceil(8)];
             // SAFETY: `data` addresses `bytes` live bytes (checked above; bytes need no alignment)
             // and `v` is a distinct allocation at least that long.
@@ -339,6 +339,7 @@ impl TensorArg {
     ///
     /// SAFETY: the caller has checked with [`no_overlap`] that this output shares no memory with
     /// any other argument of the call, and takes this slice once.
+    #[allow(clippy::mut_from_ref)] // the memory is the tensor's, not this description's
     pub(crate) unsafe fn slice_mut<T: Element>(&self) -> PyResult<&mut [T]> {
         if T::ELEM != self.elem {
             return Err(bad(format!("{}: dtype {}, expected {}", self.what, self.elem.name(), T::ELEM.name())));
