@@ -460,12 +460,17 @@ def test_rotary_names_bad_shapes():
         _lib.cpu_rotary(q, k, cs.bfloat16(), cs, 2, 8, torch.empty_like(q), torch.empty_like(k))
 
 
-def _without_fast_attention(model):
+def _without(model, *kinds):
+    """A copy of ``model`` whose modules with a forward of these kinds run their own again."""
     plain = copy.deepcopy(model)
     for module in plain.modules():
-        if isinstance(module.__dict__.get("forward"), cpu_decode._FastAttention):
+        if isinstance(module.__dict__.get("forward"), kinds):
             del module.forward
     return plain
+
+
+def _without_fast_attention(model):
+    return _without(model, cpu_decode._FastAttention)
 
 
 # A batch of two four-token prompts, then five single tokens for each (teacher-forced).
@@ -595,10 +600,7 @@ def test_gemma_models_decode_as_without_the_path(family, tmp_path_factory, monke
     name, overrides = FAMILIES[family]
     path = make_tiny_family(tmp_path_factory.mktemp(family), name, **overrides)
     fast = qlora_rs.from_pretrained(path)
-    plain = copy.deepcopy(fast)
-    for module in plain.modules():
-        if isinstance(module.__dict__.get("forward"), (cpu_decode._FastRMSNorm, cpu_decode._FastMLP)):
-            del module.forward
+    plain = _without(fast, cpu_decode._FastRMSNorm, cpu_decode._FastMLP)
     done = fast.qlora_rs_cpu_decode
     assert (done.norms, done.mlps, done.attentions) == ((13 if family == "gemma3" else 5), 2, 2)
     activations = [m.forward.activation for m in fast.modules() if isinstance(m.__dict__.get("forward"), cpu_decode._FastMLP)]
@@ -666,11 +668,7 @@ def test_fast_attention_steps_aside(tiny_dir, monkeypatch):
 
 
 def _without_layer_steps(model):
-    plain = copy.deepcopy(model)
-    for module in plain.modules():
-        if isinstance(module.__dict__.get("forward"), cpu_decode._FastDecoderLayer):
-            del module.forward
-    return plain
+    return _without(model, cpu_decode._FastDecoderLayer)
 
 
 @pytest.fixture
