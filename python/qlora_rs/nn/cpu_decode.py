@@ -162,11 +162,15 @@ class _FastRMSNorm:
         if (type(x) is torch.Tensor and x.is_cpu and x.dtype == weight.dtype and weight.is_cpu and x.dim() > 0
                 and x.shape[-1] == weight.shape[0] and x.numel() <= RMS_NORM_KERNEL_MAX_ROWS * weight.shape[0]
                 and _untraced(x, weight)):
-            x = x.contiguous()
-            out = torch.empty_like(x)
-            _lib.cpu_rms_norm(_capsule(x), _capsule(weight.detach()), _norm_eps(module), _capsule(out), self.unit_offset)
-            return out
+            return self.kernel(x, weight)
         return type(module).forward(module, x)
+
+    def kernel(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The Rust kernel on checked ``x`` (rows of ``weight``'s length, its dtype, on the CPU)."""
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        _lib.cpu_rms_norm(_capsule(x), _capsule(weight.detach()), _norm_eps(self.module), _capsule(out), self.unit_offset)
+        return out
 
 
 def _norm_eps(module: nn.Module) -> Optional[float]:
@@ -852,9 +856,7 @@ class _LayerPlan:
         if (weight.dtype != x.dtype or weight.shape[0] != x.shape[-1] or not weight.is_cpu
                 or x.numel() > RMS_NORM_KERNEL_MAX_ROWS * self.width):
             return forward(x)
-        out = torch.empty_like(x)
-        _lib.cpu_rms_norm(_capsule(x), _capsule(weight), _norm_eps(module), _capsule(out), forward.unit_offset)
-        return out
+        return forward.kernel(x, weight)
 
 
 class _FastDecoderLayer:
