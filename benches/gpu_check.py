@@ -355,6 +355,12 @@ def check_speed_dequant(ctx: Ctx) -> None:
     except ImportError:
         F = None
         ctx.note("bitsandbytes not importable: no bitsandbytes column")
+    # The ceiling: one large copy (1 GiB read + 1 GiB written), as METHOD.md measures bandwidth.
+    big = [torch.empty(1 << 30, dtype=torch.uint8, device="cuda") for _ in range(2)]
+    peak_us, _ = ctx.time_calls([lambda: big[1].copy_(big[0])], calls=5, reps=5)
+    peak_gbps = 2 * (1 << 30) / peak_us / 1e3
+    del big
+    ctx.note(f"large device copy (1 GiB): {peak_gbps:.0f} GB/s read + written; column vs_peak_copy")
     for n, k in SHAPES:
         w = torch.randn(n, k, device="cuda").to(torch.bfloat16)
         _, _, args = quantize_gpu(w, "nf4", 64, True)
@@ -369,7 +375,8 @@ def check_speed_dequant(ctx: Ctx) -> None:
                   torch.empty(moved // 2, dtype=torch.uint8, device="cuda")) for _ in range(copies_for(moved))]
         copy, _ = ctx.time_calls([lambda p=p: p[1].copy_(p[0]) for p in pairs])
         row = dict(shape=f"{n}x{k}", ours_us=round(ours, 2), ours_gbps=round(moved / ours / 1e3, 1),
-                   copy_gbps=round(moved / copy / 1e3, 1), vs_copy=round(copy / ours, 3), timing=mode)
+                   copy_gbps=round(moved / copy / 1e3, 1), vs_copy=round(copy / ours, 3),
+                   vs_peak_copy=round(moved / ours / 1e3 / peak_gbps, 3), timing=mode)
         if F is not None:
             qs = [F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4") for _ in range(c)]
             theirs, _ = ctx.time_calls([lambda q=q: F.dequantize_4bit(q[0], q[1]) for q in qs], keep=True)

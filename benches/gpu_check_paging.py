@@ -13,8 +13,11 @@ Parts, each recorded with ``passed`` where it has a pass condition:
   the tensor alone; the memory is freed when the last view goes.
 - ``refusal``: a request for more than the free memory is refused before anything is allocated.
 - ``codec``: the on-device 8-bit codec gives the Rust core's bytes.
-- ``idle_paging``: paging 1 GiB out frees that much GPU memory (``torch.cuda.mem_get_info``);
-  page-out and page-in bandwidth.
+- ``idle_paging``: 1 GiB paged out and back: the data moves (a page-in after the page-out takes a
+  transfer's time, one of resident data none) and stays intact; page-out and page-in bandwidth;
+  what ``torch.cuda.mem_get_info`` shows at each step (the driver may keep paged-out pages).
+- ``pressure``: with 4 GiB of state resident, and again paged out, a plain allocation of the free
+  memory (state resident) plus 2 GiB succeeds and the state comes back intact.
 - ``training``: a QLoRA loop (NF4 base shared by all layers, LoRA r=512 on 16 layers of 4096,
   float32 adapters; 4096 tokens per step). Runs: states in ordinary GPU memory, managed and
   resident, managed and paged out after every step, torch.optim.AdamW (anchor), PagedAdamW8bit.
@@ -51,6 +54,11 @@ DEVICE = "cuda"  # "cpu" only for a smoke test of the training loop's code on a 
 def _sync() -> None:
     if DEVICE == "cuda":
         torch.cuda.synchronize()
+
+
+# Set by the idle_paging part: whether torch.cuda.mem_get_info rises when managed pages are paged
+# out (the training part's drop at the activation peak is only measurable then).
+_MEM_GET_INFO_SHOWS_PAGE_OUT = [True]
 
 
 def _used() -> int:
@@ -124,13 +132,28 @@ def _part_codec() -> dict:
 
 
 def _part_idle_paging(paging, info: dict) -> dict:
+    """Pages 1 GiB out and back. ``torch.cuda.mem_get_info`` is read before the allocation, after
+    the first page-in, after the page-out and after the page-in again (torch's cache emptied first,
+    the checksum kept on the host, so nothing else moves it). The proof that the data left the GPU
+    is the transfer itself, timed against a page-in of data already resident (a no-op); whether the
+    driver hands the pages back at once (mem_get_info rising) is recorded: on the H200 of
+    2026-12-04 it kept them (the ``pressure`` part shows they are still there for the taking)."""
     if not info["concurrent_managed_access"]:
         return {"skipped": "no concurrent managed access: page-out is not available", "passed": None}
+    _sync()
+    torch.cuda.empty_cache()
+    used_before = _used()
     t = paging.managed_empty((GIB,), torch.uint8)
     paging.page_in(t)
-    t.zero_()
+    t.random_(0, 256)
+    want = t.cpu()
     _sync()
+    torch.cuda.empty_cache()
     used_in = _used()
+    t0 = time.perf_counter()
+    paging.page_in(t)  # resident already: nothing to move
+    _sync()
+    resident_in_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     paging.page_out(t)
     _sync()
@@ -141,14 +164,62 @@ def _part_idle_paging(paging, info: dict) -> dict:
     _sync()
     in_s = time.perf_counter() - t0
     used_back = _used()
-    ok_data = t.sum().item() == 0
-    del t
+    ok_data = torch.equal(t.cpu(), want)
+    del t, want
     gc.collect()
-    drop = used_in - used_out
-    return {"nbytes": GIB, "drop_after_page_out": drop, "drop_ratio": round(drop / GIB, 4),
-            "back_after_page_in": used_back - used_out, "page_out_GBps": round(GIB / out_s / 1e9, 2),
-            "page_in_GBps": round(GIB / in_s / 1e9, 2), "data_intact": ok_data,
-            "passed": drop >= 0.9 * GIB and ok_data}
+    rise, drop = used_in - used_before, used_in - used_out
+    _MEM_GET_INFO_SHOWS_PAGE_OUT[0] = drop >= 0.9 * GIB
+    moved = in_s >= 5 * resident_in_s and in_s > 1e-3
+    return {"nbytes": GIB, "rise_after_first_page_in": rise, "drop_after_page_out": drop,
+            "drop_ratio": round(drop / GIB, 4), "back_after_page_in": used_back - used_out,
+            "page_out_GBps": round(GIB / out_s / 1e9, 2), "page_in_GBps": round(GIB / in_s / 1e9, 2),
+            "resident_page_in_ms": round(resident_in_s * 1e3, 3), "page_in_ms": round(in_s * 1e3, 3),
+            "data_moved": moved, "data_intact": ok_data, "passed": ok_data and moved}
+
+
+def _part_pressure(paging, info: dict) -> dict:
+    """The paper's point: optimizer state in managed memory cannot make a memory spike fail. With
+    4 GiB of state resident on the GPU, and again after paging it out, a plain allocation (torch's,
+    cudaMalloc) asks for the free memory mem_get_info reported with the state resident plus half
+    the state; the driver must find the room (evicting or handing back the managed pages) and the
+    state must come back intact. A failed allocation is torch's OutOfMemoryError (recorded)."""
+    if not info["concurrent_managed_access"]:
+        return {"skipped": "no concurrent managed access", "passed": None}
+    size = 4 * GIB
+    t = paging.managed_empty((size // 4,), torch.float32)
+    paging.page_in(t)
+    t.normal_()
+    want = t.cpu()
+    out: dict[str, Any] = {"state_bytes": size}
+    for phase in ("resident", "paged_out"):
+        paging.page_in(t)
+        _sync()
+        torch.cuda.empty_cache()
+        free_resident = torch.cuda.mem_get_info()[0]
+        if phase == "paged_out":
+            paging.page_out(t)
+            _sync()
+        free = torch.cuda.mem_get_info()[0]
+        ask = free_resident + size // 2
+        t0 = time.perf_counter()
+        try:
+            spike = torch.empty(ask, dtype=torch.uint8, device="cuda")
+            spike[:: 1 << 20].fill_(1)
+            _sync()
+            ok, err = True, ""
+            del spike
+        except torch.OutOfMemoryError as e:
+            ok, err = False, str(e)[:200]
+        torch.cuda.empty_cache()
+        out[phase] = {"free_with_state_resident": free_resident, "free": free, "asked": ask, "allocated": ok,
+                      "ms": round((time.perf_counter() - t0) * 1e3, 1), "error": err}
+    paging.page_in(t)
+    intact = torch.equal(t.cpu(), want)
+    del t, want
+    gc.collect()
+    out["data_intact"] = intact
+    out["passed"] = intact and out["resident"]["allocated"] and out["paged_out"]["allocated"]
+    return out
 
 
 class _LoraOverBf16(nn.Module):
@@ -262,7 +333,12 @@ def _part_training(paging, info: dict) -> dict:
         out["activation_peak_used_paged_out"] = probe["used_out"]
         out["activation_peak_drop"] = int(drop)
         out["activation_peak_drop_ratio"] = round(drop / max(state_bytes, 1), 4)
-        drop_ok = drop >= 0.9 * state_bytes
+        if _MEM_GET_INFO_SHOWS_PAGE_OUT[0]:
+            drop_ok = drop >= 0.9 * state_bytes
+        else:
+            out["activation_peak_drop_note"] = ("not measurable: the driver keeps paged-out pages in mem_get_info "
+                                                "(idle_paging); the pressure part tests the memory instead")
+            drop_ok = True
     else:
         out["activation_peak_drop"] = "skipped: no concurrent managed access"
         drop_ok = True
@@ -307,6 +383,7 @@ def check_paged_optimizer(out_dir: Any, report: Optional[Callable[[str, dict], N
         ("codec", _part_codec),
         ("idle_paging", lambda: _part_idle_paging(paging, info)),
         ("training", lambda: _part_training(paging, info)),
+        ("pressure", lambda: _part_pressure(paging, info)),
     ]
     if info["free"] < MIN_FREE:
         parts = parts[:4]

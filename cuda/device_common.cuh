@@ -68,28 +68,6 @@ struct Out<__nv_bfloat16> {
   __device__ __forceinline__ static float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 };
 
-// Stores 32 consecutive values at `out` (16-byte aligned) with 16-byte stores.
-template <typename T>
-__device__ __forceinline__ void store32(T* out, const float (&v)[32]) {
-  uint4* dst = reinterpret_cast<uint4*>(out);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    uint4 w;
-    w.x = Out<T>::pair(v[8 * i + 0], v[8 * i + 1]);
-    w.y = Out<T>::pair(v[8 * i + 2], v[8 * i + 3]);
-    w.z = Out<T>::pair(v[8 * i + 4], v[8 * i + 5]);
-    w.w = Out<T>::pair(v[8 * i + 6], v[8 * i + 7]);
-    dst[i] = w;
-  }
-}
-
-template <>
-__device__ __forceinline__ void store32<float>(float* out, const float (&v)[32]) {
-  float4* dst = reinterpret_cast<float4*>(out);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) dst[i] = make_float4(v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]);
-}
-
 // Byte j (0..15) of a 16-byte vector, little-endian as it sits in memory.
 __device__ __forceinline__ uint32_t byte_of(const uint4& w, int j) {
   const uint32_t word = j < 4 ? w.x : j < 8 ? w.y : j < 12 ? w.z : w.w;

@@ -8,8 +8,8 @@
 //
 //  * qlora_gemm_4bit_mma_*: tensor cores (mma.sync m16n8k16, sm_80+). A block of `warps` warps owns
 //    32 output columns (4 tiles of 8 rows of W); its warps split K and reduce through shared memory.
-//  * qlora_gemm_4bit_simt_*: plain FMA, M <= 4. A warp owns 2 rows of W; lanes split K, then a warp
-//    shuffle reduction. Simpler, kept as a cross-check and for the M where it measures faster.
+//  * qlora_gemm_4bit_simt_*: plain FMA, M <= 4: a GEMV, a warp per row of W (see below). Faster than
+//    the tensor-core kernel at M = 1 on an H200, slower from M = 2.
 #include "device_common.cuh"
 
 namespace qlora {
@@ -183,89 +183,94 @@ __device__ __forceinline__ void gemm_4bit_mma(const T* __restrict__ x, const uin
 }
 
 // ---------------------------------------------------------------------------------------------
-// SIMT kernel (M <= 4).
+// SIMT kernel (M <= 4): a GEMV, rows optionally split along K across warps.
+//
+// A block of kSimtWarps warps owns kSimtWarps / S rows of W; the S warps of a row split its K: the
+// lanes of segment s read chunks s * 32 + lane + i * 32 * S, U of them per iteration, all U loads
+// issued before any is decoded, so every load instruction of a warp reads 512 contiguous bytes.
+// Each weight is rounded to T exactly as dequantize writes it (the product is x @ dequant(W)^T),
+// multiplied in float32, summed in a fixed order: per lane, across the warp (xor shuffle), then
+// over the S warps in segment order. On an H200 (2026-12-04, benches/gpu_variants.py) S = 1, U = 2
+// measured fastest of S in 1..8 and U in 1..4 on 4096x4096, 4096x14336 and 14336x4096; about 8
+// instructions per weight (index, table read, scale, round, unpack, FMA) bound it, not the loads.
 // ---------------------------------------------------------------------------------------------
 
-constexpr int kSimtRows = 2;   // rows of W per warp
 constexpr int kSimtWarps = 8;  // warps per block
 constexpr int kSimtMaxM = 4;
 
-template <typename T>
+template <typename T, int S, int U, int MAXM>
 __device__ __forceinline__ void gemm_4bit_simt(const T* __restrict__ x, const uint8_t* __restrict__ packed,
                                                Scales scales, int M, int N, int K, int quant_type,
                                                int blocksize_log2, T* __restrict__ out) {
+  static_assert(kSimtWarps % S == 0, "S must divide the warps of a block");
+  constexpr int kRows = kSimtWarps / S;
   __shared__ float lut[16];
+  __shared__ float partial[kSimtWarps][MAXM];
   load_code4(lut, quant_type);
   __syncthreads();
 
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
-  const int nbase = (blockIdx.x * kSimtWarps + warp) * kSimtRows;
-  if (nbase >= N) return;
+  const int n = blockIdx.x * kRows + warp / S;
   const int kchunks = K >> 5;
+  float acc[MAXM];
+#pragma unroll
+  for (int m = 0; m < MAXM; ++m) acc[m] = 0.0f;
 
-  float acc[kSimtRows][kSimtMaxM];
+  if (n < N) {
+    const uint64_t row = (uint64_t)n * (uint64_t)K;
+    for (int base = (warp % S) * 32 + lane; base < kchunks; base += 32 * S * U) {
+      uint4 w[U];
+      float am[U];
 #pragma unroll
-  for (int r = 0; r < kSimtRows; ++r) {
-#pragma unroll
-    for (int m = 0; m < kSimtMaxM; ++m) acc[r][m] = 0.0f;
-  }
-
-#pragma unroll 2
-  for (int c = lane; c < kchunks; c += 32) {
-    uint4 w[kSimtRows];
-    float am[kSimtRows];
-#pragma unroll
-    for (int r = 0; r < kSimtRows; ++r) {
-      const int n = nbase + r;
-      if (n < N) {
-        const uint64_t flat = (uint64_t)n * (uint64_t)K + 32u * (uint64_t)c;
-        w[r] = load16(packed + (flat >> 1));
-        am[r] = block_absmax(scales, flat >> blocksize_log2);
-      } else {
-        w[r] = make_uint4(0, 0, 0, 0);
-        am[r] = 0.0f;
-      }
-    }
-    uint32_t xs[kSimtMaxM][16];
-#pragma unroll
-    for (int m = 0; m < kSimtMaxM; ++m) load_x_slice(xs[m], x, m, M, c, kchunks, K);
-
-#pragma unroll
-    for (int r = 0; r < kSimtRows; ++r) {
-      // The block scale is common to the 32 elements of the chunk: sum code * x first, scale once.
-      float codes[32];
-#pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        const uint32_t b = byte_of(w[r], j);
-        codes[2 * j] = lut[b >> 4];
-        codes[2 * j + 1] = lut[b & 15u];
+      for (int u = 0; u < U; ++u) {
+        const int c = base + 32 * S * u;
+        if (c < kchunks) {
+          const uint64_t flat = row + 32u * (uint64_t)c;
+          w[u] = load16(packed + (flat >> 1));
+          am[u] = block_absmax(scales, flat >> blocksize_log2);
+        }
       }
 #pragma unroll
-      for (int m = 0; m < kSimtMaxM; ++m) {
-        if (m < M) {
-          float dot = 0.0f;
+      for (int u = 0; u < U; ++u) {
+        const int c = base + 32 * S * u;
+        if (c < kchunks) {
+          uint32_t xs[MAXM][16];
+#pragma unroll
+          for (int m = 0; m < MAXM; ++m) load_x_slice(xs[m], x, m, M, c, kchunks, K);
 #pragma unroll
           for (int j = 0; j < 16; ++j) {
-            const float2 xv = unpack2<T>(xs[m][j]);
-            dot = fmaf(codes[2 * j], xv.x, dot);
-            dot = fmaf(codes[2 * j + 1], xv.y, dot);
+            const uint32_t b = byte_of(w[u], j);
+            const float2 f = unpack2<T>(Out<T>::pair(mul_rn(lut[b >> 4], am[u]), mul_rn(lut[b & 15u], am[u])));
+#pragma unroll
+            for (int m = 0; m < MAXM; ++m) {
+              const float2 xv = unpack2<T>(xs[m][j]);
+              acc[m] = fmaf(f.x, xv.x, acc[m]);
+              acc[m] = fmaf(f.y, xv.y, acc[m]);
+            }
           }
-          acc[r][m] = fmaf(am[r], dot, acc[r][m]);
         }
       }
     }
   }
 
 #pragma unroll
-  for (int r = 0; r < kSimtRows; ++r) {
+  for (int m = 0; m < MAXM; ++m) {
+    float v = acc[m];
 #pragma unroll
-    for (int m = 0; m < kSimtMaxM; ++m) {
-      float v = acc[r][m];
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    if (lane == 0) partial[warp][m] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < kRows * MAXM) {
+    const int r = threadIdx.x / MAXM;
+    const int m = threadIdx.x % MAXM;
+    const int nn = blockIdx.x * kRows + r;
+    if (m < M && nn < N) {
+      float sum = 0.0f;
 #pragma unroll
-      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-      const int n = nbase + r;
-      if (lane == 0 && m < M && n < N) out[(size_t)m * N + n] = Out<T>::one(v);
+      for (int i = 0; i < S; ++i) sum += partial[r * S + i][m];
+      out[(size_t)m * N + nn] = Out<T>::one(sum);
     }
   }
 }
@@ -273,17 +278,33 @@ __device__ __forceinline__ void gemm_4bit_simt(const T* __restrict__ x, const ui
 }  // namespace qlora
 
 // Entry points. mma: blockDim 32 * warps (warps <= 16), gridDim ceil(N / 32), dynamic shared memory
-// warps * 2 KiB. simt: blockDim 256, gridDim ceil(N / 16), no dynamic shared memory.
-#define QLORA_GEMM_4BIT(NAME, IMPL, T, BOUNDS)                                                        \
-  extern "C" __global__ void __launch_bounds__(BOUNDS) NAME(                                        \
-      const T* __restrict__ x, const uint8_t* __restrict__ packed, const void* __restrict__ absmax, \
-      const float* __restrict__ nested_absmax, const float* __restrict__ nested_code, float offset,  \
-      int nested, int M, int N, int K, int quant_type, int blocksize_log2, T* __restrict__ out) {   \
+// warps * 2 KiB. simt: blockDim 32 * kSimtWarps, gridDim ceil(N / (kSimtWarps / S)), no dynamic
+// shared memory; _m1 for one row of activations, _m4 for 2 to 4.
+#define QLORA_GEMM_4BIT_ARGS(T)                                                                        \
+  const T *__restrict__ x, const uint8_t *__restrict__ packed, const void *__restrict__ absmax,       \
+      const float *__restrict__ nested_absmax, const float *__restrict__ nested_code, float offset,   \
+      int nested, int M, int N, int K, int quant_type, int blocksize_log2, T *__restrict__ out
+
+#define QLORA_GEMM_4BIT_MMA(NAME, T)                                                                  \
+  extern "C" __global__ void __launch_bounds__(512) NAME(QLORA_GEMM_4BIT_ARGS(T)) {                  \
     qlora::Scales s{absmax, nested_absmax, nested_code, offset, nested};                            \
-    qlora::IMPL<T>(x, packed, s, M, N, K, quant_type, blocksize_log2, out);                         \
+    qlora::gemm_4bit_mma<T>(x, packed, s, M, N, K, quant_type, blocksize_log2, out);                \
   }
 
-QLORA_GEMM_4BIT(qlora_gemm_4bit_mma_bf16, gemm_4bit_mma, __nv_bfloat16, 512)
-QLORA_GEMM_4BIT(qlora_gemm_4bit_mma_f16, gemm_4bit_mma, __half, 512)
-QLORA_GEMM_4BIT(qlora_gemm_4bit_simt_bf16, gemm_4bit_simt, __nv_bfloat16, 256)
-QLORA_GEMM_4BIT(qlora_gemm_4bit_simt_f16, gemm_4bit_simt, __half, 256)
+#define QLORA_GEMM_4BIT_SIMT(NAME, T, S, U, MAXM)                                                     \
+  extern "C" __global__ void __launch_bounds__(32 * qlora::kSimtWarps) NAME(QLORA_GEMM_4BIT_ARGS(T)) { \
+    qlora::Scales s{absmax, nested_absmax, nested_code, offset, nested};                            \
+    qlora::gemm_4bit_simt<T, S, U, MAXM>(x, packed, s, M, N, K, quant_type, blocksize_log2, out);   \
+  }
+
+// The split and depth of the shipped SIMT kernels (QLORA_SIMT_SPLIT warps per row, QLORA_SIMT_DEPTH
+// chunks in flight per lane); benches/gpu_variants.cu instantiates others.
+#define QLORA_SIMT_SPLIT 1
+#define QLORA_SIMT_DEPTH 2
+
+QLORA_GEMM_4BIT_MMA(qlora_gemm_4bit_mma_bf16, __nv_bfloat16)
+QLORA_GEMM_4BIT_MMA(qlora_gemm_4bit_mma_f16, __half)
+QLORA_GEMM_4BIT_SIMT(qlora_gemm_4bit_simt_m1_bf16, __nv_bfloat16, QLORA_SIMT_SPLIT, QLORA_SIMT_DEPTH, 1)
+QLORA_GEMM_4BIT_SIMT(qlora_gemm_4bit_simt_m1_f16, __half, QLORA_SIMT_SPLIT, QLORA_SIMT_DEPTH, 1)
+QLORA_GEMM_4BIT_SIMT(qlora_gemm_4bit_simt_m4_bf16, __nv_bfloat16, QLORA_SIMT_SPLIT, QLORA_SIMT_DEPTH, qlora::kSimtMaxM)
+QLORA_GEMM_4BIT_SIMT(qlora_gemm_4bit_simt_m4_f16, __half, QLORA_SIMT_SPLIT, QLORA_SIMT_DEPTH, qlora::kSimtMaxM)

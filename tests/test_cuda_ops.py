@@ -6,6 +6,8 @@ Rust core's CPU decode (bit for bit) and with a float64 matmul reference."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -140,6 +142,35 @@ def _define_test_ops():
     )
 
 
+def _nvcc():
+    """The nvcc the build script would find first among the project-local toolkit and PATH."""
+    import glob
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    found = sorted(glob.glob(str(root / ".tools" / "*" / "nvidia" / "cu13" / "bin" / "nvcc")))
+    return os.environ.get("NVCC") or (found[0] if found else None) or shutil.which("nvcc")
+
+
+def test_the_kernel_variants_file_compiles(tmp_path):
+    """benches/gpu_variants.cu (timed on a lent GPU, not in the fatbin) instantiates the shipped
+    kernels' templates: a change to cuda/ that breaks it must fail here, where nvcc is."""
+    import subprocess
+    from pathlib import Path
+
+    nvcc = _nvcc()
+    if not nvcc:
+        pytest.skip("no nvcc (scripts/bootstrap.sh installs one)")
+    src = Path(__file__).resolve().parent.parent / "benches" / "gpu_variants.cu"
+    out = tmp_path / "variants.cubin"
+    r = subprocess.run([nvcc, "-arch=sm_90", "-O3", "-cubin", "-o", str(out), str(src)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    names = out.read_bytes()
+    for kernel in (b"qexp_simt_s1_u2_m1", b"qlora_gemm_4bit_simt_m1_bf16", b"qlora_dequantize_4bit_bf16"):
+        assert kernel in names
+
+
 def test_registration_behind_the_op_schemas():
     assert not cuda_ops.register("qlora_rs_no_such_namespace")
     _define_test_ops()
@@ -199,10 +230,10 @@ def test_dequantize_unaligned_and_storage_views():
     want = qlora_rs.dequantize(packed, state, torch.bfloat16)
     got = cuda_ops.dequantize_4bit_cuda(*args, torch.bfloat16)
     assert torch.equal(bits(got.cpu()), bits(want))
-    # bf16 "quant storage" of the same bytes.
+    # bf16 "quant storage" of the same bytes, in bitsandbytes' layout ([bytes / 2, 1]).
     even, st = quantized((16, 64), "fp4", 64, False, seed=4)
     a = list(cuda_args(even, st))
-    a[0] = a[0].view(torch.bfloat16)
+    a[0] = a[0].reshape(-1, 2).view(torch.bfloat16)
     got = cuda_ops.dequantize_4bit_cuda(*a, torch.float16)
     assert torch.equal(bits(got.cpu()), bits(qlora_rs.dequantize(even, st, torch.float16)))
 

@@ -21,16 +21,22 @@ const KERNEL_NAMES: &[&str] = &[
     "qlora_dequantize_4bit_bf16",
     "qlora_gemm_4bit_mma_bf16",
     "qlora_gemm_4bit_mma_f16",
-    "qlora_gemm_4bit_simt_bf16",
-    "qlora_gemm_4bit_simt_f16",
+    "qlora_gemm_4bit_simt_m1_bf16",
+    "qlora_gemm_4bit_simt_m1_f16",
+    "qlora_gemm_4bit_simt_m4_bf16",
+    "qlora_gemm_4bit_simt_m4_f16",
 ];
 
-/// Threads per block of the dequantize kernel; each thread decodes 32 elements.
+/// Threads per block of the dequantize kernel, and the 4-byte words (8 elements each) each thread
+/// decodes (`kDequantWords` in cuda/dequant.cu).
 const DEQUANT_THREADS: u64 = 256;
+const DEQUANT_WORDS: u64 = 4;
 /// Output columns per block of the tensor-core GEMM (4 tiles of 8).
 const MMA_COLUMNS: usize = 32;
-/// Output columns per block of the SIMT GEMM (8 warps x 2 rows).
-const SIMT_COLUMNS: usize = 16;
+/// Warps per block of the SIMT GEMM (`kSimtWarps`) and warps per output column (`QLORA_SIMT_SPLIT`,
+/// which split K), so a block owns SIMT_WARPS / SIMT_SPLIT columns.
+const SIMT_WARPS: u32 = 8;
+const SIMT_SPLIT: usize = 1;
 /// Largest M each fused kernel supports.
 pub const MMA_MAX_M: usize = 16;
 pub const SIMT_MAX_M: usize = 4;
@@ -117,7 +123,7 @@ impl Dequantize4bit {
             return Err(Error::unsupported("dequantize_4bit: packed/out is a null device pointer"));
         }
         self.scales.check()?;
-        let chunks = self.n.div_ceil(32);
+        let words = self.n.div_ceil(8);
         let kernel = match self.dtype {
             DType::F32 => "qlora_dequantize_4bit_f32",
             DType::F16 => "qlora_dequantize_4bit_f16",
@@ -125,7 +131,7 @@ impl Dequantize4bit {
         };
         Ok(Some(Launch {
             kernel,
-            grid: grid_of(chunks.div_ceil(DEQUANT_THREADS), "dequantize_4bit")?,
+            grid: grid_of(words.div_ceil(DEQUANT_THREADS * DEQUANT_WORDS), "dequantize_4bit")?,
             block: DEQUANT_THREADS as u32,
             shared_bytes: 0,
             vectorized: self.packed.is_multiple_of(16) && self.out.is_multiple_of(16),
@@ -221,9 +227,15 @@ impl Gemm4bit {
                 }
             }
             GemmKernel::Simt => Launch {
-                kernel: if suffix == "bf16" { "qlora_gemm_4bit_simt_bf16" } else { "qlora_gemm_4bit_simt_f16" },
-                grid: grid_of(self.n.div_ceil(SIMT_COLUMNS) as u64, "gemm_4bit")?,
-                block: 256,
+                // One row of activations has its own instance (fewer registers, no unused loads).
+                kernel: match (self.m == 1, suffix == "bf16") {
+                    (true, true) => "qlora_gemm_4bit_simt_m1_bf16",
+                    (true, false) => "qlora_gemm_4bit_simt_m1_f16",
+                    (false, true) => "qlora_gemm_4bit_simt_m4_bf16",
+                    (false, false) => "qlora_gemm_4bit_simt_m4_f16",
+                },
+                grid: grid_of(self.n.div_ceil(SIMT_WARPS as usize / SIMT_SPLIT) as u64, "gemm_4bit")?,
+                block: 32 * SIMT_WARPS,
                 shared_bytes: 0,
                 vectorized: true,
             },
@@ -423,7 +435,7 @@ pub fn gemm_4bit(device: i32, stream: u64, args: &Gemm4bit) -> Result<()> {
         param(&mut log2),
         param(&mut out),
     ];
-    // SAFETY: the parameter list matches QLORA_GEMM_4BIT in cuda/gemm_4bit.cu.
+    // SAFETY: the parameter list matches QLORA_GEMM_4BIT_ARGS in cuda/gemm_4bit.cu.
     unsafe { launch_raw(device, stream, &launch, &mut params) }
 }
 
@@ -463,9 +475,9 @@ mod tests {
     fn dequant_geometry() {
         let l = dq(4096 * 4096, DType::BF16).plan().unwrap().unwrap();
         assert_eq!(l.kernel, "qlora_dequantize_4bit_bf16");
-        assert_eq!(l.grid as u64, (4096u64 * 4096 / 32).div_ceil(256));
+        assert_eq!(l.grid as u64, (4096u64 * 4096 / 8).div_ceil(256 * 4));
         assert!(l.vectorized);
-        // 33 elements: two chunks, one block; an odd address disables the vector path.
+        // 33 elements: five words, one block; an odd address disables the vector path.
         let mut a = dq(33, DType::F32);
         a.packed = 0x1001;
         let l = a.plan().unwrap().unwrap();
@@ -493,7 +505,11 @@ mod tests {
         let l = gemm(16, 33, 4096, GemmKernel::Mma { warps: 16 }).plan().unwrap();
         assert_eq!((l.grid, l.block, l.shared_bytes), (2, 512, 32768));
         let l = gemm(4, 14336, 4096, GemmKernel::Simt).plan().unwrap();
-        assert_eq!((l.kernel, l.grid, l.block), ("qlora_gemm_4bit_simt_bf16", 896, 256));
+        assert_eq!((l.kernel, l.grid, l.block), ("qlora_gemm_4bit_simt_m4_bf16", 1792, 256));
+        let mut g = gemm(1, 4097, 4096, GemmKernel::Simt);
+        g.dtype = DType::F16;
+        let l = g.plan().unwrap();
+        assert_eq!((l.kernel, l.grid, l.block), ("qlora_gemm_4bit_simt_m1_f16", 513, 256));
         let err = |g: Gemm4bit| g.plan().unwrap_err().to_string();
         assert!(err(gemm(17, 64, 64, GemmKernel::Mma { warps: 8 })).contains("1 to 16 rows"));
         assert!(err(gemm(5, 64, 64, GemmKernel::Simt)).contains("1 to 4 rows"));

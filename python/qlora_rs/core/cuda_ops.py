@@ -40,12 +40,14 @@ KERNELS_COMPILED: bool = bool(_lib.CUDA_KERNELS_COMPILED)
 FUSED_GEMM_MAX_M: int = 16
 
 #: M up to which the SIMT (plain FMA) kernel is used instead of the tensor-core kernel; 0 uses the
-#: tensor-core kernel for every M. Also to be set from benches/gpu_check.py's table.
-SIMT_GEMM_MAX_M: int = 0
+#: tensor-core kernel for every M. Set from benches/gpu_check.py's crossover table (H200, 2026-12-04:
+#: the SIMT GEMV wins at M = 1 on all three shapes, the tensor cores from M = 2).
+SIMT_GEMM_MAX_M: int = 1
 
 #: Warps per block of the tensor-core kernel (they split K): 1, 2, 4, 8 or 16, or 0 to choose by
-#: size (16 when the N / 32 blocks would not fill every multiprocessor twice, else 8). gpu_check.py
-#: times 4, 8 and 16 (columns mma4/mma8/mma16 of its crossover table).
+#: size (16 when the N / 32 blocks would not fill every multiprocessor twice, else 4: on an H200,
+#: 2026-12-04, 16 warps were fastest at N = 4096 and 4 at N = 14336, for every M up to 16).
+#: gpu_check.py times 4, 8 and 16 (columns mma4/mma8/mma16 of its crossover table).
 MMA_WARPS: int = 0
 
 _GEMM_KERNELS = ("auto", "mma", "simt", "dequant")
@@ -124,7 +126,7 @@ def _mma_warps(n_out: int, device: torch.device) -> int:
     # Few column blocks: more warps per block split K finer, keeping more loads in flight.
     if device.index not in _sm_count:
         _sm_count[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    return 16 if -(-n_out // 32) < 2 * _sm_count[device.index] else 8
+    return 16 if -(-n_out // 32) < 2 * _sm_count[device.index] else 4
 
 
 # ---------------------------------------------------------------------------------------------
