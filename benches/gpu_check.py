@@ -280,9 +280,10 @@ def check_gemm_accuracy(ctx: Ctx) -> None:
             w = torch.randn(n, k, generator=g).to(dtype)
             _, _, args = quantize_gpu(w, "nf4", bs, True)
             wd = co.dequantize_4bit_cuda(*args, dtype)
-            for kernel, warps in (("mma", None), ("mma", 1), ("mma", 16), ("simt", None), ("auto", None), ("dequant", None)):
+            for kernel, warps in (("gemv", None), ("mma", None), ("mma", 1), ("mma", 16), ("simt", None), ("auto", None),
+                                  ("dequant", None)):
                 worst, bad = None, []
-                ms = [1, 3, 4] if kernel == "simt" else [1, 2, 5, 8, 9, 16] if kernel == "mma" else [1, 5, 16, 17, 64]
+                ms = {"simt": [1, 3, 4], "gemv": [1, 2, 5, 8], "mma": [1, 2, 5, 8, 9, 16]}.get(kernel, [1, 5, 16, 17, 64])
                 for m in ms:
                     x = torch.randn(m, k, device="cuda").to(dtype)
                     ref = x.double() @ wd.double().t()
@@ -423,21 +424,24 @@ def check_speed_gemm(ctx: Ctx) -> None:
 
 
 def check_crossover(ctx: Ctx) -> None:
-    """Fused kernels (mma with 4, 8 and 16 warps, simt) vs dequantize + torch.matmul over M: the largest
-    M where fused wins is the value for cuda_ops.FUSED_GEMM_MAX_M; the M up to which simt beats
-    mma, for SIMT_GEMM_MAX_M."""
+    """Fused kernels (gemv, mma with 4, 8 and 16 warps, simt) vs dequantize + torch.matmul over M:
+    the largest M where fused wins is the value for cuda_ops.FUSED_GEMM_MAX_M; the M up to which
+    gemv beats mma, for GEMV_MAX_M; the M up to which simt beats both, for SIMT_GEMM_MAX_M."""
     co = cuda_ops()
-    best_fused_max, simt_max = {}, {}
+    best_fused_max, gemv_max, simt_max = {}, {}, {}
     for n, k in SHAPES:
         w = torch.randn(n, k, device="cuda").to(torch.bfloat16)
         _, _, args = quantize_gpu(w, "nf4", 64, True)
         c = copies_for(args[0].numel())
         sets = [tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args) for _ in range(c)]
-        fused_max, simt_upto, fused_lost, simt_lost = 0, 0, False, False
+        fused_max, gemv_upto, simt_upto = 0, 0, 0
+        fused_lost, gemv_lost, simt_lost = False, False, False
         for m in [1, 2, 4, 8, 12, 16, 32, 64]:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             t = {}
             t["dequant"], _ = ctx.time_calls([lambda a=a: co.gemm_4bit_cuda(x, *a, kernel="dequant") for a in sets], calls=20)
+            if m <= 8:
+                t["gemv"], _ = ctx.time_calls([lambda a=a: co.gemm_4bit_cuda(x, *a, kernel="gemv") for a in sets])
             if m <= 16:
                 for warps in (4, 8, 16):
                     t[f"mma{warps}"], _ = ctx.time_calls(
@@ -445,23 +449,32 @@ def check_crossover(ctx: Ctx) -> None:
             if m <= 4:
                 t["simt"], _ = ctx.time_calls([lambda a=a: co.gemm_4bit_cuda(x, *a, kernel="simt") for a in sets])
             best = min(t, key=t.get)
-            # The crossover: the last M (in increasing order) before the first where fusing loses.
+            mma_best = min((v for kk, v in t.items() if kk.startswith("mma")), default=math.inf)
+            # Each crossover: the last M (in increasing order) before the first where the kernel loses.
             if m <= 16 and not fused_lost:
                 if best != "dequant":
                     fused_max = m
                 else:
                     fused_lost = True
+            if "gemv" in t and not gemv_lost:
+                if t["gemv"] < mma_best:
+                    gemv_upto = m
+                else:
+                    gemv_lost = True
             if "simt" in t and not simt_lost:
-                if t["simt"] < min(t["mma4"], t["mma8"], t["mma16"]):
+                if t["simt"] < min(mma_best, t.get("gemv", math.inf)):
                     simt_upto = m
                 else:
                     simt_lost = True
             ctx.row(shape=f"{n}x{k}", m=m, **{f"{kk}_us": round(v, 2) for kk, v in t.items()}, best=best)
         best_fused_max[f"{n}x{k}"] = fused_max
+        gemv_max[f"{n}x{k}"] = gemv_upto
         simt_max[f"{n}x{k}"] = simt_upto
     ctx.note(f"crossover: fused wins up to M = {best_fused_max} -> set cuda_ops.FUSED_GEMM_MAX_M = "
              f"{min(best_fused_max.values()) if best_fused_max else 0}")
-    ctx.note(f"simt beats mma up to M = {simt_max} -> set cuda_ops.SIMT_GEMM_MAX_M = "
+    ctx.note(f"gemv beats mma up to M = {gemv_max} -> set cuda_ops.GEMV_MAX_M = "
+             f"{min(gemv_max.values()) if gemv_max else 0}")
+    ctx.note(f"simt beats both up to M = {simt_max} -> set cuda_ops.SIMT_GEMM_MAX_M = "
              f"{min(simt_max.values()) if simt_max else 0}; compare mma4_us/mma8_us/mma16_us for MMA_WARPS")
 
 

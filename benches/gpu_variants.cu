@@ -6,6 +6,12 @@
 //
 // qexp_simt_s{S}_u{U}_m{MAXM}: the SIMT GEMV of cuda/gemm_4bit.cu with S warps per row and U chunks
 // in flight per lane (the shipped kernels use QLORA_SIMT_SPLIT and QLORA_SIMT_DEPTH).
+// qexp_gemv_w{W}_u{U}: the tensor-core GEMV with W warps per block and U super-steps in flight
+// (shipped: kGemvWarps, kGemvDepth).
+//
+// Measured and left out (H200, 2026-12-04): the tensor-core GEMV with x as the A operand (rows 8..15
+// zero, 8 rows of W per warp, 1 to 4 tiles): up to 9% faster at M <= 2 on N = 4096, up to 8% slower
+// on 14336x4096 and at M = 8; either form without the PRMT table offsets: 3-8% slower.
 #include "../cuda/dequant.cu"
 #include "../cuda/gemm_4bit.cu"
 
@@ -22,3 +28,12 @@ QEXP_SIMT(2, 2, 4)
 QEXP_SIMT(4, 1, 4)
 QEXP_SIMT(4, 2, 4)
 QEXP_SIMT(8, 1, 4)
+
+
+#define QEXP_GEMV(W, U) QLORA_GEMM_4BIT_GEMV(qexp_gemv_w##W##_u##U, __nv_bfloat16, W, U)
+
+QEXP_GEMV(4, 1)
+QEXP_GEMV(4, 2)
+QEXP_GEMV(8, 1)
+QEXP_GEMV(8, 2)
+QEXP_GEMV(16, 1)

@@ -148,7 +148,7 @@ def main() -> int:
 
         # ---- small-M GEMM: shipped simt/mma and the GEMV variants, against torch bf16.
         ws = [w.clone() for _ in range(copies_for(nel * 2))]
-        for m in (1, 4):
+        for m in (1, 2, 4, 8):
             x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
             ref = x.double() @ ref_w.double().t()
             budget = ((x @ ref_w.t()).double() - ref).norm().item() / ref.norm().item()
@@ -164,14 +164,18 @@ def main() -> int:
             for warps in (4, 8, 16):
                 variants.append((f"shipped mma/{warps}w", "qlora_gemm_4bit_mma_bf16", (math.ceil(n / 32),), (32 * warps,),
                                  warps * 2048))
-            variants.append(("shipped simt", f"qlora_gemm_4bit_simt_m{1 if m == 1 else 4}_bf16", (math.ceil(n / 8),),
-                             (256,), 0))
+            if m <= 4:
+                variants.append(("shipped simt", f"qlora_gemm_4bit_simt_m{1 if m == 1 else 4}_bf16",
+                                 (math.ceil(n / 8),), (256,), 0))
             for split, u, mm in [(1, 2, 1), (2, 2, 1), (4, 1, 1), (4, 2, 1), (4, 4, 1), (8, 1, 1), (8, 2, 1),
                                  (2, 2, 4), (4, 1, 4), (4, 2, 4), (8, 1, 4)]:
                 if m > mm or (m > 1 and mm == 1):
                     continue
                 variants.append((f"simt s{split} u{u} m{mm}", f"qexp_simt_s{split}_u{u}_m{mm}",
                                  (math.ceil(n / (8 // split)),), (256,), 0))
+            variants.append(("shipped gemv", "qlora_gemm_4bit_gemv_bf16", (math.ceil(n / 16),), (256,), 0))
+            for wp, u in [(4, 1), (4, 2), (8, 1), (8, 2), (16, 1)]:
+                variants.append((f"gemv w{wp} u{u}", f"qexp_gemv_w{wp}_u{u}", (math.ceil(n / 16),), (32 * wp,), 0))
             for name, kname, grid, block, shm in variants:
                 def make(i, kname=kname, grid=grid, block=block, shm=shm):
                     return lambda: kern(kname)(grid, block, gemm_args(i), shared_mem=shm)

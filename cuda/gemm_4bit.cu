@@ -2,14 +2,16 @@
 // bf16/fp16 activations and output, float32 accumulation. The packed weight is read directly
 // (never materialised in 16 bits); each weight is decoded exactly as dequant.cu decodes it.
 //
-// Both kernels need K % 32 == 0 and 16-byte aligned x and packed pointers (the launcher checks;
+// All kernels need K % 32 == 0 and 16-byte aligned x and packed pointers (the launcher checks;
 // other shapes go through dequantize + torch.matmul). Then every 16-byte chunk of a weight row
 // holds 32 elements of one quantization block, also when blocks run across row boundaries.
 //
+//  * qlora_gemm_4bit_gemv_*: tensor cores, M <= 8, W as the mma's A operand (see below): the
+//    kernel for one to eight rows of activations.
 //  * qlora_gemm_4bit_mma_*: tensor cores (mma.sync m16n8k16, sm_80+). A block of `warps` warps owns
 //    32 output columns (4 tiles of 8 rows of W); its warps split K and reduce through shared memory.
-//  * qlora_gemm_4bit_simt_*: plain FMA, M <= 4: a GEMV, a warp per row of W (see below). Faster than
-//    the tensor-core kernel at M = 1 on an H200, slower from M = 2.
+//  * qlora_gemm_4bit_simt_*: plain FMA, M <= 4: a GEMV, a warp per row of W (see below). Slower than
+//    the gemv kernel at every M on an H200; kept as an independent cross-check (kernel="simt").
 #include "device_common.cuh"
 
 namespace qlora {
@@ -183,6 +185,113 @@ __device__ __forceinline__ void gemm_4bit_mma(const T* __restrict__ x, const uin
 }
 
 // ---------------------------------------------------------------------------------------------
+// Tensor-core GEMV (M <= 8): the mma with its operands swapped.
+//
+// A = 16 rows of W, B = x^T (rows of x are the 8 columns of the mma's n8), D = W x^T: no register
+// holds the zero rows that M <= 8 would leave in an A made of x, and each mma covers 256 weights.
+// A warp owns 16 rows of W (n0 + g and n0 + g + 8) and every kGemvWarps-th super-step of K; in a
+// super-step the lane with k-pair index q decodes its own 16-byte chunk c = 4 s + q of both rows
+// (the k order of the mma kernel above) and feeds B from the same 32-element slice of x row g. The
+// kGemvWarps warps of a block work on the same rows; partial sums meet in shared memory in warp
+// order. Table reads take one PRMT each: the 16-entry table sits 256-byte aligned in shared memory,
+// and the byte lanes of (word >> 2) & 0x3c3c3c3c and (word << 2) & 0x3c3c3c3c hold 4 * nibble for
+// the high and low nibbles of the word's bytes, so PRMT(offsets, table address) is the entry's
+// address. About 4 instructions per weight against 8 for the SIMT kernel below (H200, 2026-12-04:
+// 1.1-1.4x the SIMT and tensor-core kernels it replaced at M = 1..8; benches/gpu_variants.py).
+// ---------------------------------------------------------------------------------------------
+
+constexpr int kGemvWarps = 8;  // warps per block (they split K)
+constexpr int kGemvDepth = 2;  // super-steps per warp in flight
+constexpr int kGemvMaxM = 8;
+
+// The table entry whose byte offset is byte k of `offsets`, in the table at shared address `base`
+// (256-byte aligned).
+__device__ __forceinline__ float table_at(uint32_t base, uint32_t offsets, int k) {
+  const uint32_t addr = __byte_perm(offsets, base, 0x7650u + (uint32_t)k);
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(addr));
+  return v;
+}
+
+// Elements 2b and 2b + 1 of a 16-byte chunk (byte b: high nibble first) decoded, scaled by `absmax`
+// and rounded to T exactly as dequantize writes them, as a pair (element 2b in the low half).
+template <typename T>
+__device__ __forceinline__ uint32_t decode_pair(uint32_t base, const uint4& w, int b, float absmax) {
+  const uint32_t word = b < 4 ? w.x : b < 8 ? w.y : b < 12 ? w.z : w.w;
+  const int k = b & 3;
+  return Out<T>::pair(mul_rn(table_at(base, (word >> 2) & 0x3c3c3c3cu, k), absmax),
+                      mul_rn(table_at(base, (word << 2) & 0x3c3c3c3cu, k), absmax));
+}
+
+template <typename T, int W, int U>
+__device__ __forceinline__ void gemm_4bit_gemv(const T* __restrict__ x, const uint8_t* __restrict__ packed,
+                                               Scales scales, int M, int N, int K, int quant_type,
+                                               int blocksize_log2, T* __restrict__ out) {
+  __shared__ __align__(256) float lut[16];
+  __shared__ float partial[W][128];
+  load_code4(lut, quant_type);
+  __syncthreads();
+  const uint32_t base = (uint32_t)__cvta_generic_to_shared(lut);
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int g = lane >> 2;
+  const int q = lane & 3;
+  const int n0 = blockIdx.x * 16;
+  const int kchunks = K >> 5;
+  const int steps = (kchunks + 3) >> 2;
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int s0 = warp; s0 < steps; s0 += W * U) {
+    uint4 w[U][2];
+    float am[U][2];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = 4 * (s0 + W * u) + q;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int n = n0 + g + 8 * h;
+        if (c < kchunks && n < N) {
+          const uint64_t flat = (uint64_t)n * (uint64_t)K + 32u * (uint64_t)c;
+          w[u][h] = load16(packed + (flat >> 1));
+          am[u][h] = block_absmax(scales, flat >> blocksize_log2);
+        } else {
+          w[u][h] = make_uint4(0, 0, 0, 0);
+          am[u][h] = 0.0f;
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = 4 * (s0 + W * u) + q;
+      uint32_t xs[16];
+      load_x_slice(xs, x, g, M, c, kchunks, K);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        // A: rows g (a0, a2) and g + 8 (a1, a3) at elements 4j, 4j + 1 and 4j + 2, 4j + 3 of the chunk.
+        const uint32_t a0 = decode_pair<T>(base, w[u][0], 2 * j, am[u][0]);
+        const uint32_t a1 = decode_pair<T>(base, w[u][1], 2 * j, am[u][1]);
+        const uint32_t a2 = decode_pair<T>(base, w[u][0], 2 * j + 1, am[u][0]);
+        const uint32_t a3 = decode_pair<T>(base, w[u][1], 2 * j + 1, am[u][1]);
+        mma_16816<T>(acc, a0, a1, a2, a3, xs[2 * j], xs[2 * j + 1]);
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 4; ++r) partial[warp][4 * lane + r] = acc[r];
+  __syncthreads();
+  if (threadIdx.x < 128) {
+    const int i = threadIdx.x;
+    float sum = 0.0f;
+#pragma unroll
+    for (int v = 0; v < W; ++v) sum += partial[v][i];
+    const int ln = i >> 2;
+    const int r = i & 3;
+    const int row = (ln >> 2) + 8 * (r >> 1);  // D's c0, c1: row g; c2, c3: row g + 8
+    const int m = 2 * (ln & 3) + (r & 1);      // D's columns 2q, 2q + 1 are rows of x
+    if (m < M && n0 + row < N) out[(size_t)m * N + n0 + row] = Out<T>::one(sum);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // SIMT kernel (M <= 4): a GEMV, rows optionally split along K across warps.
 //
 // A block of kSimtWarps warps owns kSimtWarps / S rows of W; the S warps of a row split its K: the
@@ -277,8 +386,8 @@ __device__ __forceinline__ void gemm_4bit_simt(const T* __restrict__ x, const ui
 
 }  // namespace qlora
 
-// Entry points. mma: blockDim 32 * warps (warps <= 16), gridDim ceil(N / 32), dynamic shared memory
-// warps * 2 KiB. simt: blockDim 32 * kSimtWarps, gridDim ceil(N / (kSimtWarps / S)), no dynamic
+// Entry points. gemv: blockDim 32 * kGemvWarps, gridDim ceil(N / 16). mma: blockDim 32 * warps
+// (warps <= 16), gridDim ceil(N / 32), dynamic shared memory warps * 2 KiB. simt: blockDim 32 * kSimtWarps, gridDim ceil(N / (kSimtWarps / S)), no dynamic
 // shared memory; _m1 for one row of activations, _m4 for 2 to 4.
 #define QLORA_GEMM_4BIT_ARGS(T)                                                                        \
   const T *__restrict__ x, const uint8_t *__restrict__ packed, const void *__restrict__ absmax,       \
@@ -289,6 +398,12 @@ __device__ __forceinline__ void gemm_4bit_simt(const T* __restrict__ x, const ui
   extern "C" __global__ void __launch_bounds__(512) NAME(QLORA_GEMM_4BIT_ARGS(T)) {                  \
     qlora::Scales s{absmax, nested_absmax, nested_code, offset, nested};                            \
     qlora::gemm_4bit_mma<T>(x, packed, s, M, N, K, quant_type, blocksize_log2, out);                \
+  }
+
+#define QLORA_GEMM_4BIT_GEMV(NAME, T, W, U)                                                           \
+  extern "C" __global__ void __launch_bounds__(32 * W) NAME(QLORA_GEMM_4BIT_ARGS(T)) {               \
+    qlora::Scales s{absmax, nested_absmax, nested_code, offset, nested};                            \
+    qlora::gemm_4bit_gemv<T, W, U>(x, packed, s, M, N, K, quant_type, blocksize_log2, out);         \
   }
 
 #define QLORA_GEMM_4BIT_SIMT(NAME, T, S, U, MAXM)                                                     \
@@ -302,6 +417,8 @@ __device__ __forceinline__ void gemm_4bit_simt(const T* __restrict__ x, const ui
 #define QLORA_SIMT_SPLIT 1
 #define QLORA_SIMT_DEPTH 2
 
+QLORA_GEMM_4BIT_GEMV(qlora_gemm_4bit_gemv_bf16, __nv_bfloat16, qlora::kGemvWarps, qlora::kGemvDepth)
+QLORA_GEMM_4BIT_GEMV(qlora_gemm_4bit_gemv_f16, __half, qlora::kGemvWarps, qlora::kGemvDepth)
 QLORA_GEMM_4BIT_MMA(qlora_gemm_4bit_mma_bf16, __nv_bfloat16)
 QLORA_GEMM_4BIT_MMA(qlora_gemm_4bit_mma_f16, __half)
 QLORA_GEMM_4BIT_SIMT(qlora_gemm_4bit_simt_m1_bf16, __nv_bfloat16, QLORA_SIMT_SPLIT, QLORA_SIMT_DEPTH, 1)

@@ -93,8 +93,11 @@ def test_cpu_tensors_are_refused_by_name():
 
 def test_kernel_choice():
     bf16, f16, f32 = torch.bfloat16, torch.float16, torch.float32
-    assert cuda_ops.choose_gemm_kernel(1, 4096, bf16) in ("mma", "simt")
-    assert cuda_ops.choose_gemm_kernel(cuda_ops.FUSED_GEMM_MAX_M, 4096, f16) in ("mma", "simt")
+    assert cuda_ops.choose_gemm_kernel(1, 4096, bf16) == "gemv"
+    assert cuda_ops.choose_gemm_kernel(cuda_ops.GEMV_MAX_M, 4096, f16) == "gemv"
+    assert cuda_ops.choose_gemm_kernel(cuda_ops.GEMV_MAX_M + 1, 4096, bf16) == "mma"
+    assert cuda_ops.choose_gemm_kernel(cuda_ops.FUSED_GEMM_MAX_M, 4096, f16) == "mma"
+    assert cuda_ops.GEMV_MAX_M <= _lib.CUDA_GEMV_MAX_M
     assert cuda_ops.choose_gemm_kernel(cuda_ops.FUSED_GEMM_MAX_M + 1, 4096, bf16) == "dequant"
     assert cuda_ops.choose_gemm_kernel(1, 4096, f32) == "dequant"
     assert cuda_ops.choose_gemm_kernel(1, 4100, bf16) == "dequant"  # K not a multiple of 32
@@ -114,6 +117,8 @@ def test_rust_launch_checks_run_before_any_driver_call():
         _lib.cuda_gemm_4bit(m=17, **common)
     with pytest.raises(InvalidArgumentError, match="1 to 4 rows"):
         _lib.cuda_gemm_4bit(m=5, kernel="simt", **common)
+    with pytest.raises(InvalidArgumentError, match="1 to 8 rows"):
+        _lib.cuda_gemm_4bit(m=9, kernel="gemv", **common)
     with pytest.raises(InvalidArgumentError, match="multiple of 32"):
         _lib.cuda_gemm_4bit(m=1, **{**common, "k": 40})
     with pytest.raises(InvalidArgumentError, match="16-byte aligned"):
@@ -167,7 +172,7 @@ def test_the_kernel_variants_file_compiles(tmp_path):
     r = subprocess.run([nvcc, "-arch=sm_90", "-O3", "-cubin", "-o", str(out), str(src)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     names = out.read_bytes()
-    for kernel in (b"qexp_simt_s1_u2_m1", b"qlora_gemm_4bit_simt_m1_bf16", b"qlora_dequantize_4bit_bf16"):
+    for kernel in (b"qexp_gemv_w8_u2", b"qexp_simt_s1_u2_m1", b"qlora_gemm_4bit_gemv_bf16", b"qlora_dequantize_4bit_bf16"):
         assert kernel in names
 
 
@@ -247,14 +252,14 @@ def reference_error(x, w, got):
 
 @pytest.mark.gpu
 @NEEDS_KERNELS
-@pytest.mark.parametrize("kernel", ["mma", "simt", "auto", "dequant"])
+@pytest.mark.parametrize("kernel", ["gemv", "mma", "simt", "auto", "dequant"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,k,blocksize", [(256, 512, 64), (33, 96, 64), (1000, 4128, 128), (17, 64, 32)])
 def test_gemm_matches_a_float64_reference(kernel, dtype, n, k, blocksize):
     packed, state = quantized((n, k), "nf4", blocksize, True, dtype=dtype, seed=n + k)
     args = cuda_args(packed, state)
     w = cuda_ops.dequantize_4bit_cuda(*args, dtype)
-    ms = [1, 3, 4] if kernel == "simt" else [1, 2, 5, 8, 9, 16]
+    ms = {"simt": [1, 3, 4], "gemv": [1, 2, 5, 7, 8]}.get(kernel, [1, 2, 5, 8, 9, 16])
     for m in ms:
         x = torch.randn(m, k, device="cuda").to(dtype)
         for warps in (None, 1, 16) if kernel == "mma" else (None,):
@@ -262,6 +267,26 @@ def test_gemm_matches_a_float64_reference(kernel, dtype, n, k, blocksize):
             assert got.shape == (m, n) and got.dtype == dtype
             err, budget = reference_error(x, w, got)
             assert err <= 2 * budget + 1e-6, (kernel, warps, m, n, k, err, budget)
+
+
+@pytest.mark.gpu
+@NEEDS_KERNELS
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_gemv_every_table_and_scale_form(quant_type, double_quant):
+    """The tensor-core GEMV reads its table through PRMT-built addresses: every type's table, plain
+    and double-quantized scales, a block size of 128 and rows that do not fill the last 16-row tile;
+    output poisoned with NaN first by a previous product of another size."""
+    for n, k, blocksize in [(40, 256, 64), (24, 384, 128)]:
+        packed, state = quantized((n, k), quant_type, blocksize, double_quant, seed=n + k)
+        args = cuda_args(packed, state)
+        w = cuda_ops.dequantize_4bit_cuda(*args, torch.bfloat16)
+        for m in (1, 8):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            got = cuda_ops.gemm_4bit_cuda(x, *args, kernel="gemv")
+            assert torch.isfinite(got).all()
+            err, budget = reference_error(x, w, got)
+            assert err <= 2 * budget + 1e-6, (quant_type, double_quant, n, k, m, err, budget)
 
 
 @pytest.mark.gpu

@@ -21,6 +21,7 @@ CUDA_KERNELS_COMPILED: Final[bool]
 CUDA_HOW_TO_BUILD: Final[str]
 CUDA_FUSED_GEMM_MAX_M: Final[int]
 CUDA_SIMT_GEMM_MAX_M: Final[int]
+CUDA_GEMV_MAX_M: Final[int]
 
 _Path = str | PathLike[str]
 # A tensor passed through DLPack: an object with `__dlpack__`, or a "dltensor" capsule.

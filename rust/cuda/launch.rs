@@ -19,6 +19,8 @@ const KERNEL_NAMES: &[&str] = &[
     "qlora_dequantize_4bit_f32",
     "qlora_dequantize_4bit_f16",
     "qlora_dequantize_4bit_bf16",
+    "qlora_gemm_4bit_gemv_bf16",
+    "qlora_gemm_4bit_gemv_f16",
     "qlora_gemm_4bit_mma_bf16",
     "qlora_gemm_4bit_mma_f16",
     "qlora_gemm_4bit_simt_m1_bf16",
@@ -37,7 +39,11 @@ const MMA_COLUMNS: usize = 32;
 /// which split K), so a block owns SIMT_WARPS / SIMT_SPLIT columns.
 const SIMT_WARPS: u32 = 8;
 const SIMT_SPLIT: usize = 1;
+/// Rows of W per block of the tensor-core GEMV, and its threads (`kGemvWarps` warps).
+const GEMV_ROWS: usize = 16;
+const GEMV_THREADS: u32 = 256;
 /// Largest M each fused kernel supports.
+pub const GEMV_MAX_M: usize = 8;
 pub const MMA_MAX_M: usize = 16;
 pub const SIMT_MAX_M: usize = 4;
 
@@ -142,6 +148,8 @@ impl Dequantize4bit {
 /// Which fused GEMM kernel to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GemmKernel {
+    /// Tensor cores with W as the A operand, M <= 8.
+    Gemv,
     /// Tensor cores, M <= 16; `warps` (1, 2, 4, 8 or 16) split K inside a block.
     Mma { warps: u32 },
     /// Plain FMA, M <= 4.
@@ -151,9 +159,12 @@ pub enum GemmKernel {
 impl GemmKernel {
     pub fn parse(name: &str, warps: u32) -> Result<Self> {
         match name {
+            "gemv" => Ok(GemmKernel::Gemv),
             "mma" => Ok(GemmKernel::Mma { warps }),
             "simt" => Ok(GemmKernel::Simt),
-            _ => Err(Error::unsupported(format!("unknown 4-bit GEMM kernel {name:?}: expected \"mma\" or \"simt\""))),
+            _ => Err(Error::unsupported(format!(
+                "unknown 4-bit GEMM kernel {name:?}: expected \"gemv\", \"mma\" or \"simt\""
+            ))),
         }
     }
 }
@@ -186,6 +197,7 @@ impl Gemm4bit {
                 )),
             };
         let max_m = match self.kernel {
+            GemmKernel::Gemv => GEMV_MAX_M,
             GemmKernel::Mma { .. } => MMA_MAX_M,
             GemmKernel::Simt => SIMT_MAX_M,
         };
@@ -214,6 +226,13 @@ impl Gemm4bit {
         }
         self.scales.check()?;
         Ok(match self.kernel {
+            GemmKernel::Gemv => Launch {
+                kernel: if suffix == "bf16" { "qlora_gemm_4bit_gemv_bf16" } else { "qlora_gemm_4bit_gemv_f16" },
+                grid: grid_of(self.n.div_ceil(GEMV_ROWS) as u64, "gemm_4bit")?,
+                block: GEMV_THREADS,
+                shared_bytes: 0,
+                vectorized: true,
+            },
             GemmKernel::Mma { warps } => {
                 if !matches!(warps, 1 | 2 | 4 | 8 | 16) {
                     return Err(Error::unsupported(format!("mma GEMM warps must be 1, 2, 4, 8 or 16, got {warps}")));
@@ -500,6 +519,9 @@ mod tests {
 
     #[test]
     fn gemm_geometry_and_checks() {
+        let l = gemm(8, 4097, 4096, GemmKernel::Gemv).plan().unwrap();
+        assert_eq!((l.kernel, l.grid, l.block, l.shared_bytes), ("qlora_gemm_4bit_gemv_bf16", 257, 256, 0));
+        assert!(gemm(9, 64, 64, GemmKernel::Gemv).plan().unwrap_err().to_string().contains("1 to 8 rows"));
         let l = gemm(1, 4096, 4096, GemmKernel::Mma { warps: 8 }).plan().unwrap();
         assert_eq!((l.kernel, l.grid, l.block, l.shared_bytes), ("qlora_gemm_4bit_mma_bf16", 128, 256, 16384));
         let l = gemm(16, 33, 4096, GemmKernel::Mma { warps: 16 }).plan().unwrap();
@@ -521,7 +543,8 @@ mod tests {
         let mut g = gemm(1, 64, 64, GemmKernel::Simt);
         g.dtype = DType::F32;
         assert!(err(g).contains("float32"));
-        assert!(GemmKernel::parse("wmma", 8).unwrap_err().to_string().contains("\"mma\" or \"simt\""));
+        assert!(GemmKernel::parse("wmma", 8).unwrap_err().to_string().contains("\"gemv\", \"mma\" or \"simt\""));
+        assert_eq!(GemmKernel::parse("gemv", 8).unwrap(), GemmKernel::Gemv);
     }
 
     #[test]

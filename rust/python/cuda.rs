@@ -63,7 +63,8 @@ fn cuda_dequantize_4bit(
 }
 
 /// Fused out[m, n] = x[m, k] @ dequant(W[n, k])^T on CUDA device `device`, on stream `stream`.
-/// `kernel` is "mma" (tensor cores, m <= 16, `warps` (1..16, powers of two) split K) or "simt" (m <= 4).
+/// `kernel` is "gemv" (tensor cores, m <= 8), "mma" (tensor cores, m <= 16, `warps` (1..16, powers of
+/// two) split K) or "simt" (m <= 4).
 #[pyfunction]
 #[pyo3(signature = (device, stream, x_ptr, m, n, k, dtype, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, quant_type, blocksize, out_ptr, kernel="mma", warps=8))]
 #[allow(clippy::too_many_arguments)]
@@ -128,5 +129,6 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("CUDA_HOW_TO_BUILD", cuda::HOW_TO_BUILD)?;
     m.add("CUDA_FUSED_GEMM_MAX_M", cuda::launch::MMA_MAX_M)?;
     m.add("CUDA_SIMT_GEMM_MAX_M", cuda::launch::SIMT_MAX_M)?;
+    m.add("CUDA_GEMV_MAX_M", cuda::launch::GEMV_MAX_M)?;
     Ok(())
 }

@@ -7,8 +7,9 @@ picks the kernel:
 
 - ``dequantize_4bit``: one kernel, bit-exact with the Rust core's CPU decode.
 - ``gemm_4bit`` (``y = x @ dequant(W).T``): for small batches (``M <= FUSED_GEMM_MAX_M`` rows of
-  bf16/fp16 activations, ``K % 32 == 0``) a fused kernel that reads the packed weight directly;
-  otherwise dequantize + ``torch.matmul`` (cuBLAS). The backward (grad wrt x) is the op's
+  bf16/fp16 activations, ``K % 32 == 0``) a fused kernel that reads the packed weight directly (the
+  tensor-core GEMV up to ``GEMV_MAX_M`` rows, the tensor-core GEMM above); otherwise dequantize +
+  ``torch.matmul`` (cuBLAS). The backward (grad wrt x) is the op's
   registered autograd formula: dequantize + matmul.
 
 Without compiled kernels (``qlora_rs.build_info()["cuda_kernels"]`` is False) nothing is
@@ -39,10 +40,15 @@ KERNELS_COMPILED: bool = bool(_lib.CUDA_KERNELS_COMPILED)
 #: (it prints "crossover"); set this from its table.
 FUSED_GEMM_MAX_M: int = 16
 
-#: M up to which the SIMT (plain FMA) kernel is used instead of the tensor-core kernel; 0 uses the
-#: tensor-core kernel for every M. Set from benches/gpu_check.py's crossover table (H200, 2026-12-04:
-#: the SIMT GEMV wins at M = 1 on all three shapes, the tensor cores from M = 2).
-SIMT_GEMM_MAX_M: int = 1
+#: M up to which the tensor-core GEMV (W as the mma's A operand; the kernel supports up to 8) is
+#: used; above it the tensor-core GEMM. On an H200 (2026-12-04) the GEMV was the fastest fused
+#: kernel at every M from 1 to 8 on 4096x4096, 4096x14336 and 14336x4096 (benches/gpu_check.py's
+#: crossover table and benches/gpu_variants.py).
+GEMV_MAX_M: int = 8
+
+#: M up to which the SIMT (plain FMA) kernel is used ahead of the tensor-core kernels; 0 (the
+#: default) never: it was slower than the GEMV at every M on an H200. Kept as a cross-check.
+SIMT_GEMM_MAX_M: int = 0
 
 #: Warps per block of the tensor-core kernel (they split K): 1, 2, 4, 8 or 16, or 0 to choose by
 #: size (16 when the N / 32 blocks would not fill every multiprocessor twice, else 4: on an H200,
@@ -50,7 +56,7 @@ SIMT_GEMM_MAX_M: int = 1
 #: gpu_check.py times 4, 8 and 16 (columns mma4/mma8/mma16 of its crossover table).
 MMA_WARPS: int = 0
 
-_GEMM_KERNELS = ("auto", "mma", "simt", "dequant")
+_GEMM_KERNELS = ("auto", "gemv", "mma", "simt", "dequant")
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -166,10 +172,13 @@ def dequantize_4bit_cuda(
 
 def choose_gemm_kernel(m: int, k: int, dtype: torch.dtype) -> str:
     """The kernel ``gemm_4bit_cuda(kernel="auto")`` uses for ``m`` rows of ``dtype`` activations
-    and reduction size ``k``: ``"mma"``, ``"simt"`` or ``"dequant"`` (dequantize + torch.matmul)."""
+    and reduction size ``k``: ``"gemv"``, ``"mma"``, ``"simt"`` or ``"dequant"`` (dequantize +
+    torch.matmul)."""
     if dtype not in (torch.bfloat16, torch.float16) or k % 32 != 0 or not 1 <= m <= FUSED_GEMM_MAX_M:
         return "dequant"
-    return "simt" if m <= min(SIMT_GEMM_MAX_M, _lib.CUDA_SIMT_GEMM_MAX_M) else "mma"
+    if m <= min(SIMT_GEMM_MAX_M, _lib.CUDA_SIMT_GEMM_MAX_M):
+        return "simt"
+    return "gemv" if m <= min(GEMV_MAX_M, _lib.CUDA_GEMV_MAX_M) else "mma"
 
 
 def gemm_4bit_cuda(
@@ -188,7 +197,8 @@ def gemm_4bit_cuda(
 ) -> torch.Tensor:
     """``x @ dequant(W).T`` in ``x.dtype`` on the CUDA device, W of ``shape`` [out, in] (arguments
     as ``torch.ops.qlora_rs.gemm_4bit``). ``kernel``: ``"auto"`` (by :func:`choose_gemm_kernel`),
-    ``"mma"``, ``"simt"`` or ``"dequant"``; ``warps`` overrides :data:`MMA_WARPS` for ``"mma"``."""
+    ``"gemv"``, ``"mma"``, ``"simt"`` or ``"dequant"``; ``warps`` overrides :data:`MMA_WARPS` for
+    ``"mma"``."""
     where = "qlora_rs::gemm_4bit (CUDA)"
     require_kernels()
     if kernel not in _GEMM_KERNELS:
@@ -272,6 +282,7 @@ register()
 __all__ = [
     "KERNELS_COMPILED",
     "FUSED_GEMM_MAX_M",
+    "GEMV_MAX_M",
     "SIMT_GEMM_MAX_M",
     "MMA_WARPS",
     "kernels_available",
