@@ -200,9 +200,9 @@ __device__ __forceinline__ void gemm_4bit_mma(const T* __restrict__ x, const uin
 // 1.1-1.4x the SIMT and tensor-core kernels it replaced at M = 1..8; benches/gpu_variants.py).
 // ---------------------------------------------------------------------------------------------
 
+// M <= 8 is the mma's n (GEMV_MAX_M in rust/cuda/launch.rs); the launch geometry there follows these.
 constexpr int kGemvWarps = 8;  // warps per block (they split K)
 constexpr int kGemvDepth = 2;  // super-steps per warp in flight
-constexpr int kGemvMaxM = 8;
 
 // The table entry whose byte offset is byte k of `offsets`, in the table at shared address `base`
 // (256-byte aligned).
