@@ -88,7 +88,14 @@ def main() -> int:
     a = ap.parse_args()
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    import cupy as cp
+    if not torch.cuda.is_available():
+        print("gpu_variants: no CUDA device: nothing to time")
+        return 2
+    try:
+        import cupy as cp
+    except ImportError as e:
+        print(f"gpu_variants: needs CuPy (the GPU image has it): {e}")
+        return 2
 
     from qlora_rs.core import cuda_ops as co
 
