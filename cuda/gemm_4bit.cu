@@ -71,6 +71,14 @@ __device__ __forceinline__ void mma_16816<__half>(float (&c)[4], uint32_t a0, ui
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// Elements 2b and 2b + 1 of the byte `byte` (high nibble first) through the 16-entry table `lut`,
+// scaled by `absmax` and rounded to T exactly as dequantize writes them, as a pair (the high
+// nibble's value in the low half).
+template <typename T>
+__device__ __forceinline__ uint32_t scaled_pair(const float* lut, uint32_t byte, float absmax) {
+  return Out<T>::pair(mul_rn(lut[byte >> 4], absmax), mul_rn(lut[byte & 15u], absmax));
+}
+
 struct WeightFrag {
   uint4 w[kMmaTiles];
   float absmax[kMmaTiles];
@@ -157,8 +165,8 @@ __device__ __forceinline__ void gemm_4bit_mma(const T* __restrict__ x, const uin
         // Byte 2j holds elements 4j (high nibble) and 4j+1; byte 2j+1 holds 4j+2 and 4j+3.
         const uint32_t p0 = byte_of(cur.w[t], 2 * j);
         const uint32_t p1 = byte_of(cur.w[t], 2 * j + 1);
-        const uint32_t b0 = Out<T>::pair(mul_rn(lut[p0 >> 4], am), mul_rn(lut[p0 & 15u], am));
-        const uint32_t b1 = Out<T>::pair(mul_rn(lut[p1 >> 4], am), mul_rn(lut[p1 & 15u], am));
+        const uint32_t b0 = scaled_pair<T>(lut, p0, am);
+        const uint32_t b1 = scaled_pair<T>(lut, p1, am);
         mma_16816<T>(acc[t], xa[2 * j], xb[2 * j], xa[2 * j + 1], xb[2 * j + 1], b0, b1);
       }
     }
@@ -350,7 +358,7 @@ __device__ __forceinline__ void gemm_4bit_simt(const T* __restrict__ x, const ui
 #pragma unroll
           for (int j = 0; j < 16; ++j) {
             const uint32_t b = byte_of(w[u], j);
-            const float2 f = unpack2<T>(Out<T>::pair(mul_rn(lut[b >> 4], am[u]), mul_rn(lut[b & 15u], am[u])));
+            const float2 f = unpack2<T>(scaled_pair<T>(lut, b, am[u]));
 #pragma unroll
             for (int m = 0; m < MAXM; ++m) {
               const float2 xv = unpack2<T>(xs[m][j]);
@@ -387,8 +395,9 @@ __device__ __forceinline__ void gemm_4bit_simt(const T* __restrict__ x, const ui
 }  // namespace qlora
 
 // Entry points. gemv: blockDim 32 * kGemvWarps, gridDim ceil(N / 16). mma: blockDim 32 * warps
-// (warps <= 16), gridDim ceil(N / 32), dynamic shared memory warps * 2 KiB. simt: blockDim 32 * kSimtWarps, gridDim ceil(N / (kSimtWarps / S)), no dynamic
-// shared memory; _m1 for one row of activations, _m4 for 2 to 4.
+// (warps <= 16), gridDim ceil(N / 32), dynamic shared memory warps * 2 KiB. simt: blockDim
+// 32 * kSimtWarps, gridDim ceil(N / (kSimtWarps / S)), no dynamic shared memory; _m1 for one row of
+// activations, _m4 for 2 to 4.
 #define QLORA_GEMM_4BIT_ARGS(T)                                                                        \
   const T *__restrict__ x, const uint8_t *__restrict__ packed, const void *__restrict__ absmax,       \
       const float *__restrict__ nested_absmax, const float *__restrict__ nested_code, float offset,   \
