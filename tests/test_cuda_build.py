@@ -38,6 +38,25 @@ def test_fatbin_holds_machine_code_for_every_target_and_ptx_for_the_newest():
     assert targets == DEFAULT_TARGETS
 
 
+def test_the_kernel_variants_file_compiles(tmp_path):
+    """benches/gpu_variants.cu (timed on a lent GPU, not in the fatbin) instantiates the shipped
+    kernels' templates: a change to cuda/ that breaks it must fail here, where nvcc is."""
+    import shutil
+    import subprocess
+
+    local = ROOT / ".tools/cuda13/nvidia/cu13/bin/nvcc"
+    nvcc = os.environ.get("NVCC") or (str(local) if local.is_file() else shutil.which("nvcc"))
+    if not nvcc:
+        pytest.skip("no nvcc (scripts/bootstrap.sh installs one)")
+    out = tmp_path / "variants.cubin"
+    r = subprocess.run([nvcc, "-arch=sm_90", "-O3", "-cubin", "-o", str(out), str(ROOT / "benches/gpu_variants.cu")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    names = out.read_bytes()
+    for kernel in (b"qexp_gemv_w8_u2", b"qexp_simt_s1_u2_m1", b"qlora_gemm_4bit_gemv_bf16", b"qlora_dequantize_4bit_bf16"):
+        assert kernel in names
+
+
 def test_project_nvcc_means_kernels_are_built():
     # CI installs nvcc into .tools/cuda13 (scripts/bootstrap.sh); a build there must include the
     # kernels, so a kernel that does not compile can never land silently.

@@ -6,8 +6,6 @@ Rust core's CPU decode (bit for bit) and with a float64 matmul reference."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -147,35 +145,6 @@ def _define_test_ops():
     )
 
 
-def _nvcc():
-    """The nvcc the build script would find first among the project-local toolkit and PATH."""
-    import glob
-    import shutil
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    found = sorted(glob.glob(str(root / ".tools" / "*" / "nvidia" / "cu13" / "bin" / "nvcc")))
-    return os.environ.get("NVCC") or (found[0] if found else None) or shutil.which("nvcc")
-
-
-def test_the_kernel_variants_file_compiles(tmp_path):
-    """benches/gpu_variants.cu (timed on a lent GPU, not in the fatbin) instantiates the shipped
-    kernels' templates: a change to cuda/ that breaks it must fail here, where nvcc is."""
-    import subprocess
-    from pathlib import Path
-
-    nvcc = _nvcc()
-    if not nvcc:
-        pytest.skip("no nvcc (scripts/bootstrap.sh installs one)")
-    src = Path(__file__).resolve().parent.parent / "benches" / "gpu_variants.cu"
-    out = tmp_path / "variants.cubin"
-    r = subprocess.run([nvcc, "-arch=sm_90", "-O3", "-cubin", "-o", str(out), str(src)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
-    names = out.read_bytes()
-    for kernel in (b"qexp_gemv_w8_u2", b"qexp_simt_s1_u2_m1", b"qlora_gemm_4bit_gemv_bf16", b"qlora_dequantize_4bit_bf16"):
-        assert kernel in names
-
-
 def test_registration_behind_the_op_schemas():
     assert not cuda_ops.register("qlora_rs_no_such_namespace")
     _define_test_ops()
@@ -276,7 +245,7 @@ def test_gemm_matches_a_float64_reference(kernel, dtype, n, k, blocksize):
 def test_gemv_every_table_and_scale_form(quant_type, double_quant):
     """The tensor-core GEMV reads its table through PRMT-built addresses: every type's table, plain
     and double-quantized scales, a block size of 128 and rows that do not fill the last 16-row tile;
-    output poisoned with NaN first by a previous product of another size."""
+    every output finite (an element left unwritten holds whatever the allocator gave)."""
     for n, k, blocksize in [(40, 256, 64), (24, 384, 128)]:
         packed, state = quantized((n, k), quant_type, blocksize, double_quant, seed=n + k)
         args = cuda_args(packed, state)
