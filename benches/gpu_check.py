@@ -280,8 +280,8 @@ def check_gemm_accuracy(ctx: Ctx) -> None:
             w = torch.randn(n, k, generator=g).to(dtype)
             _, _, args = quantize_gpu(w, "nf4", bs, True)
             wd = co.dequantize_4bit_cuda(*args, dtype)
-            for kernel, warps in (("gemv", None), ("mma", None), ("mma", 1), ("mma", 16), ("simt", None), ("auto", None),
-                                  ("dequant", None)):
+            for kernel, warps in (("gemv", None), ("gemv", 8), ("gemv", 16), ("gemv", 32), ("mma", None), ("mma", 1),
+                                  ("mma", 16), ("simt", None), ("auto", None), ("dequant", None)):
                 worst, bad = None, []
                 ms = {"simt": [1, 3, 4], "gemv": [1, 2, 5, 8], "mma": [1, 2, 5, 8, 9, 16]}.get(kernel, [1, 5, 16, 17, 64])
                 for m in ms:
@@ -424,7 +424,8 @@ def check_speed_gemm(ctx: Ctx) -> None:
 
 
 def check_crossover(ctx: Ctx) -> None:
-    """Fused kernels (gemv, mma with 4, 8 and 16 warps, simt) vs dequantize + torch.matmul over M:
+    """Fused kernels (gemv, also with 8, 16 and 32 warps at M = 1 and 8; mma with 4, 8 and 16 warps;
+    simt) vs dequantize + torch.matmul over M:
     the largest M where fused wins is the value for cuda_ops.FUSED_GEMM_MAX_M; the M up to which
     gemv beats mma, for GEMV_MAX_M; the M up to which simt beats both, for SIMT_GEMM_MAX_M."""
     co = cuda_ops()
@@ -442,6 +443,10 @@ def check_crossover(ctx: Ctx) -> None:
             t["dequant"], _ = ctx.time_calls([lambda a=a: co.gemm_4bit_cuda(x, *a, kernel="dequant") for a in sets], calls=20)
             if m <= 8:
                 t["gemv"], _ = ctx.time_calls([lambda a=a: co.gemm_4bit_cuda(x, *a, kernel="gemv") for a in sets])
+            if m in (1, 8):  # each warp count the GEMV chooses from (shown; "gemv" is the automatic choice)
+                for warps in (8, 16, 32):
+                    t[f"gemv{warps}"], _ = ctx.time_calls(
+                        [lambda a=a, wp=warps: co.gemm_4bit_cuda(x, *a, kernel="gemv", warps=wp) for a in sets])
             if m <= 16:
                 for warps in (4, 8, 16):
                     t[f"mma{warps}"], _ = ctx.time_calls(

@@ -4,36 +4,24 @@
 //
 //   nvcc -arch=sm_90 -O3 -cubin -o .gpuexp/variants.cubin benches/gpu_variants.cu
 //
-// qexp_simt_s{S}_u{U}_m{MAXM}: the SIMT GEMV of cuda/gemm_4bit.cu with S warps per row and U chunks
-// in flight per lane (the shipped kernels use QLORA_SIMT_SPLIT and QLORA_SIMT_DEPTH).
-// qexp_gemv_w{W}_u{U}: the tensor-core GEMV with W warps per block and U super-steps in flight
-// (shipped: kGemvWarps, kGemvDepth).
+// qexp_gemv_w{W}_u{U}: the tensor-core GEMV with W warps per block and U super-steps in flight, the
+// neighbours of the shipped instances (qlora_gemm_4bit_gemv_w8 / _w16 / _w32: U = 2, 1, 1).
 //
-// Measured and left out (H200, 2026-12-04): the tensor-core GEMV with x as the A operand (rows 8..15
-// zero, 8 rows of W per warp, 1 to 4 tiles): up to 9% faster at M <= 2 on N = 4096, up to 8% slower
-// on 14336x4096 and at M = 8; either form without the PRMT table offsets: 3-8% slower.
+// Measured and left out (H200, 2026-12-04):
+// - the tensor-core GEMV with x as the A operand (rows 8..15 zero, 8 rows of W per warp, 1 to 4
+//   tiles): up to 9% faster at M <= 2 on N = 4096, up to 8% slower on 14336x4096 and at M = 8;
+//   either form without the PRMT table offsets: 3-8% slower;
+// - the SIMT GEMV with a row split over S = 2..8 warps, U = 1..4 chunks in flight: no gain over S = 1;
+// - the GEMV with K split over 2 to 8 blocks as well (partial sums to global memory, the last block
+//   of a row group adding them in split order): slower than the best unsplit warp count on every
+//   shape, N = 1024 to 14336 (N = 1024, M = 1: 6.0 us at best against 5.6 for 32 warps; N = 4096:
+//   10.3 against 8.8; N = 14336: 21.8 against 21.8 with one split, 25.6 and more with two or more).
 #include "../cuda/dequant.cu"
 #include "../cuda/gemm_4bit.cu"
 
-#define QEXP_SIMT(S, U, MAXM) QLORA_GEMM_4BIT_SIMT(qexp_simt_s##S##_u##U##_m##MAXM, __nv_bfloat16, S, U, MAXM)
-
-QEXP_SIMT(1, 2, 1)
-QEXP_SIMT(2, 2, 1)
-QEXP_SIMT(4, 1, 1)
-QEXP_SIMT(4, 2, 1)
-QEXP_SIMT(4, 4, 1)
-QEXP_SIMT(8, 1, 1)
-QEXP_SIMT(8, 2, 1)
-QEXP_SIMT(2, 2, 4)
-QEXP_SIMT(4, 1, 4)
-QEXP_SIMT(4, 2, 4)
-QEXP_SIMT(8, 1, 4)
-
-
 #define QEXP_GEMV(W, U) QLORA_GEMM_4BIT_GEMV(qexp_gemv_w##W##_u##U, __nv_bfloat16, W, U)
 
-QEXP_GEMV(4, 1)
 QEXP_GEMV(4, 2)
 QEXP_GEMV(8, 1)
-QEXP_GEMV(8, 2)
-QEXP_GEMV(16, 1)
+QEXP_GEMV(16, 2)
+QEXP_GEMV(32, 2)

@@ -28,6 +28,10 @@ import gpu_check  # noqa: E402  (benches/gpu_check.py: the same timing and shape
 from gpu_check import SHAPES, copies_for  # noqa: E402
 
 
+#: More weight shapes [out, in]: grouped-query key/value projections (Llama 3 8B), and a wider one.
+EXTRA_SHAPES = [(1024, 4096), (8192, 4096)]
+
+
 def p(t: torch.Tensor) -> np.uint64:
     return np.uint64(t.data_ptr())
 
@@ -118,7 +122,7 @@ def main() -> int:
         print(json.dumps(r), flush=True)
         (out_dir / "variants.json").write_text(json.dumps(rows, indent=1))
 
-    for n, k in SHAPES:
+    for n, k in SHAPES + EXTRA_SHAPES:
         w = torch.randn(n, k, device="cuda").to(torch.bfloat16)
         q = quantized(w)
         packed, absmax, nabs, ncode, offset = q
@@ -153,9 +157,9 @@ def main() -> int:
                  gbps=round(moved / us / 1e3, 1), vs_copy=round(copy_us / us, 3), copy_gbps=round(moved / copy_us / 1e3, 1))
         del outs, pairs
 
-        # ---- small-M GEMM: shipped simt/mma and the GEMV variants, against torch bf16.
+        # ---- small-M GEMM: the shipped mma and GEMV instances and the GEMV variants, against torch bf16.
         ws = [w.clone() for _ in range(copies_for(nel * 2))]
-        for m in (1, 2, 4, 8):
+        for m in (1, 4, 8):
             x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
             ref = x.double() @ ref_w.double().t()
             budget = ((x @ ref_w.t()).double() - ref).norm().item() / ref.norm().item()
@@ -167,22 +171,12 @@ def main() -> int:
                 return (p(x), p(s[0]), p(s[1]), p(s[2]), p(s[3]), np.float32(offset), np.int32(1), np.int32(m),
                         np.int32(n), np.int32(k), np.int32(0), np.int32(6), p(y[i]))
 
-            variants = []
-            for warps in (4, 8, 16):
-                variants.append((f"shipped mma/{warps}w", "qlora_gemm_4bit_mma_bf16", (math.ceil(n / 32),), (32 * warps,),
-                                 warps * 2048))
-            if m <= 4:
-                variants.append(("shipped simt", f"qlora_gemm_4bit_simt_m{1 if m == 1 else 4}_bf16",
-                                 (math.ceil(n / 8),), (256,), 0))
-            for split, u, mm in [(1, 2, 1), (2, 2, 1), (4, 1, 1), (4, 2, 1), (4, 4, 1), (8, 1, 1), (8, 2, 1),
-                                 (2, 2, 4), (4, 1, 4), (4, 2, 4), (8, 1, 4)]:
-                if m > mm or (m > 1 and mm == 1):
-                    continue
-                variants.append((f"simt s{split} u{u} m{mm}", f"qexp_simt_s{split}_u{u}_m{mm}",
-                                 (math.ceil(n / (8 // split)),), (256,), 0))
-            variants.append(("shipped gemv", "qlora_gemm_4bit_gemv_bf16", (math.ceil(n / 16),), (256,), 0))
-            for wp, u in [(4, 1), (4, 2), (8, 1), (8, 2), (16, 1)]:
-                variants.append((f"gemv w{wp} u{u}", f"qexp_gemv_w{wp}_u{u}", (math.ceil(n / 16),), (32 * wp,), 0))
+            groups = math.ceil(n / 16)
+            variants = [("shipped mma/4w", "qlora_gemm_4bit_mma_bf16", (math.ceil(n / 32),), (128,), 4 * 2048)]
+            for wp in (8, 16, 32):
+                variants.append((f"shipped gemv w{wp}", f"qlora_gemm_4bit_gemv_w{wp}_bf16", (groups,), (32 * wp,), 0))
+            for wp, u in [(4, 2), (8, 1), (16, 2), (32, 2)]:
+                variants.append((f"gemv w{wp} u{u}", f"qexp_gemv_w{wp}_u{u}", (groups,), (32 * wp,), 0))
             for name, kname, grid, block, shm in variants:
                 def make(i, kname=kname, grid=grid, block=block, shm=shm):
                     return lambda: kern(kname)(grid, block, gemm_args(i), shared_mem=shm)

@@ -197,10 +197,10 @@ __device__ __forceinline__ void gemm_4bit_mma(const T* __restrict__ x, const uin
 //
 // A = 16 rows of W, B = x^T (rows of x are the 8 columns of the mma's n8), D = W x^T: no register
 // holds the zero rows that M <= 8 would leave in an A made of x, and each mma covers 256 weights.
-// A warp owns 16 rows of W (n0 + g and n0 + g + 8) and every kGemvWarps-th super-step of K; in a
+// A warp owns 16 rows of W (n0 + g and n0 + g + 8) and every W-th super-step of K; in a
 // super-step the lane with k-pair index q decodes its own 16-byte chunk c = 4 s + q of both rows
 // (the k order of the mma kernel above) and feeds B from the same 32-element slice of x row g. The
-// kGemvWarps warps of a block work on the same rows; partial sums meet in shared memory in warp
+// W warps of a block work on the same rows; partial sums meet in shared memory in warp
 // order. Table reads take one PRMT each: the 16-entry table sits 256-byte aligned in shared memory,
 // and the byte lanes of (word >> 2) & 0x3c3c3c3c and (word << 2) & 0x3c3c3c3c hold 4 * nibble for
 // the high and low nibbles of the word's bytes, so PRMT(offsets, table address) is the entry's
@@ -208,9 +208,13 @@ __device__ __forceinline__ void gemm_4bit_mma(const T* __restrict__ x, const uin
 // 1.1-1.4x the SIMT and tensor-core kernels it replaced at M = 1..8; benches/gpu_variants.py).
 // ---------------------------------------------------------------------------------------------
 
-// M <= 8 is the mma's n (GEMV_MAX_M in rust/cuda/launch.rs); the launch geometry there follows these.
-constexpr int kGemvWarps = 8;  // warps per block (they split K)
-constexpr int kGemvDepth = 2;  // super-steps per warp in flight
+// M <= 8 is the mma's n (GEMV_MAX_M in rust/cuda/launch.rs). The warps of a block (W, which split K)
+// and the super-steps each warp keeps in flight (U) are template parameters: one instance per warp
+// count the launcher chooses from (GEMV_WARPS there), by the number of 16-row groups against the
+// multiprocessors (cuda_ops.py). H200, 2026-12-04, M = 1 (benches/gpu_variants.py): 32 warps, U = 1
+// fastest at N = 1024 (5.6 us against 8.2 for 8 warps), 16 warps, U = 1 at N = 4096 (8.8 against
+// 10.0; 22.7 against 26.7 at K = 14336), 8 warps, U = 2 at N = 8192 and 14336; K split over blocks as
+// well (a last-block reduction) lost everywhere.
 
 // The table entry whose byte offset is byte k of `offsets`, in the table at shared address `base`
 // (256-byte aligned).
@@ -394,7 +398,7 @@ __device__ __forceinline__ void gemm_4bit_simt(const T* __restrict__ x, const ui
 
 }  // namespace qlora
 
-// Entry points. gemv: blockDim 32 * kGemvWarps, gridDim ceil(N / 16). mma: blockDim 32 * warps
+// Entry points. gemv_w{W}: blockDim 32 * W, gridDim ceil(N / 16). mma: blockDim 32 * warps
 // (warps <= 16), gridDim ceil(N / 32), dynamic shared memory warps * 2 KiB. simt: blockDim
 // 32 * kSimtWarps, gridDim ceil(N / (kSimtWarps / S)), no dynamic shared memory; _m1 for one row of
 // activations, _m4 for 2 to 4.
@@ -426,8 +430,12 @@ __device__ __forceinline__ void gemm_4bit_simt(const T* __restrict__ x, const ui
 #define QLORA_SIMT_SPLIT 1
 #define QLORA_SIMT_DEPTH 2
 
-QLORA_GEMM_4BIT_GEMV(qlora_gemm_4bit_gemv_bf16, __nv_bfloat16, qlora::kGemvWarps, qlora::kGemvDepth)
-QLORA_GEMM_4BIT_GEMV(qlora_gemm_4bit_gemv_f16, __half, qlora::kGemvWarps, qlora::kGemvDepth)
+QLORA_GEMM_4BIT_GEMV(qlora_gemm_4bit_gemv_w8_bf16, __nv_bfloat16, 8, 2)
+QLORA_GEMM_4BIT_GEMV(qlora_gemm_4bit_gemv_w8_f16, __half, 8, 2)
+QLORA_GEMM_4BIT_GEMV(qlora_gemm_4bit_gemv_w16_bf16, __nv_bfloat16, 16, 1)
+QLORA_GEMM_4BIT_GEMV(qlora_gemm_4bit_gemv_w16_f16, __half, 16, 1)
+QLORA_GEMM_4BIT_GEMV(qlora_gemm_4bit_gemv_w32_bf16, __nv_bfloat16, 32, 1)
+QLORA_GEMM_4BIT_GEMV(qlora_gemm_4bit_gemv_w32_f16, __half, 32, 1)
 QLORA_GEMM_4BIT_MMA(qlora_gemm_4bit_mma_bf16, __nv_bfloat16)
 QLORA_GEMM_4BIT_MMA(qlora_gemm_4bit_mma_f16, __half)
 QLORA_GEMM_4BIT_SIMT(qlora_gemm_4bit_simt_m1_bf16, __nv_bfloat16, QLORA_SIMT_SPLIT, QLORA_SIMT_DEPTH, 1)

@@ -125,6 +125,17 @@ def test_rust_launch_checks_run_before_any_driver_call():
         _lib.cuda_gemm_4bit(m=1, **{**common, "dtype": "float32"})
     with pytest.raises(InvalidArgumentError, match="warps must be"):
         _lib.cuda_gemm_4bit(m=1, warps=3, **common)
+    with pytest.raises(InvalidArgumentError, match=r"gemv GEMM warps must be one of \[8, 16, 32\], got 4"):
+        _lib.cuda_gemm_4bit(m=1, kernel="gemv", warps=4, **common)
+
+
+def test_gemv_warps_follow_the_blocks_per_multiprocessor(monkeypatch):
+    # 16-row blocks against an H200's 132 multiprocessors: up to one a multiprocessor 32 warps,
+    # up to three 16, else 8 (the order benches/gpu_variants.py measured).
+    assert [cuda_ops.gemv_warps(n, 132) for n in (16, 1024, 2112, 2113, 4096, 6336, 6337, 8192, 14336)] == [
+        32, 32, 32, 16, 16, 16, 8, 8, 8]
+    monkeypatch.setattr(cuda_ops, "GEMV_WARPS", 16)
+    assert cuda_ops.gemv_warps(1024, 132) == 16
 
 
 _TEST_NS = "qlora_rs_cudatest"
@@ -231,7 +242,7 @@ def test_gemm_matches_a_float64_reference(kernel, dtype, n, k, blocksize):
     ms = {"simt": [1, 3, 4], "gemv": [1, 2, 5, 7, 8]}.get(kernel, [1, 2, 5, 8, 9, 16])
     for m in ms:
         x = torch.randn(m, k, device="cuda").to(dtype)
-        for warps in (None, 1, 16) if kernel == "mma" else (None,):
+        for warps in {"mma": (None, 1, 16), "gemv": (None, 8, 16, 32)}.get(kernel, (None,)):
             got = cuda_ops.gemm_4bit_cuda(x, *args, kernel=kernel, warps=warps)
             assert got.shape == (m, n) and got.dtype == dtype
             err, budget = reference_error(x, w, got)

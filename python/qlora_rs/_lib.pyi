@@ -373,7 +373,8 @@ def cuda_gemm_4bit(
     kernel: str = "mma",
     warps: int = 8,
 ) -> None:
-    """Fused out[m, n] = x[m, k] @ dequant(W[n, k])^T; `kernel` "mma" (m <= 16) or "simt" (m <= 4)."""
+    """Fused out[m, n] = x[m, k] @ dequant(W[n, k])^T; `kernel` "gemv" (m <= 8; `warps` 8, 16 or 32),
+    "mma" (m <= 16; `warps` 1, 2, 4, 8 or 16) or "simt" (m <= 4)."""
 
 def cuda_check_device(device: int) -> None:
     """Raises CudaUnavailableError/CudaError when kernels cannot run on `device`."""

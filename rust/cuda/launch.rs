@@ -19,8 +19,12 @@ const KERNEL_NAMES: &[&str] = &[
     "qlora_dequantize_4bit_f32",
     "qlora_dequantize_4bit_f16",
     "qlora_dequantize_4bit_bf16",
-    "qlora_gemm_4bit_gemv_bf16",
-    "qlora_gemm_4bit_gemv_f16",
+    "qlora_gemm_4bit_gemv_w8_bf16",
+    "qlora_gemm_4bit_gemv_w8_f16",
+    "qlora_gemm_4bit_gemv_w16_bf16",
+    "qlora_gemm_4bit_gemv_w16_f16",
+    "qlora_gemm_4bit_gemv_w32_bf16",
+    "qlora_gemm_4bit_gemv_w32_f16",
     "qlora_gemm_4bit_mma_bf16",
     "qlora_gemm_4bit_mma_f16",
     "qlora_gemm_4bit_simt_m1_bf16",
@@ -39,9 +43,10 @@ const MMA_COLUMNS: usize = 32;
 /// which split K), so a block owns SIMT_WARPS / SIMT_SPLIT columns.
 const SIMT_WARPS: u32 = 8;
 const SIMT_SPLIT: usize = 1;
-/// Rows of W per block of the tensor-core GEMV, and its threads (`kGemvWarps` warps).
+/// Rows of W per block of the tensor-core GEMV, and the warps per block it has an instance for
+/// (`qlora_gemm_4bit_gemv_w{warps}_*` in cuda/gemm_4bit.cu).
 const GEMV_ROWS: usize = 16;
-const GEMV_THREADS: u32 = 256;
+pub const GEMV_WARPS: [u32; 3] = [8, 16, 32];
 /// Largest M each fused kernel supports.
 pub const GEMV_MAX_M: usize = 8;
 pub const MMA_MAX_M: usize = 16;
@@ -148,8 +153,8 @@ impl Dequantize4bit {
 /// Which fused GEMM kernel to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GemmKernel {
-    /// Tensor cores with W as the A operand, M <= 8.
-    Gemv,
+    /// Tensor cores with W as the A operand, M <= 8; `warps` (8, 16 or 32) split K inside a block.
+    Gemv { warps: u32 },
     /// Tensor cores, M <= 16; `warps` (1, 2, 4, 8 or 16) split K inside a block.
     Mma { warps: u32 },
     /// Plain FMA, M <= 4.
@@ -159,7 +164,7 @@ pub enum GemmKernel {
 impl GemmKernel {
     pub fn parse(name: &str, warps: u32) -> Result<Self> {
         match name {
-            "gemv" => Ok(GemmKernel::Gemv),
+            "gemv" => Ok(GemmKernel::Gemv { warps }),
             "mma" => Ok(GemmKernel::Mma { warps }),
             "simt" => Ok(GemmKernel::Simt),
             _ => Err(Error::unsupported(format!(
@@ -197,7 +202,7 @@ impl Gemm4bit {
                 )),
             };
         let max_m = match self.kernel {
-            GemmKernel::Gemv => GEMV_MAX_M,
+            GemmKernel::Gemv { .. } => GEMV_MAX_M,
             GemmKernel::Mma { .. } => MMA_MAX_M,
             GemmKernel::Simt => SIMT_MAX_M,
         };
@@ -226,10 +231,22 @@ impl Gemm4bit {
         }
         self.scales.check()?;
         Ok(match self.kernel {
-            GemmKernel::Gemv => Launch {
-                kernel: if suffix == "bf16" { "qlora_gemm_4bit_gemv_bf16" } else { "qlora_gemm_4bit_gemv_f16" },
+            GemmKernel::Gemv { warps } => Launch {
+                kernel: match (warps, suffix == "bf16") {
+                    (8, true) => "qlora_gemm_4bit_gemv_w8_bf16",
+                    (8, false) => "qlora_gemm_4bit_gemv_w8_f16",
+                    (16, true) => "qlora_gemm_4bit_gemv_w16_bf16",
+                    (16, false) => "qlora_gemm_4bit_gemv_w16_f16",
+                    (32, true) => "qlora_gemm_4bit_gemv_w32_bf16",
+                    (32, false) => "qlora_gemm_4bit_gemv_w32_f16",
+                    _ => {
+                        return Err(Error::unsupported(format!(
+                            "gemv GEMM warps must be one of {GEMV_WARPS:?}, got {warps}"
+                        )))
+                    }
+                },
                 grid: grid_of(self.n.div_ceil(GEMV_ROWS) as u64, "gemm_4bit")?,
-                block: GEMV_THREADS,
+                block: 32 * warps,
                 shared_bytes: 0,
                 vectorized: true,
             },
@@ -519,9 +536,18 @@ mod tests {
 
     #[test]
     fn gemm_geometry_and_checks() {
-        let l = gemm(8, 4097, 4096, GemmKernel::Gemv).plan().unwrap();
-        assert_eq!((l.kernel, l.grid, l.block, l.shared_bytes), ("qlora_gemm_4bit_gemv_bf16", 257, 256, 0));
-        assert!(gemm(9, 64, 64, GemmKernel::Gemv).plan().unwrap_err().to_string().contains("1 to 8 rows"));
+        let l = gemm(8, 4097, 4096, GemmKernel::Gemv { warps: 8 }).plan().unwrap();
+        assert_eq!((l.kernel, l.grid, l.block, l.shared_bytes), ("qlora_gemm_4bit_gemv_w8_bf16", 257, 256, 0));
+        for warps in GEMV_WARPS {
+            let mut g = gemm(1, 1024, 4096, GemmKernel::Gemv { warps });
+            g.dtype = DType::F16;
+            let l = g.plan().unwrap();
+            assert_eq!((l.kernel, l.grid, l.block), (format!("qlora_gemm_4bit_gemv_w{warps}_f16").as_str(), 64, 32 * warps));
+            assert!(KERNEL_NAMES.contains(&l.kernel));
+        }
+        assert!(gemm(9, 64, 64, GemmKernel::Gemv { warps: 8 }).plan().unwrap_err().to_string().contains("1 to 8 rows"));
+        let e = gemm(1, 64, 64, GemmKernel::Gemv { warps: 4 }).plan().unwrap_err().to_string();
+        assert!(e.contains("gemv GEMM warps must be one of [8, 16, 32], got 4"), "{e}");
         let l = gemm(1, 4096, 4096, GemmKernel::Mma { warps: 8 }).plan().unwrap();
         assert_eq!((l.kernel, l.grid, l.block, l.shared_bytes), ("qlora_gemm_4bit_mma_bf16", 128, 256, 16384));
         let l = gemm(16, 33, 4096, GemmKernel::Mma { warps: 16 }).plan().unwrap();
@@ -544,7 +570,7 @@ mod tests {
         g.dtype = DType::F32;
         assert!(err(g).contains("float32"));
         assert!(GemmKernel::parse("wmma", 8).unwrap_err().to_string().contains("\"gemv\", \"mma\" or \"simt\""));
-        assert_eq!(GemmKernel::parse("gemv", 8).unwrap(), GemmKernel::Gemv);
+        assert_eq!(GemmKernel::parse("gemv", 16).unwrap(), GemmKernel::Gemv { warps: 16 });
     }
 
     #[test]

@@ -63,8 +63,8 @@ fn cuda_dequantize_4bit(
 }
 
 /// Fused out[m, n] = x[m, k] @ dequant(W[n, k])^T on CUDA device `device`, on stream `stream`.
-/// `kernel` is "gemv" (tensor cores, m <= 8), "mma" (tensor cores, m <= 16, `warps` (1..16, powers of
-/// two) split K) or "simt" (m <= 4).
+/// `kernel` is "gemv" (tensor cores, m <= 8, `warps` (8, 16 or 32) split K), "mma" (tensor cores,
+/// m <= 16, `warps` (1..16, powers of two) split K) or "simt" (m <= 4).
 #[pyfunction]
 #[pyo3(signature = (device, stream, x_ptr, m, n, k, dtype, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, quant_type, blocksize, out_ptr, kernel="mma", warps=8))]
 #[allow(clippy::too_many_arguments)]

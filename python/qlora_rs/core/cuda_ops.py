@@ -46,6 +46,14 @@ FUSED_GEMM_MAX_M: int = 16
 #: crossover table and benches/gpu_variants.py).
 GEMV_MAX_M: int = 8
 
+#: Warps per block of the GEMV (they split K): 8, 16 or 32, or 0 to choose by size: more warps where
+#: the N / 16 blocks are few against the multiprocessors (32 up to one block per multiprocessor, 16
+#: up to three, else 8). On an H200 (132 multiprocessors, 2026-12-04, benches/gpu_variants.py, M = 1):
+#: N = 1024 32 warps 5.6 us, 16 warps 6.7, 8 warps 8.2; N = 4096 16 warps 8.8 us, 8 warps 10.0 (22.7
+#: against 26.7 at K = 14336); N = 8192 8 warps 14.3-14.6 us, 16 warps 15.4; N = 14336 8 warps 21.8 us,
+#: 16 warps 22.3. The same order held at M = 4 and 8.
+GEMV_WARPS: int = 0
+
 #: M up to which the SIMT (plain FMA) kernel is used ahead of the tensor-core kernels; 0 (the
 #: default) never: it was slower than the GEMV at every M on an H200. Kept as a cross-check.
 SIMT_GEMM_MAX_M: int = 0
@@ -126,13 +134,26 @@ def _stream(device: torch.device) -> int:
 _sm_count: dict = {}
 
 
+def _sms(device: torch.device) -> int:
+    if device.index not in _sm_count:
+        _sm_count[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _sm_count[device.index]
+
+
 def _mma_warps(n_out: int, device: torch.device) -> int:
     if MMA_WARPS:
         return MMA_WARPS
     # Few column blocks: more warps per block split K finer, keeping more loads in flight.
-    if device.index not in _sm_count:
-        _sm_count[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    return 16 if -(-n_out // 32) < 2 * _sm_count[device.index] else 4
+    return 16 if -(-n_out // 32) < 2 * _sms(device) else 4
+
+
+def gemv_warps(n_out: int, sms: int) -> int:
+    """Warps per block of the GEMV for a weight of ``n_out`` rows on a GPU of ``sms``
+    multiprocessors (:data:`GEMV_WARPS` when set)."""
+    if GEMV_WARPS:
+        return GEMV_WARPS
+    groups = -(-n_out // 16)
+    return 32 if groups <= sms else 16 if groups <= 3 * sms else 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,8 +218,8 @@ def gemm_4bit_cuda(
 ) -> torch.Tensor:
     """``x @ dequant(W).T`` in ``x.dtype`` on the CUDA device, W of ``shape`` [out, in] (arguments
     as ``torch.ops.qlora_rs.gemm_4bit``). ``kernel``: ``"auto"`` (by :func:`choose_gemm_kernel`),
-    ``"gemv"``, ``"mma"``, ``"simt"`` or ``"dequant"``; ``warps`` overrides :data:`MMA_WARPS` for
-    ``"mma"``."""
+    ``"gemv"``, ``"mma"``, ``"simt"`` or ``"dequant"``; ``warps`` overrides the choice of warps per
+    block for ``"gemv"`` (:func:`gemv_warps`) and ``"mma"`` (:data:`MMA_WARPS`)."""
     where = "qlora_rs::gemm_4bit (CUDA)"
     require_kernels()
     if kernel not in _GEMM_KERNELS:
@@ -229,7 +250,8 @@ def gemm_4bit_cuda(
     keep, (a, na, nc) = _scale_ptrs(absmax, nested_absmax, nested_code)
     _lib.cuda_gemm_4bit(
         _ordinal(device), _stream(device), x2.data_ptr(), m, n_out, k, _DTYPE_NAMES[x.dtype], data.data_ptr(),
-        a, na, nc, float(offset), quant_type, int(blocksize), out.data_ptr(), chosen, int(warps or _mma_warps(n_out, device)),
+        a, na, nc, float(offset), quant_type, int(blocksize), out.data_ptr(), chosen,
+        int(warps or (gemv_warps(n_out, _sms(device)) if chosen == "gemv" else _mma_warps(n_out, device))),
     )
     del keep
     return out.reshape(*lead, n_out)
@@ -283,8 +305,10 @@ __all__ = [
     "KERNELS_COMPILED",
     "FUSED_GEMM_MAX_M",
     "GEMV_MAX_M",
+    "GEMV_WARPS",
     "SIMT_GEMM_MAX_M",
     "MMA_WARPS",
+    "gemv_warps",
     "kernels_available",
     "require_kernels",
     "check_device",
