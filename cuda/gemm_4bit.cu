@@ -304,71 +304,67 @@ __device__ __forceinline__ void gemm_4bit_gemv(const T* __restrict__ x, const ui
 }
 
 // ---------------------------------------------------------------------------------------------
-// SIMT kernel (M <= 4): a GEMV, rows optionally split along K across warps.
+// SIMT kernel (M <= 4): a GEMV, a warp per row of W.
 //
-// A block of kSimtWarps warps owns kSimtWarps / S rows of W; the S warps of a row split its K: the
-// lanes of segment s read chunks s * 32 + lane + i * 32 * S, U of them per iteration, all U loads
-// issued before any is decoded, so every load instruction of a warp reads 512 contiguous bytes.
-// Each weight is rounded to T exactly as dequantize writes it (the product is x @ dequant(W)^T),
-// multiplied in float32, summed in a fixed order: per lane, across the warp (xor shuffle), then
-// over the S warps in segment order. On an H200 (2026-12-04, benches/gpu_variants.py) S = 1, U = 2
-// measured fastest of S in 1..8 and U in 1..4 on 4096x4096, 4096x14336 and 14336x4096; about 8
-// instructions per weight (index, table read, scale, round, unpack, FMA) bound it, not the loads.
+// A block of kSimtWarps warps owns kSimtWarps rows of W. The lanes of a warp read chunks lane,
+// lane + 32, ... of its row, kSimtDepth of them per iteration, all loads issued before any is
+// decoded, so every load instruction of a warp reads 512 contiguous bytes. Each weight is rounded to
+// T exactly as dequantize writes it (the product is x @ dequant(W)^T), multiplied in float32, summed
+// per lane and then across the warp (xor shuffle). On an H200 (2026-12-04, benches/gpu_variants.py)
+// this form (depth 2) measured fastest of rows split over 1..8 warps and depths 1..4 on 4096x4096,
+// 4096x14336 and 14336x4096; about 8 instructions per weight (index, table read, scale, round,
+// unpack, FMA) bound it, not the loads.
 // ---------------------------------------------------------------------------------------------
 
-constexpr int kSimtWarps = 8;  // warps per block
+constexpr int kSimtWarps = 8;  // warps (rows of W) per block
+constexpr int kSimtDepth = 2;  // chunks per lane in flight
 constexpr int kSimtMaxM = 4;
 
-template <typename T, int S, int U, int MAXM>
+template <typename T, int MAXM>
 __device__ __forceinline__ void gemm_4bit_simt(const T* __restrict__ x, const uint8_t* __restrict__ packed,
                                                Scales scales, int M, int N, int K, int quant_type,
                                                int blocksize_log2, T* __restrict__ out) {
-  static_assert(kSimtWarps % S == 0, "S must divide the warps of a block");
-  constexpr int kRows = kSimtWarps / S;
   __shared__ float lut[16];
-  __shared__ float partial[kSimtWarps][MAXM];
   load_code4(lut, quant_type);
   __syncthreads();
 
-  const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
-  const int n = blockIdx.x * kRows + warp / S;
+  const int n = blockIdx.x * kSimtWarps + (threadIdx.x >> 5);
+  if (n >= N) return;
   const int kchunks = K >> 5;
   float acc[MAXM];
 #pragma unroll
   for (int m = 0; m < MAXM; ++m) acc[m] = 0.0f;
 
-  if (n < N) {
-    const uint64_t row = (uint64_t)n * (uint64_t)K;
-    for (int base = (warp % S) * 32 + lane; base < kchunks; base += 32 * S * U) {
-      uint4 w[U];
-      float am[U];
+  const uint64_t row = (uint64_t)n * (uint64_t)K;
+  for (int base = lane; base < kchunks; base += 32 * kSimtDepth) {
+    uint4 w[kSimtDepth];
+    float am[kSimtDepth];
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int c = base + 32 * S * u;
-        if (c < kchunks) {
-          const uint64_t flat = row + 32u * (uint64_t)c;
-          w[u] = load16(packed + (flat >> 1));
-          am[u] = block_absmax(scales, flat >> blocksize_log2);
-        }
+    for (int u = 0; u < kSimtDepth; ++u) {
+      const int c = base + 32 * u;
+      if (c < kchunks) {
+        const uint64_t flat = row + 32u * (uint64_t)c;
+        w[u] = load16(packed + (flat >> 1));
+        am[u] = block_absmax(scales, flat >> blocksize_log2);
       }
+    }
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int c = base + 32 * S * u;
-        if (c < kchunks) {
-          uint32_t xs[MAXM][16];
+    for (int u = 0; u < kSimtDepth; ++u) {
+      const int c = base + 32 * u;
+      if (c < kchunks) {
+        uint32_t xs[MAXM][16];
 #pragma unroll
-          for (int m = 0; m < MAXM; ++m) load_x_slice(xs[m], x, m, M, c, kchunks, K);
+        for (int m = 0; m < MAXM; ++m) load_x_slice(xs[m], x, m, M, c, kchunks, K);
 #pragma unroll
-          for (int j = 0; j < 16; ++j) {
-            const uint32_t b = byte_of(w[u], j);
-            const float2 f = unpack2<T>(scaled_pair<T>(lut, b, am[u]));
+        for (int j = 0; j < 16; ++j) {
+          const uint32_t b = byte_of(w[u], j);
+          const float2 f = unpack2<T>(scaled_pair<T>(lut, b, am[u]));
 #pragma unroll
-            for (int m = 0; m < MAXM; ++m) {
-              const float2 xv = unpack2<T>(xs[m][j]);
-              acc[m] = fmaf(f.x, xv.x, acc[m]);
-              acc[m] = fmaf(f.y, xv.y, acc[m]);
-            }
+          for (int m = 0; m < MAXM; ++m) {
+            const float2 xv = unpack2<T>(xs[m][j]);
+            acc[m] = fmaf(f.x, xv.x, acc[m]);
+            acc[m] = fmaf(f.y, xv.y, acc[m]);
           }
         }
       }
@@ -380,19 +376,7 @@ __device__ __forceinline__ void gemm_4bit_simt(const T* __restrict__ x, const ui
     float v = acc[m];
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-    if (lane == 0) partial[warp][m] = v;
-  }
-  __syncthreads();
-  if (threadIdx.x < kRows * MAXM) {
-    const int r = threadIdx.x / MAXM;
-    const int m = threadIdx.x % MAXM;
-    const int nn = blockIdx.x * kRows + r;
-    if (m < M && nn < N) {
-      float sum = 0.0f;
-#pragma unroll
-      for (int i = 0; i < S; ++i) sum += partial[r * S + i][m];
-      out[(size_t)m * N + nn] = Out<T>::one(sum);
-    }
+    if (lane == 0 && m < M) out[(size_t)m * N + n] = Out<T>::one(v);
   }
 }
 
@@ -400,7 +384,7 @@ __device__ __forceinline__ void gemm_4bit_simt(const T* __restrict__ x, const ui
 
 // Entry points. gemv_w{W}: blockDim 32 * W, gridDim ceil(N / 16). mma: blockDim 32 * warps
 // (warps <= 16), gridDim ceil(N / 32), dynamic shared memory warps * 2 KiB. simt: blockDim
-// 32 * kSimtWarps, gridDim ceil(N / (kSimtWarps / S)), no dynamic shared memory; _m1 for one row of
+// 32 * kSimtWarps, gridDim ceil(N / kSimtWarps), no dynamic shared memory; _m1 for one row of
 // activations, _m4 for 2 to 4.
 #define QLORA_GEMM_4BIT_ARGS(T)                                                                        \
   const T *__restrict__ x, const uint8_t *__restrict__ packed, const void *__restrict__ absmax,       \
@@ -419,16 +403,11 @@ __device__ __forceinline__ void gemm_4bit_simt(const T* __restrict__ x, const ui
     qlora::gemm_4bit_gemv<T, W, U>(x, packed, s, M, N, K, quant_type, blocksize_log2, out);         \
   }
 
-#define QLORA_GEMM_4BIT_SIMT(NAME, T, S, U, MAXM)                                                     \
+#define QLORA_GEMM_4BIT_SIMT(NAME, T, MAXM)                                                           \
   extern "C" __global__ void __launch_bounds__(32 * qlora::kSimtWarps) NAME(QLORA_GEMM_4BIT_ARGS(T)) { \
     qlora::Scales s{absmax, nested_absmax, nested_code, offset, nested};                            \
-    qlora::gemm_4bit_simt<T, S, U, MAXM>(x, packed, s, M, N, K, quant_type, blocksize_log2, out);   \
+    qlora::gemm_4bit_simt<T, MAXM>(x, packed, s, M, N, K, quant_type, blocksize_log2, out);         \
   }
-
-// The split and depth of the shipped SIMT kernels (QLORA_SIMT_SPLIT warps per row, QLORA_SIMT_DEPTH
-// chunks in flight per lane); benches/gpu_variants.cu instantiates others.
-#define QLORA_SIMT_SPLIT 1
-#define QLORA_SIMT_DEPTH 2
 
 QLORA_GEMM_4BIT_GEMV(qlora_gemm_4bit_gemv_w8_bf16, __nv_bfloat16, 8, 2)
 QLORA_GEMM_4BIT_GEMV(qlora_gemm_4bit_gemv_w8_f16, __half, 8, 2)
@@ -438,7 +417,7 @@ QLORA_GEMM_4BIT_GEMV(qlora_gemm_4bit_gemv_w32_bf16, __nv_bfloat16, 32, 1)
 QLORA_GEMM_4BIT_GEMV(qlora_gemm_4bit_gemv_w32_f16, __half, 32, 1)
 QLORA_GEMM_4BIT_MMA(qlora_gemm_4bit_mma_bf16, __nv_bfloat16)
 QLORA_GEMM_4BIT_MMA(qlora_gemm_4bit_mma_f16, __half)
-QLORA_GEMM_4BIT_SIMT(qlora_gemm_4bit_simt_m1_bf16, __nv_bfloat16, QLORA_SIMT_SPLIT, QLORA_SIMT_DEPTH, 1)
-QLORA_GEMM_4BIT_SIMT(qlora_gemm_4bit_simt_m1_f16, __half, QLORA_SIMT_SPLIT, QLORA_SIMT_DEPTH, 1)
-QLORA_GEMM_4BIT_SIMT(qlora_gemm_4bit_simt_m4_bf16, __nv_bfloat16, QLORA_SIMT_SPLIT, QLORA_SIMT_DEPTH, qlora::kSimtMaxM)
-QLORA_GEMM_4BIT_SIMT(qlora_gemm_4bit_simt_m4_f16, __half, QLORA_SIMT_SPLIT, QLORA_SIMT_DEPTH, qlora::kSimtMaxM)
+QLORA_GEMM_4BIT_SIMT(qlora_gemm_4bit_simt_m1_bf16, __nv_bfloat16, 1)
+QLORA_GEMM_4BIT_SIMT(qlora_gemm_4bit_simt_m1_f16, __half, 1)
+QLORA_GEMM_4BIT_SIMT(qlora_gemm_4bit_simt_m4_bf16, __nv_bfloat16, qlora::kSimtMaxM)
+QLORA_GEMM_4BIT_SIMT(qlora_gemm_4bit_simt_m4_f16, __half, qlora::kSimtMaxM)

@@ -39,10 +39,8 @@ const DEQUANT_THREADS: u64 = 256;
 const DEQUANT_WORDS: u64 = 4;
 /// Output columns per block of the tensor-core GEMM (4 tiles of 8).
 const MMA_COLUMNS: usize = 32;
-/// Warps per block of the SIMT GEMM (`kSimtWarps`) and warps per output column (`QLORA_SIMT_SPLIT`,
-/// which split K), so a block owns SIMT_WARPS / SIMT_SPLIT columns.
+/// Warps per block of the SIMT GEMM (`kSimtWarps`), a warp per output column.
 const SIMT_WARPS: u32 = 8;
-const SIMT_SPLIT: usize = 1;
 /// Rows of W per block of the tensor-core GEMV, and the warps per block it has an instance for
 /// (`qlora_gemm_4bit_gemv_w{warps}_*` in cuda/gemm_4bit.cu).
 const GEMV_ROWS: usize = 16;
@@ -270,7 +268,7 @@ impl Gemm4bit {
                     (false, true) => "qlora_gemm_4bit_simt_m4_bf16",
                     (false, false) => "qlora_gemm_4bit_simt_m4_f16",
                 },
-                grid: grid_of(self.n.div_ceil(SIMT_WARPS as usize / SIMT_SPLIT) as u64, "gemm_4bit")?,
+                grid: grid_of(self.n.div_ceil(SIMT_WARPS as usize) as u64, "gemm_4bit")?,
                 block: 32 * SIMT_WARPS,
                 shared_bytes: 0,
                 vectorized: true,
@@ -532,6 +530,32 @@ mod tests {
         let mut a = dq(64, DType::BF16);
         a.scales.nested = Some(NestedScales { nested_absmax: 8, nested_code: 0, offset: 0.5 });
         assert!(a.plan().unwrap_err().to_string().contains("nested_code is a null"));
+    }
+
+    /// The geometry here is written for constants and instances in cuda/: each of them matches its
+    /// twin there, and every kernel looked up is defined (a GPU run would fail at load otherwise).
+    #[test]
+    fn launch_constants_match_the_kernel_sources() {
+        let src = [include_str!("../../cuda/dequant.cu"), include_str!("../../cuda/gemm_4bit.cu")].concat();
+        let value = |name: &str| -> usize {
+            let at = src.find(&format!("constexpr int {name} = ")).unwrap_or_else(|| panic!("{name} not in cuda/"));
+            let rest = &src[at..];
+            let digits: String = rest[rest.find('=').unwrap() + 1..].trim_start().chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().unwrap()
+        };
+        assert_eq!(value("kDequantWords"), DEQUANT_WORDS as usize);
+        assert_eq!(value("kSimtWarps"), SIMT_WARPS as usize);
+        assert_eq!(value("kSimtMaxM"), SIMT_MAX_M);
+        assert_eq!(8 * value("kMmaTiles"), MMA_COLUMNS);
+        for warps in GEMV_WARPS {
+            for (suffix, ty) in [("bf16", "__nv_bfloat16"), ("f16", "__half")] {
+                let instance = format!("QLORA_GEMM_4BIT_GEMV(qlora_gemm_4bit_gemv_w{warps}_{suffix}, {ty}, {warps},");
+                assert!(src.contains(&instance), "{instance}");
+            }
+        }
+        for name in KERNEL_NAMES {
+            assert!(src.contains(&format!("({name},")), "{name} is not defined in cuda/");
+        }
     }
 
     #[test]
