@@ -6,6 +6,10 @@
 //
 // qexp_gemv_w{W}_u{U}: the tensor-core GEMV with W warps per block and U super-steps in flight, the
 // neighbours of the shipped instances (qlora_gemm_4bit_gemv_w8 / _w16 / _w32: U = 2, 1, 1).
+// qexp_gemv_w{W}_m16: the same GEMV for up to 16 rows of activations (NT = 2: each decoded A fragment
+// feeds two mma, x rows 0..7 and 8..15), against the tensor-core GEMM (`mma`) that runs M = 9..16
+// now (0.75-0.93x torch's bf16 product on an H200). Not yet run on a GPU; if it wins, the library
+// instantiates it beside the M <= 8 instances and GEMV_MAX_M (launcher and cuda_ops) becomes 16.
 //
 // Measured and left out (H200, 2026-12-04):
 // - the tensor-core GEMV with x as the A operand (rows 8..15 zero, 8 rows of W per warp, 1 to 4
@@ -19,9 +23,13 @@
 #include "../cuda/dequant.cu"
 #include "../cuda/gemm_4bit.cu"
 
-#define QEXP_GEMV(W, U) QLORA_GEMM_4BIT_GEMV(qexp_gemv_w##W##_u##U, __nv_bfloat16, W, U)
+#define QEXP_GEMV(W, U) QLORA_GEMM_4BIT_GEMV(qexp_gemv_w##W##_u##U, __nv_bfloat16, W, U, 1)
+#define QEXP_GEMV16(W, U) QLORA_GEMM_4BIT_GEMV(qexp_gemv_w##W##_m16, __nv_bfloat16, W, U, 2)
 
 QEXP_GEMV(4, 2)
 QEXP_GEMV(8, 1)
 QEXP_GEMV(16, 2)
 QEXP_GEMV(32, 2)
+QEXP_GEMV16(8, 2)
+QEXP_GEMV16(16, 1)
+QEXP_GEMV16(32, 1)

@@ -159,7 +159,7 @@ def main() -> int:
 
         # ---- small-M GEMM: the shipped mma and GEMV instances and the GEMV variants, against torch bf16.
         ws = [w.clone() for _ in range(copies_for(nel * 2))]
-        for m in (1, 4, 8):
+        for m in (1, 4, 8, 12, 16):
             x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
             ref = x.double() @ ref_w.double().t()
             budget = ((x @ ref_w.t()).double() - ref).norm().item() / ref.norm().item()
@@ -172,11 +172,15 @@ def main() -> int:
                         np.int32(n), np.int32(k), np.int32(0), np.int32(6), p(y[i]))
 
             groups = math.ceil(n / 16)
-            variants = [("shipped mma/4w", "qlora_gemm_4bit_mma_bf16", (math.ceil(n / 32),), (128,), 4 * 2048)]
-            for wp in (8, 16, 32):
-                variants.append((f"shipped gemv w{wp}", f"qlora_gemm_4bit_gemv_w{wp}_bf16", (groups,), (32 * wp,), 0))
-            for wp, u in [(4, 2), (8, 1), (16, 2), (32, 2)]:
-                variants.append((f"gemv w{wp} u{u}", f"qexp_gemv_w{wp}_u{u}", (groups,), (32 * wp,), 0))
+            variants = [(f"shipped mma/{wp}w", "qlora_gemm_4bit_mma_bf16", (math.ceil(n / 32),), (32 * wp,), wp * 2048)
+                        for wp in (4, 16)]
+            if m <= 8:
+                for wp in (8, 16, 32):
+                    variants.append((f"shipped gemv w{wp}", f"qlora_gemm_4bit_gemv_w{wp}_bf16", (groups,), (32 * wp,), 0))
+                for wp, u in [(4, 2), (8, 1), (16, 2), (32, 2)]:
+                    variants.append((f"gemv w{wp} u{u}", f"qexp_gemv_w{wp}_u{u}", (groups,), (32 * wp,), 0))
+            for wp in (8, 16, 32):  # up to 16 rows: two n8 tiles of x per decoded A fragment
+                variants.append((f"gemv m16 w{wp}", f"qexp_gemv_w{wp}_m16", (groups,), (32 * wp,), 0))
             for name, kname, grid, block, shm in variants:
                 def make(i, kname=kname, grid=grid, block=block, shm=shm):
                     return lambda: kern(kname)(grid, block, gemm_args(i), shared_mem=shm)

@@ -214,7 +214,9 @@ __device__ __forceinline__ void gemm_4bit_mma(const T* __restrict__ x, const uin
 // multiprocessors (cuda_ops.py). H200, 2026-12-04, M = 1 (benches/gpu_variants.py): 32 warps, U = 1
 // fastest at N = 1024 (5.6 us against 8.2 for 8 warps), 16 warps, U = 1 at N = 4096 (8.8 against
 // 10.0; 22.7 against 26.7 at K = 14336), 8 warps, U = 2 at N = 8192 and 14336; K split over blocks as
-// well (a last-block reduction) lost everywhere.
+// well (a last-block reduction) lost everywhere. NT n8 tiles of x (1: M <= 8, the shipped instances;
+// 2: M <= 16, each decoded A fragment feeding two mma) -- NT = 2 is instantiated by
+// benches/gpu_variants.cu only, until a GPU run has timed it against the tensor-core GEMM.
 
 // The table entry whose byte offset is byte k of `offsets`, in the table at shared address `base`
 // (256-byte aligned).
@@ -235,12 +237,12 @@ __device__ __forceinline__ uint32_t decode_pair(uint32_t base, const uint4& w, i
                       mul_rn(table_at(base, (word << 2) & 0x3c3c3c3cu, k), absmax));
 }
 
-template <typename T, int W, int U>
+template <typename T, int W, int U, int NT>
 __device__ __forceinline__ void gemm_4bit_gemv(const T* __restrict__ x, const uint8_t* __restrict__ packed,
                                                Scales scales, int M, int N, int K, int quant_type,
                                                int blocksize_log2, T* __restrict__ out) {
   __shared__ __align__(256) float lut[16];
-  __shared__ float partial[W][128];
+  __shared__ float partial[W][NT * 128];
   load_code4(lut, quant_type);
   __syncthreads();
   const uint32_t base = (uint32_t)__cvta_generic_to_shared(lut);
@@ -251,7 +253,9 @@ __device__ __forceinline__ void gemm_4bit_gemv(const T* __restrict__ x, const ui
   const int n0 = blockIdx.x * 16;
   const int kchunks = K >> 5;
   const int steps = (kchunks + 3) >> 2;
-  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  float acc[NT][4];
+#pragma unroll
+  for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
   for (int s0 = warp; s0 < steps; s0 += W * U) {
     uint4 w[U][2];
     float am[U][2];
@@ -274,8 +278,9 @@ __device__ __forceinline__ void gemm_4bit_gemv(const T* __restrict__ x, const ui
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c = 4 * (s0 + W * u) + q;
-      uint32_t xs[16];
-      load_x_slice(xs, x, g, M, c, kchunks, K);
+      uint32_t xs[NT][16];
+#pragma unroll
+      for (int t = 0; t < NT; ++t) load_x_slice(xs[t], x, g + 8 * t, M, c, kchunks, K);
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         // A: rows g (a0, a2) and g + 8 (a1, a3) at elements 4j, 4j + 1 and 4j + 2, 4j + 3 of the chunk.
@@ -283,22 +288,28 @@ __device__ __forceinline__ void gemm_4bit_gemv(const T* __restrict__ x, const ui
         const uint32_t a1 = decode_pair<T>(base, w[u][1], 2 * j, am[u][1]);
         const uint32_t a2 = decode_pair<T>(base, w[u][0], 2 * j + 1, am[u][0]);
         const uint32_t a3 = decode_pair<T>(base, w[u][1], 2 * j + 1, am[u][1]);
-        mma_16816<T>(acc, a0, a1, a2, a3, xs[2 * j], xs[2 * j + 1]);
+#pragma unroll
+        for (int t = 0; t < NT; ++t) mma_16816<T>(acc[t], a0, a1, a2, a3, xs[t][2 * j], xs[t][2 * j + 1]);
       }
     }
   }
 #pragma unroll
-  for (int r = 0; r < 4; ++r) partial[warp][4 * lane + r] = acc[r];
+  for (int t = 0; t < NT; ++t) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) partial[warp][128 * t + 4 * lane + r] = acc[t][r];
+  }
   __syncthreads();
-  if (threadIdx.x < 128) {
+  static_assert(32 * W >= NT * 128, "a thread per output of the block");
+  if (threadIdx.x < NT * 128) {
     const int i = threadIdx.x;
     float sum = 0.0f;
 #pragma unroll
     for (int v = 0; v < W; ++v) sum += partial[v][i];
-    const int ln = i >> 2;
+    const int t = NT == 1 ? 0 : i >> 7;  // (folded for one tile: the validated instances' code)
+    const int ln = NT == 1 ? i >> 2 : (i >> 2) & 31;
     const int r = i & 3;
-    const int row = (ln >> 2) + 8 * (r >> 1);  // D's c0, c1: row g; c2, c3: row g + 8
-    const int m = 2 * (ln & 3) + (r & 1);      // D's columns 2q, 2q + 1 are rows of x
+    const int row = (ln >> 2) + 8 * (r >> 1);    // D's c0, c1: row g; c2, c3: row g + 8
+    const int m = 8 * t + 2 * (ln & 3) + (r & 1);  // D's columns 2q, 2q + 1 of tile t are rows of x
     if (m < M && n0 + row < N) out[(size_t)m * N + n0 + row] = Out<T>::one(sum);
   }
 }
@@ -397,10 +408,10 @@ __device__ __forceinline__ void gemm_4bit_simt(const T* __restrict__ x, const ui
     qlora::gemm_4bit_mma<T>(x, packed, s, M, N, K, quant_type, blocksize_log2, out);                \
   }
 
-#define QLORA_GEMM_4BIT_GEMV(NAME, T, W, U)                                                           \
+#define QLORA_GEMM_4BIT_GEMV(NAME, T, W, U, NT)                                                       \
   extern "C" __global__ void __launch_bounds__(32 * W) NAME(QLORA_GEMM_4BIT_ARGS(T)) {               \
     qlora::Scales s{absmax, nested_absmax, nested_code, offset, nested};                            \
-    qlora::gemm_4bit_gemv<T, W, U>(x, packed, s, M, N, K, quant_type, blocksize_log2, out);         \
+    qlora::gemm_4bit_gemv<T, W, U, NT>(x, packed, s, M, N, K, quant_type, blocksize_log2, out);     \
   }
 
 #define QLORA_GEMM_4BIT_SIMT(NAME, T, MAXM)                                                           \
@@ -409,12 +420,12 @@ __device__ __forceinline__ void gemm_4bit_simt(const T* __restrict__ x, const ui
     qlora::gemm_4bit_simt<T, MAXM>(x, packed, s, M, N, K, quant_type, blocksize_log2, out);         \
   }
 
-QLORA_GEMM_4BIT_GEMV(qlora_gemm_4bit_gemv_w8_bf16, __nv_bfloat16, 8, 2)
-QLORA_GEMM_4BIT_GEMV(qlora_gemm_4bit_gemv_w8_f16, __half, 8, 2)
-QLORA_GEMM_4BIT_GEMV(qlora_gemm_4bit_gemv_w16_bf16, __nv_bfloat16, 16, 1)
-QLORA_GEMM_4BIT_GEMV(qlora_gemm_4bit_gemv_w16_f16, __half, 16, 1)
-QLORA_GEMM_4BIT_GEMV(qlora_gemm_4bit_gemv_w32_bf16, __nv_bfloat16, 32, 1)
-QLORA_GEMM_4BIT_GEMV(qlora_gemm_4bit_gemv_w32_f16, __half, 32, 1)
+QLORA_GEMM_4BIT_GEMV(qlora_gemm_4bit_gemv_w8_bf16, __nv_bfloat16, 8, 2, 1)
+QLORA_GEMM_4BIT_GEMV(qlora_gemm_4bit_gemv_w8_f16, __half, 8, 2, 1)
+QLORA_GEMM_4BIT_GEMV(qlora_gemm_4bit_gemv_w16_bf16, __nv_bfloat16, 16, 1, 1)
+QLORA_GEMM_4BIT_GEMV(qlora_gemm_4bit_gemv_w16_f16, __half, 16, 1, 1)
+QLORA_GEMM_4BIT_GEMV(qlora_gemm_4bit_gemv_w32_bf16, __nv_bfloat16, 32, 1, 1)
+QLORA_GEMM_4BIT_GEMV(qlora_gemm_4bit_gemv_w32_f16, __half, 32, 1, 1)
 QLORA_GEMM_4BIT_MMA(qlora_gemm_4bit_mma_bf16, __nv_bfloat16)
 QLORA_GEMM_4BIT_MMA(qlora_gemm_4bit_mma_f16, __half)
 QLORA_GEMM_4BIT_SIMT(qlora_gemm_4bit_simt_m1_bf16, __nv_bfloat16, 1)
