@@ -305,7 +305,7 @@ __device__ __forceinline__ void gemm_4bit_gemv(const T* __restrict__ x, const ui
     float sum = 0.0f;
 #pragma unroll
     for (int v = 0; v < W; ++v) sum += partial[v][i];
-    const int t = NT == 1 ? 0 : i >> 7;  // (folded for one tile: the validated instances' code)
+    const int t = NT == 1 ? 0 : i >> 7;  // written so that NT = 1 compiles to the code run on a GPU
     const int ln = NT == 1 ? i >> 2 : (i >> 2) & 31;
     const int r = i & 3;
     const int row = (ln >> 2) + 8 * (r >> 1);    // D's c0, c1: row g; c2, c3: row g + 8
