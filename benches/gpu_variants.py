@@ -176,7 +176,8 @@ def main() -> int:
                         for wp in (4, 16)]
             if m <= 8:
                 for wp in (8, 16, 32):
-                    variants.append((f"shipped gemv w{wp}", f"qlora_gemm_4bit_gemv_w{wp}_bf16", (groups,), (32 * wp,), 0))
+                    variants.append((f"shipped gemv w{wp}", f"qlora_gemm_4bit_gemv_w{wp}_bf16", (groups,), (32 * wp,),
+                                     0))
                 for wp, u in [(4, 2), (8, 1), (16, 2), (32, 2)]:
                     variants.append((f"gemv w{wp} u{u}", f"qexp_gemv_w{wp}_u{u}", (groups,), (32 * wp,), 0))
             for wp in (8, 16, 32):  # up to 16 rows: two n8 tiles of x per decoded A fragment

@@ -53,7 +53,8 @@ def test_the_kernel_variants_file_compiles(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     names = out.read_bytes()
-    for kernel in (b"qexp_gemv_w16_u2", b"qexp_gemv_w32_m16", b"qlora_gemm_4bit_gemv_w32_bf16", b"qlora_dequantize_4bit_bf16"):
+    for kernel in (b"qexp_gemv_w16_u2", b"qexp_gemv_w32_m16", b"qlora_gemm_4bit_gemv_w32_bf16",
+                   b"qlora_dequantize_4bit_bf16"):
         assert kernel in names
 
 

@@ -540,8 +540,8 @@ mod tests {
         let value = |name: &str| -> usize {
             let at = src.find(&format!("constexpr int {name} = ")).unwrap_or_else(|| panic!("{name} not in cuda/"));
             let rest = &src[at..];
-            let digits: String = rest[rest.find('=').unwrap() + 1..].trim_start().chars().take_while(char::is_ascii_digit).collect();
-            digits.parse().unwrap()
+            let after = rest[rest.find('=').unwrap() + 1..].trim_start();
+            after.chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap()
         };
         assert_eq!(value("kDequantWords"), DEQUANT_WORDS as usize);
         assert_eq!(value("kSimtWarps"), SIMT_WARPS as usize);
