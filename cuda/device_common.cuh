@@ -68,10 +68,14 @@ struct Out<__nv_bfloat16> {
   __device__ __forceinline__ static float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 };
 
+// The 4-byte word of a 16-byte vector that holds its byte j (0..15).
+__device__ __forceinline__ uint32_t word_of(const uint4& w, int j) {
+  return j < 4 ? w.x : j < 8 ? w.y : j < 12 ? w.z : w.w;
+}
+
 // Byte j (0..15) of a 16-byte vector, little-endian as it sits in memory.
 __device__ __forceinline__ uint32_t byte_of(const uint4& w, int j) {
-  const uint32_t word = j < 4 ? w.x : j < 8 ? w.y : j < 12 ? w.z : w.w;
-  return (word >> (8 * (j & 3))) & 0xffu;
+  return (word_of(w, j) >> (8 * (j & 3))) & 0xffu;
 }
 
 }  // namespace qlora

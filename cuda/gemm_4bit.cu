@@ -79,17 +79,20 @@ __device__ __forceinline__ uint32_t scaled_pair(const float* lut, uint32_t byte,
   return Out<T>::pair(mul_rn(lut[byte >> 4], absmax), mul_rn(lut[byte & 15u], absmax));
 }
 
+// Chunk c (32 weights) of R rows 8 apart, with their block scales.
+template <int R>
 struct WeightFrag {
-  uint4 w[kMmaTiles];
-  float absmax[kMmaTiles];
+  uint4 w[R];
+  float absmax[R];
 };
 
-// Loads chunk c of rows n0 + 8 t + g (t < kMmaTiles); outside the matrix: zero weights, zero scale.
-__device__ __forceinline__ void load_weight_frag(WeightFrag& f, const uint8_t* __restrict__ packed,
+// Loads chunk c of rows n0 + 8 t + g (t < R); outside the matrix: zero weights, zero scale.
+template <int R>
+__device__ __forceinline__ void load_weight_frag(WeightFrag<R>& f, const uint8_t* __restrict__ packed,
                                                  const Scales& scales, int n0, int g, int c, int kchunks, int N,
                                                  int K, int blocksize_log2) {
 #pragma unroll
-  for (int t = 0; t < kMmaTiles; ++t) {
+  for (int t = 0; t < R; ++t) {
     const int n = n0 + 8 * t + g;
     if (c < kchunks && n < N) {
       const uint64_t flat = (uint64_t)n * (uint64_t)K + 32u * (uint64_t)c;
@@ -144,11 +147,11 @@ __device__ __forceinline__ void gemm_4bit_mma(const T* __restrict__ x, const uin
 #pragma unroll
   for (int t = 0; t < kMmaTiles; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
 
-  WeightFrag cur;
+  WeightFrag<kMmaTiles> cur;
   if (warp < steps) load_weight_frag(cur, packed, scales, n0, g, 4 * warp + q, kchunks, N, K, blocksize_log2);
   for (int s = warp; s < steps; s += warps) {
     // Prefetch the next super-step's weights while this one is decoded.
-    WeightFrag next;
+    WeightFrag<kMmaTiles> next;
     const int sn = s + warps;
     if (sn < steps) load_weight_frag(next, packed, scales, n0, g, 4 * sn + q, kchunks, N, K, blocksize_log2);
 
@@ -231,7 +234,7 @@ __device__ __forceinline__ float table_at(uint32_t base, uint32_t offsets, int k
 // and rounded to T exactly as dequantize writes them, as a pair (element 2b in the low half).
 template <typename T>
 __device__ __forceinline__ uint32_t decode_pair(uint32_t base, const uint4& w, int b, float absmax) {
-  const uint32_t word = b < 4 ? w.x : b < 8 ? w.y : b < 12 ? w.z : w.w;
+  const uint32_t word = word_of(w, b);
   const int k = b & 3;
   return Out<T>::pair(mul_rn(table_at(base, (word >> 2) & 0x3c3c3c3cu, k), absmax),
                       mul_rn(table_at(base, (word << 2) & 0x3c3c3c3cu, k), absmax));
@@ -257,23 +260,10 @@ __device__ __forceinline__ void gemm_4bit_gemv(const T* __restrict__ x, const ui
 #pragma unroll
   for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
   for (int s0 = warp; s0 < steps; s0 += W * U) {
-    uint4 w[U][2];
-    float am[U][2];
+    WeightFrag<2> w[U];  // rows g and g + 8
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int c = 4 * (s0 + W * u) + q;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int n = n0 + g + 8 * h;
-        if (c < kchunks && n < N) {
-          const uint64_t flat = (uint64_t)n * (uint64_t)K + 32u * (uint64_t)c;
-          w[u][h] = load16(packed + (flat >> 1));
-          am[u][h] = block_absmax(scales, flat >> blocksize_log2);
-        } else {
-          w[u][h] = make_uint4(0, 0, 0, 0);
-          am[u][h] = 0.0f;
-        }
-      }
+      load_weight_frag(w[u], packed, scales, n0, g, 4 * (s0 + W * u) + q, kchunks, N, K, blocksize_log2);
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -284,10 +274,10 @@ __device__ __forceinline__ void gemm_4bit_gemv(const T* __restrict__ x, const ui
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         // A: rows g (a0, a2) and g + 8 (a1, a3) at elements 4j, 4j + 1 and 4j + 2, 4j + 3 of the chunk.
-        const uint32_t a0 = decode_pair<T>(base, w[u][0], 2 * j, am[u][0]);
-        const uint32_t a1 = decode_pair<T>(base, w[u][1], 2 * j, am[u][1]);
-        const uint32_t a2 = decode_pair<T>(base, w[u][0], 2 * j + 1, am[u][0]);
-        const uint32_t a3 = decode_pair<T>(base, w[u][1], 2 * j + 1, am[u][1]);
+        const uint32_t a0 = decode_pair<T>(base, w[u].w[0], 2 * j, w[u].absmax[0]);
+        const uint32_t a1 = decode_pair<T>(base, w[u].w[1], 2 * j, w[u].absmax[1]);
+        const uint32_t a2 = decode_pair<T>(base, w[u].w[0], 2 * j + 1, w[u].absmax[0]);
+        const uint32_t a3 = decode_pair<T>(base, w[u].w[1], 2 * j + 1, w[u].absmax[1]);
 #pragma unroll
         for (int t = 0; t < NT; ++t) mma_16816<T>(acc[t], a0, a1, a2, a3, xs[t][2 * j], xs[t][2 * j + 1]);
       }
