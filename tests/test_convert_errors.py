@@ -201,7 +201,9 @@ def test_conversion_releases_the_gil(tmp_path):
     from _convert_helpers import write_synthetic_checkpoint
 
     src = tmp_path / "one.safetensors"
-    write_synthetic_checkpoint(src, [("big.weight", (4096, 4096))])  # 32 MiB, quantized in one call
+    # 256 MiB converted by one Rust call: long enough to observe here (one 32 MiB tensor took
+    # ~20 ms on a Zen 5 and the test skipped itself).
+    write_synthetic_checkpoint(src, [(f"layer{i}.weight", (4096, 4096)) for i in range(8)])
     gaps: list[float] = []
     span: list[float] = []
 
