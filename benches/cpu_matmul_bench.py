@@ -7,7 +7,7 @@ calls), so that a machine whose speed drifts affects all of them alike. Prints m
   (``torch.ops.qlora_rs.gemm_4bit``, and ``qlora_rs.nn.Linear4bit`` under ``torch.no_grad``)
   against bf16 ``F.linear`` and bitsandbytes' CPU path (``bnb.nn.Linear4bit``, eval mode). Each
   contender cycles through enough copies of its weight that its bytes overflow the last-level
-  cache twice over (the bf16 copies, and the 4-bit ones, whose op and module contenders start half
+  cache eight times over (the bf16 copies, and the 4-bit ones, whose op and module contenders start half
   a cycle apart so that neither reads a weight the other has just brought in), as the layers of a
   model do during generation: a weight repeated from cache would time the cache, not the bytes a
   quarter-size format saves (``--warm`` keeps one copy);
@@ -39,6 +39,17 @@ import torch.nn.functional as F
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # W [out, in]
 ROWS = [1, 4, 16]
+
+# How many times over the copies a contender cycles through overflow the last-level cache. Twice
+# was not enough: a cache that keeps part of a cyclic stream (AMD's last level does) still served
+# much of it. On a 2-core Zen 5 with 32 MiB (M = 1, 4096x4096, calls of one kind back to back for
+# 8 cycles, then 4 timed): at twice, bf16 F.linear read its 32 MiB weight at 63-87 GB/s and the op
+# its 8.4 MB at 57-59, above what this machine reads from memory, and this benchmark's interleaved
+# figure (0.36-0.54 ms bf16, 0.17-0.23 op: 2.11-2.36x) differed from those steady ones (2.49-3.51x)
+# with the order of the contenders; at four times 56 and 47 GB/s (2.69x interleaved, 3.17x
+# steady); at eight times 51-52 and 41-42 GB/s in two runs, and the interleaved figures matched
+# the steady ones (2.95x and 3.03x; 3.03x and 3.04x).
+CACHE_MULTIPLE = 8
 
 
 def interleaved(contenders: dict, repeat: int, run: int = 1, settle: int = 1) -> dict:
@@ -119,14 +130,15 @@ def matmul_table(repeat: int, warm: bool) -> None:
     cache = last_level_cache_bytes()
     print(f"\nmatmul y = x @ W^T, NF4 blocksize 64 + double quant, bf16 x; median ms of {repeat} interleaved repeats")
     print("weights " + ("repeated (cache-warm)" if warm else
-                        f"cycled through copies whose bytes (bf16; 4-bit) exceed twice the {cache / 2**20:.0f} MiB last-level cache"))
+                        f"cycled through copies whose bytes (bf16; 4-bit) exceed {CACHE_MULTIPLE} times the "
+                        f"{cache / 2**20:.0f} MiB last-level cache"))
     print(f"{'W [out x in]':<14}{'M':>3}{'bf16 F.linear':>15}{'bnb':>9}{'qlora op':>10}{'Linear4bit':>12}"
           f"{'op/bf16':>9}{'op/bnb':>8}{'mod/bf16':>10}{'mod/bnb':>9}")
     for n_out, k in SHAPES:
         # bf16 (and bitsandbytes, much slower either way) copies by the bf16 bytes; ours by the
         # packed bytes, op and module half a cycle apart (when there are two copies or more).
-        copies = 1 if warm else -(-2 * cache // (2 * n_out * k))
-        copies4 = 1 if warm else -(-2 * cache // (n_out * k // 2))
+        copies = 1 if warm else -(-CACHE_MULTIPLE * cache // (2 * n_out * k))
+        copies4 = 1 if warm else -(-CACHE_MULTIPLE * cache // (n_out * k // 2))
         ws, bnbs, layers, argss = [], [], [], []
         for c in range(max(copies, copies4)):
             torch.manual_seed(c)

@@ -8,7 +8,8 @@
 #   SHAPES="4096,4096;576,576"  weights [out,in] (default: 4096x4096, 4096x14336, 14336x4096,
 #                               576x576, 1536x576)
 #   MS=1,4,16                   activation rows        REPS=30   repeats
-#   WARM=1                      one weight, repeated (default: copies cycled from memory)
+#   WARM=1                      one weight, repeated (default: copies cycled from memory,
+#                               POOL_MIB of them in all; default eight times the last-level cache)
 #   DOUBLE=1                    double-quantized scales (the 1-byte codes large weights are read with)
 #   DEQUANTIZE=1                the decode to bf16 instead of the products
 #   QLORA_RS_NUM_THREADS=1      threads; QLORA_RS_CPU_ISA=avx2 caps the level

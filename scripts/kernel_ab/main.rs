@@ -10,6 +10,25 @@ fn var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
+/// The largest CPU cache sysfs reports for CPU 0 (the last level), or 32 MiB when it says none.
+fn last_level_cache_bytes() -> usize {
+    (0..8)
+        .map_while(|i| std::fs::read_to_string(format!("/sys/devices/system/cpu/cpu0/cache/index{i}/size")).ok())
+        .filter_map(|text| {
+            let text = text.trim();
+            let (digits, unit) = text.split_at(text.trim_end_matches(['K', 'M', 'G']).len());
+            let scale = match unit {
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                _ => 1,
+            };
+            digits.parse::<usize>().ok().map(|d| d * scale)
+        })
+        .max()
+        .unwrap_or(32 << 20)
+}
+
 /// "1,4,16" -> [1, 4, 16].
 fn numbers(list: &str) -> Vec<usize> {
     list.split(',').map(|t| t.trim().parse().expect("a list of numbers")).collect()
@@ -113,6 +132,9 @@ fn main() {
     let reps = var("REPS").map(|v| v.parse().unwrap()).unwrap_or(30);
     let warm = var("WARM").is_some();
     let double = var("DOUBLE").is_some();
+    // Eight times the last-level cache (see CACHE_MULTIPLE in benches/cpu_matmul_bench.py: a
+    // cache that keeps part of a cyclic stream serves much of twice its size).
+    let pool = var("POOL_MIB").map(|v| v.parse::<usize>().expect("POOL_MIB: a number") << 20).unwrap_or(8 * last_level_cache_bytes());
     let mut noise = Noise(0x2545_F491_4F6C_DD1D);
     let shapes: Vec<(usize, usize)> = match var("SHAPES") {
         Some(v) => v
@@ -127,11 +149,11 @@ fn main() {
     println!(
         "NF4 blocksize 64, {} scales, bf16 activations; median of {reps} interleaved repeats; weights {}",
         if double { "double-quantized" } else { "float32" },
-        if warm { "repeated (cache-warm)" } else { "cycled through copies of 96 MiB in all (from memory)" }
+        if warm { "repeated (cache-warm)".to_string() } else { format!("cycled through copies of {} MiB in all (from memory)", pool >> 20) }
     );
     for &(rows, cols) in &shapes {
         let n = rows * cols;
-        let copies = if warm { 1 } else { (96usize << 20).div_ceil(n / 2).max(4) };
+        let copies = if warm { 1 } else { pool.div_ceil(n / 2).max(4) };
         let packed: Vec<Vec<u8>> = (0..copies).map(|_| noise.bytes(n / 2)).collect();
         let absmax: Vec<Vec<f32>> = (0..copies).map(|_| noise.scales(n / 64)).collect();
         let doubles: Vec<Option<Double>> =
